@@ -1,0 +1,43 @@
+# Two commands matter: `make test` (build + whole test suite) and `make bench` (the main job).
+# Both create .venv when missing, install the pinned development requirements and build the
+# extension against the torch in that venv (--no-build-isolation).
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DEPS   := $(VENV)/.deps-installed
+BUILT  := $(VENV)/.resfused-built
+SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' 2>/dev/null)
+PYTEST_ARGS ?=
+BENCH_ARGS ?=
+
+.PHONY: test bench build info clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(DEPS): requirements-dev.txt | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+$(BUILT): $(DEPS) $(SOURCES)
+	@echo "building resfused (log: $(VENV)/build.log)"
+	@MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install -v -e . --no-build-isolation > $(VENV)/build.log 2>&1 \
+		|| (tail -n 60 $(VENV)/build.log; echo "build failed; full log: $(VENV)/build.log"; exit 1)
+	@grep -h '^ *resfused:' $(VENV)/build.log | sed 's/^ *//'
+	@touch $@
+
+build: $(BUILT)
+
+test: $(BUILT)
+	$(PY) -m resfused.info
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(BUILT)
+	$(PY) -m benchmarks $(BENCH_ARGS)
+
+info: $(BUILT)
+	$(PY) -m resfused.info
+
+clean:
+	rm -rf build resfused/_C*.so *.egg-info $(BUILT)

@@ -1,0 +1,13 @@
+"""resfused: fused conv-BN-ReLU, residual add-ReLU tails and a grouped 3x3 path for the residual
+blocks of ResNet / ResNeXt. See README.md."""
+
+from resfused import reference
+from resfused.backend import BackendUnavailable, get_backend, set_backend, use_backend
+from resfused.blocks import BasicBlock, Bottleneck, ConvBNAct, PreActBasicBlock, ResNeXtBottleneck
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BasicBlock", "PreActBasicBlock", "Bottleneck", "ResNeXtBottleneck", "ConvBNAct",
+    "reference", "set_backend", "get_backend", "use_backend", "BackendUnavailable", "__version__",
+]

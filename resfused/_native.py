@@ -1,0 +1,53 @@
+"""Loads the compiled extension resfused._C defensively.
+
+The package must import even when `_C` is missing (not built) or broken (built against another
+torch): then the ops that need it fall back to the pure-PyTorch reference, a warning says so
+once, and `python -m resfused.info` says why.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+_C = None
+load_error: str | None = None
+
+try:
+    from resfused import _C  # noqa: F811  (registers torch.ops.resfused.*)
+except Exception as exc:  # ImportError, or an undefined symbol from a torch mismatch
+    load_error = f"{type(exc).__name__}: {exc}"
+    warnings.warn(
+        "resfused: the compiled extension resfused._C could not be loaded "
+        f"({load_error}); its ops fall back to the pure-PyTorch reference. "
+        "Build it with `pip install -e . --no-build-isolation`.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+loaded = _C is not None
+with_cuda = bool(getattr(_C, "with_cuda", 0))
+cuda_archs = getattr(_C, "cuda_archs", "") if with_cuda else ""
+
+
+def has_kernel(op: str, device_type: str) -> bool:
+    """Whether `resfused::<op>` has a compiled kernel for `device_type` ("cpu" or "cuda")."""
+    if not loaded:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    if key is None:
+        return False
+    name = f"resfused::{op}"
+    return torch._C._dispatch_has_kernel_for_dispatch_key(name, key)
+
+
+def has_op(op: str) -> bool:
+    """Whether the schema `resfused::<op>` is registered (by _C)."""
+    if not loaded:
+        return False
+    try:
+        getattr(torch.ops.resfused, op)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
