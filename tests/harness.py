@@ -1,0 +1,97 @@
+"""Differential testing against the float64 reference, with DESIGN.md §5 tolerances.
+
+    float32 (and float64): max|ours - ref| <= 1e-4 * max|ref|     (TF32 off)
+    float16 / bfloat16:    max|ours - ref| <= 2 * max|eager - ref| + eps * max|ref|
+
+`ref` is the computation in float64; `eager` is the same computation done by eager PyTorch in
+the low-precision dtype. On failure the message says where and by how much the tensors differ.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+FP32_RTOL = 1e-4
+LOWP_EPS = {torch.float16: 1e-3, torch.bfloat16: 8e-3}  # one rounding step of the output dtype
+
+
+def describe_difference(actual: torch.Tensor, expected: torch.Tensor, limit: float | None = None) -> str:
+    """Where and how much two tensors differ: max error, its index, values there, how many exceed `limit`."""
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    if a.shape != e.shape:
+        return f"shape mismatch: actual {tuple(a.shape)} vs expected {tuple(e.shape)}"
+    if a.numel() == 0:
+        return "empty tensors"
+    diff = (a - e).abs()
+    nan_mismatch = (a.isnan() != e.isnan())
+    if nan_mismatch.any():
+        idx = tuple(int(i) for i in nan_mismatch.nonzero()[0])
+        return f"NaN pattern differs: {int(nan_mismatch.sum())} elements, first at {idx}: actual {a[idx].item()} expected {e[idx].item()}"
+    diff = torch.where(a.isnan() & e.isnan(), torch.zeros_like(diff), diff)
+    flat = int(diff.argmax())
+    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), a.shape))
+    msg = (
+        f"max abs diff {diff.max().item():.3e} at index {idx} (actual {a[idx].item():.6g}, expected {e[idx].item():.6g}); "
+        f"max|expected| {e.abs().max().item():.3e}; shape {tuple(a.shape)}"
+    )
+    if limit is not None:
+        msg += f"; {int((diff > limit).sum())} of {diff.numel()} elements exceed the limit {limit:.3e}"
+    return msg
+
+
+def _max_abs(t: torch.Tensor) -> float:
+    t = t.detach().double()
+    t = t[~t.isnan()]
+    return float(t.abs().max()) if t.numel() else 0.0
+
+
+def tolerance(expected64: torch.Tensor, dtype: torch.dtype, eager: torch.Tensor | None = None) -> float:
+    """The allowed max abs error for a result of `dtype` against the float64 reference."""
+    scale = _max_abs(expected64)
+    if dtype in (torch.float32, torch.float64):
+        return FP32_RTOL * scale
+    if eager is None:
+        raise ValueError("float16/bfloat16 tolerances need the eager same-dtype result")
+    eager_err = _max_abs(eager.double() - expected64.double())
+    return 2.0 * eager_err + LOWP_EPS[dtype] * scale
+
+
+def assert_matches_reference(actual, expected64, dtype=None, eager=None, what: str = "") -> None:
+    """Assert DESIGN.md §5 for `actual` against the float64 `expected64`."""
+    dtype = dtype or actual.dtype
+    assert actual.shape == expected64.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected64.shape)}"
+    limit = tolerance(expected64, dtype, eager)
+    a, e = actual.detach().double().cpu(), expected64.detach().double().cpu()
+    assert torch.equal(a.isnan(), e.isnan()), f"{what}: " + describe_difference(a, e, limit)
+    finite = ~e.isnan()
+    err = float((a[finite] - e[finite]).abs().max()) if finite.any() else 0.0
+    assert err <= limit, f"{what}: " + describe_difference(a, e, limit)
+
+
+def randomize_bn(module: torch.nn.Module, generator: torch.Generator | None = None) -> torch.nn.Module:
+    """Give every BatchNorm non-trivial statistics and affine parameters (fresh BN is the identity)."""
+    g = generator or torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) * 2 - 1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 1.5 + 0.5)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                    m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
+    return module
+
+
+def compare_modules(fused: torch.nn.Module, reference: torch.nn.Module, x: torch.Tensor, what: str = "") -> torch.Tensor:
+    """Run `fused` on x (its dtype) and `reference` in float64 and in x's dtype; assert §5. Returns fused(x)."""
+    ref64 = copy.deepcopy(reference).double()
+    with torch.no_grad():
+        expected = ref64(x.detach().double())
+        eager = None
+        if x.dtype in LOWP_EPS:
+            eager = copy.deepcopy(reference).to(x.dtype)(x)
+        actual = fused(x)
+    assert_matches_reference(actual, expected, x.dtype, eager, what or type(fused).__name__)
+    return actual
