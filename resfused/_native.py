@@ -38,8 +38,7 @@ def has_kernel(op: str, device_type: str) -> bool:
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     if key is None:
         return False
-    name = f"resfused::{op}"
-    return torch._C._dispatch_has_kernel_for_dispatch_key(name, key)
+    return has_op(op) and torch._C._dispatch_has_kernel_for_dispatch_key(f"resfused::{op}", key)
 
 
 def has_op(op: str) -> bool:
@@ -51,3 +50,10 @@ def has_op(op: str) -> bool:
     except (AttributeError, RuntimeError):
         return False
     return True
+
+
+def op_names() -> list[str]:
+    """Every resfused::<op> that _C registered."""
+    if not loaded:
+        return []
+    return sorted(n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("resfused::"))
