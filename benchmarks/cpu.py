@@ -1,0 +1,354 @@
+"""The CPU benchmark: fused blocks and converted models against eager PyTorch (and torch.compile).
+
+Every case is timed in one process with a fixed thread count, its variants interleaved (see
+common.measure_side_by_side):
+
+    fused        the resfused module, channels_last input (the fused kernels' native layout:
+                 oneDNN and the grouped kernel work in NHWC, so no layout conversion happens)
+    fused_nchw   the same module given NCHW input (it converts at the first conv)
+    eager_nchw   the reference / torchvision module, eval(), inference_mode, NCHW input: what a
+                 user has
+    eager_cl     the same after model.to(memory_format=torch.channels_last), channels_last input
+    compile      (--compile, models only) torch.compile with inductor freezing, NCHW input
+
+Speedup = baseline time / fused time. GFLOP/s counts conv + linear multiply-adds (x2); "% peak"
+divides by the larger of a dense GEMM's and a dense conv's GFLOP/s measured at the start of
+the same run, in the same dtype and thread count.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+import importlib
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from benchmarks import common
+from benchmarks.common import DTYPES, Result
+
+CL = torch.channels_last
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockCase:
+    """A residual block at one stage shape: `cls(*args, **kwargs)` on a (C, hw, hw) input."""
+
+    cls: str
+    args: tuple
+    hw: int
+    kwargs: tuple = ()  # (key, value) pairs, hashable
+
+    @property
+    def config(self) -> str:
+        in_ch, ch = self.args[0], self.args[1]
+        stride = self.args[2] if len(self.args) > 2 else 1
+        extra = "".join(f" {k}={v}" for k, v in self.kwargs)
+        return f"{in_ch}->{ch} s{stride}{extra} @{self.hw}x{self.hw}"
+
+
+# ResNet-18/34 (Basic, PreAct) and ResNet-50 / ResNeXt-50 (Bottleneck, ResNeXt) stages: the
+# stride-1 block of each stage and the stride-2 first block of stages 2-4, at their input size.
+_BASIC = [((64, 64, 1), 56), ((64, 128, 2), 56), ((128, 128, 1), 28), ((128, 256, 2), 28),
+          ((256, 256, 1), 14), ((256, 512, 2), 14), ((512, 512, 1), 7)]
+_BOTTLENECK = [((256, 64, 1), 56), ((256, 128, 2), 56), ((512, 128, 1), 28), ((512, 256, 2), 28),
+               ((1024, 256, 1), 14), ((1024, 512, 2), 14), ((2048, 512, 1), 7)]
+_RESNEXT = (("groups", 32), ("base_width", 4))
+
+# --quick: tiny shapes that still take every path (identity and projection shortcuts; ResNeXt
+# with 4 channels per group, like stage 1 of ResNeXt-50 32x4d).
+_QUICK = [
+    BlockCase("BasicBlock", (16, 16, 1), 12), BlockCase("BasicBlock", (16, 32, 2), 12),
+    BlockCase("PreActBasicBlock", (16, 16, 1), 12), BlockCase("PreActBasicBlock", (16, 32, 2), 12),
+    BlockCase("Bottleneck", (64, 16, 1), 12), BlockCase("Bottleneck", (64, 32, 2), 12),
+    BlockCase("ResNeXtBottleneck", (64, 16, 1), 12, (("groups", 4), ("base_width", 16))),
+    BlockCase("ResNeXtBottleneck", (64, 32, 2), 12, (("groups", 4), ("base_width", 16))),
+]
+
+MODELS = ("resnet18", "resnet50", "resnext50_32x4d")
+
+
+def block_cases(quick: bool) -> list[BlockCase]:
+    if quick:
+        return list(_QUICK)
+    cases = []
+    for cls in ("BasicBlock", "PreActBasicBlock"):
+        cases += [BlockCase(cls, a, hw) for a, hw in _BASIC]
+    cases += [BlockCase("Bottleneck", a, hw) for a, hw in _BOTTLENECK]
+    cases += [BlockCase("ResNeXtBottleneck", a, hw, _RESNEXT) for a, hw in _BOTTLENECK]
+    return cases
+
+
+@dataclasses.dataclass
+class TimingPlan:
+    """How long to time each variant (seconds); --quick shrinks everything."""
+
+    block_s: float
+    min_time_s: float
+    min_rounds: int
+    warmup_s: float
+
+    @classmethod
+    def for_kind(cls, kind: str, quick: bool) -> "TimingPlan":
+        if quick:
+            return cls(block_s=0.005, min_time_s=0.02, min_rounds=3, warmup_s=0.01)
+        if kind == "model":
+            return cls(block_s=0.05, min_time_s=1.0, min_rounds=5, warmup_s=0.3)
+        return cls(block_s=0.03, min_time_s=0.25, min_rounds=7, warmup_s=0.1)
+
+
+# ------------------------------------------------------------------------------ peaks
+
+
+def measure_peaks(dtype: torch.dtype, threads: int, quick: bool) -> dict[str, float]:
+    """GFLOP/s of a large dense GEMM and a large dense 3x3 conv (channels_last, oneDNN)."""
+    n = 512 if quick else 2048
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    min_t = 0.05 if quick else 0.6
+    with torch.inference_mode():
+        t_gemm = common.median_call_s(lambda: torch.mm(a, b), threads=threads, min_time_s=min_t)
+        batch, c, hw = (1, 64, 28) if quick else (8, 256, 56)
+        x = torch.randn(batch, c, hw, hw, dtype=dtype).contiguous(memory_format=CL)
+        w = torch.randn(c, c, 3, 3, dtype=dtype).contiguous(memory_format=CL)
+        t_conv = common.median_call_s(lambda: F.conv2d(x, w, padding=1), threads=threads, min_time_s=min_t)
+    gemm = 2 * n**3 / t_gemm / 1e9
+    conv = 2 * batch * hw * hw * c * c * 9 / t_conv / 1e9
+    return {"gemm_gflops": gemm, "gemm_shape": f"{n}x{n}x{n}", "conv_gflops": conv,
+            "conv_shape": f"{batch}x{c}x{hw}x{hw} k3 {c}->{c}", "peak_gflops": max(gemm, conv)}
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _randomize_bn(model: nn.Module, gen: torch.Generator) -> None:
+    """Non-trivial BN statistics, so folding does real work (torchvision starts at mean 0, var 1)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.running_mean.copy_(torch.rand(c, generator=gen) - 0.5)
+                m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+                m.bias.copy_(torch.rand(c, generator=gen) - 0.5)
+
+
+def _inference_call(module: nn.Module, x: torch.Tensor):
+    def call():
+        with torch.inference_mode():
+            return module(x)
+    return call
+
+
+def _rel_diff(fused_out: torch.Tensor, eager_out: torch.Tensor) -> float:
+    ref = eager_out.float()
+    return ((fused_out.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def _kernels_used(fused: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    from resfused.ops.dispatch import trace_kernels
+
+    with trace_kernels() as ran, torch.inference_mode():
+        fused(x)
+    return dict(collections.Counter(f"{op}/{kernel}" for op, kernel in ran))
+
+
+# Sanity bound on max|fused - eager| / max|eager|: far above rounding (the tests check the
+# tolerances against float64); crossing it means the timed fused module computes something else.
+_SANE = {"fp32": 1e-3, "bf16": 1e-1}
+
+
+def bench_case(kind, name, config, eager, fused, x_nchw, dtype_name, threads, plan: TimingPlan,
+               *, fused_nchw=True, compiled=None, compile_time_s=None, fuse_time_s=None) -> Result:
+    """Time the fused module against the eager baselines on one input; returns one Result row."""
+    x_cl = x_nchw.contiguous(memory_format=CL)
+    eager_cl = copy.deepcopy(eager).to(memory_format=CL)
+    fns = {"fused": _inference_call(fused, x_cl)}
+    if fused_nchw:
+        fns["fused_nchw"] = _inference_call(fused, x_nchw)
+    fns["eager_nchw"] = _inference_call(eager, x_nchw)
+    fns["eager_cl"] = _inference_call(eager_cl, x_cl)
+    if compiled is not None:
+        fns["compile"] = _inference_call(compiled, x_nchw)
+
+    row = Result(kind, name, config, x_nchw.shape[0], dtype_name, list(x_nchw.shape), common.count_flops(eager, x_nchw))
+    with torch.inference_mode():
+        row.max_rel_diff = _rel_diff(fused(x_cl), eager(x_nchw))
+    row.kernels = _kernels_used(fused, x_cl)
+    if row.max_rel_diff > _SANE[dtype_name]:
+        row.notes.append(f"fused output differs from eager by {row.max_rel_diff:.1e} (relative), above {_SANE[dtype_name]:.0e}")
+    if "conv/reference" in row.kernels:
+        row.notes.append("some convs fell back to the reference kernel")
+    row.times = common.measure_side_by_side(
+        fns, threads=threads, block_s=plan.block_s, min_time_s=plan.min_time_s,
+        min_rounds=plan.min_rounds, warmup_s=plan.warmup_s,
+    )
+    row.compile_time_s, row.fuse_time_s = compile_time_s, fuse_time_s
+    return row
+
+
+def _build_block(case: BlockCase, dtype: torch.dtype, gen: torch.Generator):
+    import resfused
+
+    ref = getattr(resfused.reference, case.cls)(*case.args, **dict(case.kwargs))
+    _randomize_bn(ref, gen)
+    ref = ref.eval().to(dtype)
+    fused = getattr(resfused, case.cls)(*case.args, **dict(case.kwargs)).eval().to(dtype)
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+def _build_model(name: str, dtype: torch.dtype, gen: torch.Generator) -> nn.Module:
+    import torchvision
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None)
+    _randomize_bn(model, gen)
+    return model.eval().to(dtype)
+
+
+def _compile(model: nn.Module, x: torch.Tensor):
+    """torch.compile with inductor freezing (weights become constants); returns (module, seconds
+    of the first call, which compiles)."""
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()
+    inductor_config.freezing = True
+    compiled = torch.compile(model)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        compiled(x)
+    return compiled, time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------------ the run
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, disable=not enabled, file=sys.stderr, dynamic_ncols=True, leave=False)
+
+
+def _selected(label: str, filters: list[str] | None) -> bool:
+    return not filters or any(f.lower() in label.lower() for f in filters)
+
+
+def run_cpu_benchmark(args) -> dict:
+    """Run the CPU benchmark for parsed CLI `args` (see benchmarks.__main__); returns a dict with
+    "results" (list of Result), "meta", "skipped" (what did not run and why) and "grouped"."""
+    torch.set_num_threads(args.threads)
+    meta = common.machine_info(args.threads)
+    meta["args"] = {k: v for k, v in vars(args).items()}
+    skipped: list[dict] = []
+    dtypes = []
+    for d in args.dtype:
+        if d == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            msg = "bf16 rows skipped: oneDNN reports no bf16 support on this CPU (torch.ops.mkldnn._is_mkldnn_bf16_supported() is False)"
+            print(f"[bench] {msg}")
+            skipped.append({"what": "bf16", "why": msg})
+            continue
+        dtypes.append(d)
+    batches = args.batch or ([1] if args.quick else [1, 8])
+    gen = torch.Generator().manual_seed(0)
+
+    jobs = []  # (kind, label, dtype_name, batch, payload)
+    if not args.models_only:
+        for case in block_cases(args.quick):
+            for d in dtypes:
+                for b in batches:
+                    label = f"{case.cls} {case.config} b{b} {d}"
+                    if _selected(label, args.filter):
+                        jobs.append(("block", label, d, b, case))
+    if not args.blocks_only:
+        fuse = _fuse_or_none(skipped)
+        models = ("resnet18",) if args.quick else MODELS
+        res = 64 if args.quick else 224
+        if fuse is not None:
+            for name in models:
+                for d in dtypes:
+                    for b in batches:
+                        label = f"{name} {res}x{res} b{b} {d}"
+                        if _selected(label, args.filter):
+                            jobs.append(("model", label, d, b, (name, res, fuse)))
+
+    peaks = {}
+    for d in dtypes:
+        print(f"[bench] measuring {d} peak (dense GEMM and conv, {args.threads} threads)...", file=sys.stderr)
+        peaks[d] = measure_peaks(DTYPES[d], args.threads, args.quick)
+    meta["peaks"] = peaks
+
+    results: list[Result] = []
+    bar = _progress(len(jobs), enabled=not args.no_progress)
+    for kind, label, d, b, payload in jobs:
+        bar.set_description(label)
+        dtype = DTYPES[d]
+        plan = TimingPlan.for_kind(kind, args.quick)
+        if kind == "block":
+            ref, fused = _build_block(payload, dtype, gen)
+            c = payload.args[0]
+            x = torch.randn(b, c, payload.hw, payload.hw, generator=gen).to(dtype)
+            row = bench_case("block", payload.cls, payload.config, ref, fused, x, d, args.threads, plan,
+                             fused_nchw=not args.no_fused_nchw)
+        else:
+            name, res, fuse = payload
+            model = _build_model(name, dtype, gen)
+            x = torch.randn(b, 3, res, res, generator=gen).to(dtype)
+            t0 = time.perf_counter()
+            fused = fuse(model)
+            with torch.inference_mode():
+                fused(x.contiguous(memory_format=CL))
+            fuse_time = time.perf_counter() - t0
+            compiled, compile_time = (None, None)
+            if args.compile:
+                compiled, compile_time = _compile(copy.deepcopy(model), x)
+            row = bench_case("model", name, f"{res}x{res}", model, fused, x, d, args.threads, plan,
+                             fused_nchw=not args.no_fused_nchw, compiled=compiled,
+                             compile_time_s=compile_time, fuse_time_s=fuse_time)
+            summary = getattr(fused, "fuse_summary", None) or getattr(fused, "resfused_summary", None)
+            if summary is not None:
+                row.notes.append(f"fuse summary: {summary}")
+        for n in row.notes:
+            bar.write(f"[bench] {row.label}: {n}")
+        results.append(row)
+        bar.update(1)
+    bar.close()
+
+    grouped = []
+    if not args.models_only and not args.skip_grouped:
+        grouped = _grouped_rows(batches, dtypes, skipped)
+    meta["loadavg_end"] = list(os.getloadavg())
+    return {"meta": meta, "results": results, "skipped": skipped, "grouped": grouped, "peaks": peaks}
+
+
+def _fuse_or_none(skipped: list[dict]):
+    import resfused
+
+    fuse = getattr(resfused, "fuse", None)
+    if fuse is None:
+        msg = "model rows skipped: resfused.fuse does not exist yet (resfused/convert.py has not landed)"
+        print(f"[bench] {msg}")
+        skipped.append({"what": "models", "why": msg})
+    return fuse
+
+
+def _grouped_rows(batches: list[int], dtypes: list[str], skipped: list[dict]) -> list[dict]:
+    """Rows of the grouped 3x3 micro-benchmark (benchmarks/grouped_cpu.py), when it exists."""
+    try:
+        grouped = importlib.import_module("benchmarks.grouped_cpu")
+    except ModuleNotFoundError as e:
+        if e.name != "benchmarks.grouped_cpu":
+            raise
+        msg = "grouped 3x3 micro-benchmark skipped: benchmarks/grouped_cpu.py does not exist yet"
+        print(f"[bench] {msg}")
+        skipped.append({"what": "grouped", "why": msg})
+        return []
+    rows = grouped.run(list(batches), list(dtypes))
+    return [r.to_dict() if hasattr(r, "to_dict") else dataclasses.asdict(r) if dataclasses.is_dataclass(r) else dict(r)
+            for r in rows]
