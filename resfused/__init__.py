@@ -4,10 +4,11 @@ blocks of ResNet / ResNeXt. See README.md."""
 from resfused import reference
 from resfused.backend import BackendUnavailable, get_backend, set_backend, use_backend
 from resfused.blocks import BasicBlock, Bottleneck, ConvBNAct, PreActBasicBlock, ResNeXtBottleneck
+from resfused.convert import fuse
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BasicBlock", "PreActBasicBlock", "Bottleneck", "ResNeXtBottleneck", "ConvBNAct",
+    "BasicBlock", "PreActBasicBlock", "Bottleneck", "ResNeXtBottleneck", "ConvBNAct", "fuse",
     "reference", "set_backend", "get_backend", "use_backend", "BackendUnavailable", "__version__",
 ]

@@ -1,0 +1,384 @@
+"""One-call model conversion: `resfused.fuse(model)` swaps every supported residual block (and a
+ResNet's conv-BN-ReLU stem) for its fused equivalent.
+
+    model = resfused.fuse(torchvision.models.resnet50(weights="DEFAULT").eval())
+    print(model.resfused_report)          # what was converted, what was left alone and why
+    with torch.inference_mode():
+        y = model(x)
+
+A block is converted only when it computes exactly what the fused block computes, in eval mode
+*and* in train mode (the fused blocks run the reference math in train mode, so a block with
+DropBlock, DropPath > 0, SE/attention, anti-aliasing, dilation, a non-ReLU activation or a norm
+other than BatchNorm2d with running statistics is left untouched and reported). The fused
+blocks share the original's conv and BN modules (no copies of the weights beyond the initial
+`deepcopy` when inplace=False), so parameter and state_dict keys of converted blocks stay the
+same as the original's -- except the stem, whose conv and BN move under one `ConvBNAct`
+(`conv1.weight` -> `conv1.conv.weight`, `bn1.*` -> `conv1.bn.*`): load weights before fusing.
+
+Supported (see the rules at the bottom of this file): resfused.reference blocks; torchvision
+`resnet*` / `resnext*` / `wide_resnet*` blocks and stem; timm `resnet*` / `resnext*` blocks and
+stem (deep stems included); timm `resnetv2_*` `PreActBasic` blocks with BatchNormAct2d(ReLU).
+Adding a block type means adding one rule here (DESIGN.md §2).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import sys
+
+import torch.nn as nn
+
+from resfused import blocks, reference
+
+__all__ = ["fuse", "FuseReport", "FuseEntry"]
+
+
+# ----------------------------------------------------------------------------------- the report
+@dataclasses.dataclass(frozen=True)
+class FuseEntry:
+    """One module fuse() looked at: `path` is its qualified name in the model ("" = the model)."""
+
+    path: str
+    source: str  # the original class, e.g. "torchvision.models.resnet.Bottleneck"
+    converted: bool
+    detail: str  # the fused class when converted, else why it was left alone
+
+
+@dataclasses.dataclass
+class FuseReport:
+    """What `fuse()` did; attached to the returned model as `model.resfused_report`."""
+
+    model: str
+    entries: list[FuseEntry] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def converted(self) -> list[FuseEntry]:
+        return [e for e in self.entries if e.converted]
+
+    @property
+    def skipped(self) -> list[FuseEntry]:
+        return [e for e in self.entries if not e.converted]
+
+    def __str__(self) -> str:
+        if not self.converted:
+            head = f"resfused.fuse({self.model}): nothing convertible found; the model is returned unchanged"
+        else:
+            head = f"resfused.fuse({self.model}): converted {len(self.converted)}, left alone {len(self.skipped)}"
+        lines = [head]
+        width = max([len(e.path or "<model>") for e in self.entries] + [0])
+        for title, group in (("converted", self.converted), ("left alone", self.skipped)):
+            if group:
+                lines.append(f"  {title}:")
+                arrow = "->" if title == "converted" else "--"
+                lines += [f"    {(e.path or '<model>'):<{width}}  {e.source} {arrow} {e.detail}" for e in group]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ the entry
+def fuse(model: nn.Module, inplace: bool = False, verbose: bool = False) -> nn.Module:
+    """Swap every supported block of `model` for its fused equivalent and return the model.
+
+    inplace=False (default) works on a deep copy and never touches `model`; inplace=True edits
+    `model` itself. Always use the returned module: when `model` is itself a block, the result is
+    a new (fused) module. The returned model carries a `FuseReport` as `model.resfused_report`
+    (`.converted`, `.skipped`: FuseEntry(path, source, converted, detail); `print()` gives a
+    summary); verbose=True also prints it. A model with nothing convertible comes back unchanged,
+    with a report saying so. The fused path runs in eval mode (call `.eval()`), under
+    torch.inference_mode() / no_grad().
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"resfused.fuse: 'model' must be a torch.nn.Module, got {type(model).__module__}.{type(model).__qualname__}")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"resfused.fuse: 'inplace' must be a bool, got {inplace!r}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    report = FuseReport(type(model).__name__)
+    root = _visit(model, "", report, fresh=set())
+    if root is not model:
+        model = root
+    if model.training and report.converted:
+        report.notes.append("the model is in training mode: fused kernels run only after .eval()")
+    model.resfused_report = report
+    if verbose:
+        print(report)
+    return model
+
+
+class _Unsupported(Exception):
+    """A recognized block that is not structurally equivalent to a fused one; the message says why."""
+
+
+def _visit(module: nn.Module, path: str, report: FuseReport, fresh: set[int]) -> nn.Module:
+    """Convert `module` if a rule claims it, else recurse; returns what should sit at `path`.
+    `fresh` holds the ids of modules this call created (a fused stem), which are not revisited."""
+    if id(module) in fresh:
+        return module
+    name = f"{type(module).__module__}.{type(module).__qualname__}"
+    rule = _claiming_rule(module)
+    if rule is not None:
+        try:
+            if module._forward_hooks or module._forward_pre_hooks:
+                raise _Unsupported("has forward hooks, which the swap would drop")
+            fused = rule(module)
+        except _Unsupported as why:
+            report.entries.append(FuseEntry(path, name, False, str(why)))
+            return module
+        if fused is None:  # an already-fused block: nothing to do, still worth listing
+            report.entries.append(FuseEntry(path, name, False, "already a resfused fused block"))
+            return module
+        report.entries.append(FuseEntry(path, name, True, f"resfused.{type(fused).__name__}"))
+        return fused
+    fresh.update(_fuse_stem(module, path, report))
+    if _BLOCK_NAME.search(type(module).__name__) and not isinstance(module, nn.Sequential):
+        report.entries.append(FuseEntry(path, name, False, "not a supported block type (its forward is unknown to resfused)"))
+    for child_name, child in list(module.named_children()):
+        new = _visit(child, f"{path}.{child_name}" if path else child_name, report, fresh)
+        if new is not child:
+            setattr(module, child_name, new)
+    return module
+
+
+_BLOCK_NAME = re.compile(r"(Block|Bottleneck|Basic)$")
+
+
+# ------------------------------------------------------------------------------ structure checks
+def _conv(conv, what: str) -> nn.Conv2d:
+    # Exact type: subclasses (timm StdConv2d, Conv2dSame, ...) transform the weight or pad in forward.
+    if type(conv) is not nn.Conv2d:
+        raise _Unsupported(f"{what} is {type(conv).__name__}, not a plain nn.Conv2d")
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise _Unsupported(f"{what} uses padding {conv.padding!r} / mode {conv.padding_mode!r}")
+    if tuple(conv.dilation) != (1, 1):
+        raise _Unsupported(f"{what} is dilated (dilation {tuple(conv.dilation)})")
+    return conv
+
+
+def _bn(bn, what: str, norm_act: bool = False) -> nn.BatchNorm2d:
+    """A BatchNorm2d with running statistics; norm_act=True: timm's BatchNormAct2d with a ReLU."""
+    if norm_act:
+        if type(bn).__name__ != "BatchNormAct2d" or not isinstance(bn, nn.BatchNorm2d):
+            raise _Unsupported(f"{what} is {type(bn).__name__}, not BatchNormAct2d (BN + ReLU)")
+        if type(bn.act) is not nn.ReLU:
+            raise _Unsupported(f"{what} applies {type(bn.act).__name__}, not ReLU")
+        _identity(bn.drop, f"{what}.drop")
+    elif type(bn) is not nn.BatchNorm2d:
+        raise _Unsupported(f"{what} is {type(bn).__name__}, not nn.BatchNorm2d")
+    if bn.running_mean is None or bn.running_var is None:
+        raise _Unsupported(f"{what} has no running statistics (track_running_stats=False)")
+    return bn
+
+
+def _relu(act, what: str) -> None:
+    if type(act) is not nn.ReLU:
+        raise _Unsupported(f"{what} is {type(act).__name__}, not ReLU")
+
+
+def _identity(m, what: str) -> None:
+    if m is not None and type(m) is not nn.Identity:
+        raise _Unsupported(f"{what} is {type(m).__name__} (the fused block has none)")
+
+
+def _no_drop_path(dp, what: str = "drop_path") -> None:
+    # DropPath with p = 0 is the identity in train mode too; anything else changes training.
+    if dp is None or type(dp) is nn.Identity or (type(dp).__name__ == "DropPath" and dp.drop_prob == 0):
+        return
+    raise _Unsupported(f"{what} is {dp!r} (stochastic depth; the fused block has none)")
+
+
+class ShortcutConvBN(nn.Module):
+    """A conv [+ BN] shortcut in a layout the fused blocks read: `[0]` is the conv, `[1]` the BN or
+    None. Keeps the original's child names (and its no-op Identity children, which run in the same
+    order), so state_dict keys do not change: timm's DownsampleConv (conv, norm=Identity) and an
+    avg-down Sequential whose pool is Identity (stride 1) both fit."""
+
+    def __init__(self, children: list[tuple[str, nn.Module]], conv: nn.Conv2d, bn: nn.BatchNorm2d | None):
+        super().__init__()
+        for name, child in children:
+            self.add_module(name, child)
+        # Names, not module references: stays right through deepcopy, _apply and reassignment.
+        self._pair_names = tuple(next(n for n, c in children if c is m) if m is not None else None for m in (conv, bn))
+
+    def __getitem__(self, index: int):
+        name = self._pair_names[index]
+        return None if name is None else getattr(self, name)
+
+    def forward(self, x):
+        for child in self.children():
+            x = child(x)
+        return x
+
+
+def _shortcut(ds, what: str = "downsample", bn_required: bool = True):
+    """None, nn.Sequential(conv, BN) as is, or a ShortcutConvBN view of an equivalent layout."""
+    if ds is None:
+        return None
+    if type(ds) is nn.Sequential and len(ds) == 2:
+        _conv(ds[0], f"{what}[0]"), _bn(ds[1], f"{what}[1]")
+        return ds
+    children = list(ds.named_children())
+    real = [(n, m) for n, m in children if type(m) is not nn.Identity]
+    if type(ds) in (nn.Sequential,) or type(ds).__name__ in ("DownsampleConv", "DownsampleAvg"):
+        if any(isinstance(m, (nn.AvgPool2d, nn.MaxPool2d)) or "Pool" in type(m).__name__ for _, m in real):
+            raise _Unsupported(f"{what} pools before its conv (a 'd'-variant avg-down shortcut); the fused shortcut is conv + BN only")
+        if len(real) == 2 and type(real[0][1]) is nn.Conv2d:
+            return ShortcutConvBN(children, _conv(real[0][1], f"{what}.{real[0][0]}"), _bn(real[1][1], f"{what}.{real[1][0]}"))
+        if len(real) == 1 and not bn_required and type(real[0][1]) is nn.Conv2d:
+            return ShortcutConvBN(children, _conv(real[0][1], f"{what}.{real[0][0]}"), None)
+    raise _Unsupported(f"{what} is {type(ds).__name__}({', '.join(type(m).__name__ for _, m in children)}), not conv + BN")
+
+
+def _fused(cls, module: nn.Module, **children) -> nn.Module:
+    """A fused `cls` built by `cls.from_reference` from exactly `children` (None allowed)."""
+    staging = nn.Module()
+    for name, child in children.items():
+        if child is not None:
+            staging.add_module(name, child)
+    fused = cls.from_reference(staging)
+    for name, child in children.items():
+        if child is None:  # from_reference copies registered children only; the forward reads these
+            setattr(fused, name, None)
+    fused.train(module.training)
+    return fused
+
+
+# ------------------------------------------------------------------------------------ the rules
+def _reference_block(m):
+    if type(m) is reference.PreActBasicBlock:
+        cls, names = blocks.PreActBasicBlock, ("bn1", "conv1", "bn2", "conv2")
+    else:
+        cls = {reference.BasicBlock: blocks.BasicBlock, reference.Bottleneck: blocks.Bottleneck,
+               reference.ResNeXtBottleneck: blocks.ResNeXtBottleneck}[type(m)]
+        names = ("conv1", "bn1", "conv2", "bn2") + (("conv3", "bn3") if hasattr(m, "conv3") else ())
+    for n in names:
+        (_conv if n.startswith("conv") else _bn)(getattr(m, n), n)
+    return _fused(cls, m, **{n: getattr(m, n) for n in names}, downsample=_shortcut(m.downsample))
+
+
+def _v1_block(m, acts: tuple[str, ...]):
+    """torchvision / timm (v1) BasicBlock or Bottleneck: conv-BN pairs, ReLUs, conv + BN shortcut."""
+    names = ("conv1", "bn1", "conv2", "bn2") + (("conv3", "bn3") if hasattr(m, "conv3") else ())
+    for n in names:
+        (_conv if n.startswith("conv") else _bn)(getattr(m, n), n)
+    for a in acts:
+        _relu(getattr(m, a), a)
+    if hasattr(m, "conv3"):
+        cls = blocks.ResNeXtBottleneck if m.conv2.groups > 1 else blocks.Bottleneck
+    else:
+        if m.conv1.groups != 1 or m.conv2.groups != 1:
+            raise _Unsupported("grouped convs in a BasicBlock")
+        cls = blocks.BasicBlock
+    return _fused(cls, m, **{n: getattr(m, n) for n in names}, downsample=_shortcut(m.downsample))
+
+
+def _torchvision_block(m):
+    return _v1_block(m, ("relu",))
+
+
+def _timm_block(m):
+    if m.se is not None:
+        raise _Unsupported(f"has an attention module se={type(m.se).__name__}")
+    _identity(m.aa, "aa (anti-aliasing)")
+    _identity(m.drop_block, "drop_block")
+    _no_drop_path(m.drop_path)
+    return _v1_block(m, ("act1", "act2", "act3") if hasattr(m, "conv3") else ("act1", "act2"))
+
+
+class TimmPreActBasicBlock(blocks.PreActBasicBlock):
+    """resfused.PreActBasicBlock over timm's PreActBasic: keeps timm's child names (norm1, norm2),
+    hence its state_dict keys; bn1 / bn2 are views of them. timm's norms are BatchNormAct2d, which
+    already apply the ReLU; the reference path's second ReLU is a no-op on relu(...) >= 0."""
+
+    bn1 = property(lambda self: self.norm1)
+    bn2 = property(lambda self: self.norm2)
+
+
+def _timm_preact_basic(m):
+    _bn(m.norm1, "norm1", norm_act=True), _bn(m.norm2, "norm2", norm_act=True)
+    _conv(m.conv1, "conv1"), _conv(m.conv2, "conv2")
+    _no_drop_path(m.drop_path)
+    ds = _shortcut(m.downsample, bn_required=False)
+    if ds is not None and ds[1] is not None:
+        raise _Unsupported("downsample has a norm after its conv; timm's pre-activation shortcut is a bare conv")
+    return _fused(TimmPreActBasicBlock, m, norm1=m.norm1, conv1=m.conv1, norm2=m.norm2, conv2=m.conv2, downsample=ds)
+
+
+def _unsupported(reason: str):
+    def rule(m):
+        raise _Unsupported(reason)
+
+    return rule
+
+
+def _claiming_rule(m):
+    """The rule for `m`'s exact class, or None. Exact classes only: a subclass may change forward.
+    Third-party classes are looked up only if their library is already imported (a model that
+    contains them imported it), so fuse() never pays for importing timm or torchvision."""
+    if isinstance(m, blocks.FusedModule):
+        return lambda m: None
+    t = type(m)
+    if t in (reference.BasicBlock, reference.Bottleneck, reference.ResNeXtBottleneck, reference.PreActBasicBlock):
+        return _reference_block
+    tv = sys.modules.get("torchvision.models.resnet")
+    if tv is not None and t in (tv.BasicBlock, tv.Bottleneck):
+        return _torchvision_block
+    timm_v1 = sys.modules.get("timm.models.resnet")
+    if timm_v1 is not None and t in (timm_v1.BasicBlock, timm_v1.Bottleneck):
+        return _timm_block
+    timm_v2 = sys.modules.get("timm.models.resnetv2")
+    if timm_v2 is not None:
+        if t is timm_v2.PreActBasic:
+            return _timm_preact_basic
+        if t is timm_v2.PreActBottleneck:
+            return _unsupported("pre-activation bottleneck: resfused has no fused PreActBottleneck block yet")
+        if t is timm_v2.Bottleneck:
+            return _unsupported("resnetv2 (ViT-hybrid) bottleneck with norm-act layers is not supported")
+    return None
+
+
+# ------------------------------------------------------------------------------------- the stems
+def _fuse_stem(model: nn.Module, path: str, report: FuseReport) -> list[int]:
+    """conv1 -> bn1 -> relu/act1 of a torchvision or timm ResNet into one ConvBNAct at conv1.
+
+    Both forwards call self.conv1, self.bn1, self.relu (torchvision) / self.act1 (timm) in this
+    order and nothing else uses bn1 and the activation, so bn1 and the activation become Identity.
+    timm's deep stems (conv1 = Sequential(conv, BN, ReLU, conv, BN, ReLU, conv)) fuse their inner
+    triples in place and their last conv with bn1 / act1.
+    """
+    tv = sys.modules.get("torchvision.models.resnet")
+    timm_v1 = sys.modules.get("timm.models.resnet")
+    if tv is not None and type(model) is tv.ResNet:
+        act_name = "relu"
+    elif timm_v1 is not None and type(model) is timm_v1.ResNet:
+        act_name = "act1"
+    else:
+        return []
+    where = f"{path + '.' if path else ''}conv1+bn1+{act_name}"
+    source = f"{type(model).__module__}.{type(model).__qualname__} stem"
+    try:
+        _bn(model.bn1, "bn1"), _relu(getattr(model, act_name), act_name)
+        if isinstance(model.conv1, nn.Sequential):
+            stem = list(model.conv1)
+            if len(stem) % 3 != 1:
+                raise _Unsupported("deep stem is not (conv, BN, ReLU)* + conv")
+            for i in range(0, len(stem) - 1, 3):
+                _conv(stem[i], f"conv1[{i}]"), _bn(stem[i + 1], f"conv1[{i + 1}]"), _relu(stem[i + 2], f"conv1[{i + 2}]")
+            _conv(stem[-1], f"conv1[{len(stem) - 1}]")
+            for i in range(0, len(stem) - 1, 3):
+                model.conv1[i] = blocks.ConvBNAct(stem[i], stem[i + 1], relu=True).train(model.training)
+                model.conv1[i + 1], model.conv1[i + 2] = nn.Identity(), nn.Identity()
+            model.conv1[len(stem) - 1] = blocks.ConvBNAct(stem[-1], model.bn1, relu=True).train(model.training)
+            keys = "conv1.<i>.conv.*, conv1.<i>.bn.*; bn1.* -> conv1.<last>.bn.*"
+        else:
+            model.conv1 = blocks.ConvBNAct(_conv(model.conv1, "conv1"), model.bn1, relu=True).train(model.training)
+            keys = "conv1.conv.*, conv1.bn.*"
+    except _Unsupported as why:
+        report.entries.append(FuseEntry(where, source, False, str(why)))
+        return []
+    model.bn1 = nn.Identity()
+    setattr(model, act_name, nn.Identity())
+    report.entries.append(FuseEntry(where, source, True, f"resfused.ConvBNAct (keys now {keys})"))
+    return [id(m) for m in model.conv1.modules() if isinstance(m, blocks.ConvBNAct)]
