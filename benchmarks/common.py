@@ -119,14 +119,17 @@ def measure_side_by_side(
     """
     timers, numbers, per_call = {}, {}, {}
     for name, fn in fns.items():
-        calls, t0 = 0, time.perf_counter()
+        calls, t0, fastest = 0, time.perf_counter(), math.inf
         while calls < 2 or time.perf_counter() - t0 < warmup_s:
             t1 = time.perf_counter()
             fn()
-            last = time.perf_counter() - t1
+            if calls > 0:  # the first call builds plans and primitives: not a per-call estimate
+                fastest = min(fastest, time.perf_counter() - t1)
             calls += 1
-        per_call[name] = last
-        numbers[name] = max(1, round(block_s / max(last, 1e-9)))
+        # The fastest warm-up call, not the last: on a loaded machine one preempted call would
+        # otherwise shrink `number` (and the round count) for this variant.
+        per_call[name] = fastest
+        numbers[name] = max(1, round(block_s / max(fastest, 1e-9)))
         timers[name] = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
     slowest = max(numbers[n] * per_call[n] for n in fns)
     rounds = int(min(max_rounds, max(min_rounds, math.ceil(min_time_s / max(slowest, 1e-9)))))

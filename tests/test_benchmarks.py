@@ -1,0 +1,110 @@
+"""Smoke test of the benchmark entry (`python -m benchmarks --quick`) and of its helpers.
+
+Nothing here judges speed (DESIGN.md §6: targets live in the benchmark); it checks that the run
+produces the expected rows, positive times, speedups computed as baseline / fused, and FLOP counts
+that match the conv formula.
+"""
+
+import json
+import math
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+
+import resfused
+from benchmarks import common
+from benchmarks.__main__ import main
+
+pytest.importorskip("tabulate")
+pytest.importorskip("tqdm")
+pytest.importorskip("matplotlib")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    t0 = time.perf_counter()
+    # One thread: with two, every parallel region of these tiny shapes waits on an OpenMP barrier,
+    # which on a loaded shared machine costs a scheduler slice each time (seconds in all).
+    rc = main(["--quick", "--device", "cpu", "--threads", "1", "--out", str(out), "--no-progress", "--skip-grouped"])
+    elapsed = time.perf_counter() - t0
+    torch.set_num_threads(threads)  # the benchmark fixes the thread count process-wide
+    with open(out / "results.json") as f:
+        doc = json.load(f)
+    return rc, doc, out, elapsed
+
+
+def test_quick_run_rows(quick_run):
+    rc, doc, out, _ = quick_run
+    assert rc == 0
+    assert doc["meta"]["threads"] == 1
+    peak = doc["meta"]["peaks"]["fp32"]
+    assert peak["peak_gflops"] == max(peak["gemm_gflops"], peak["conv_gflops"]) > 0
+
+    blocks = [r for r in doc["results"] if r["kind"] == "block"]
+    names = sorted({r["name"] for r in blocks})
+    assert names == ["BasicBlock", "Bottleneck", "PreActBasicBlock", "ResNeXtBottleneck"]
+    assert len(blocks) == 8  # each type: identity shortcut (s1) and projection (s2), batch 1
+    assert {r["config"].split()[1] for r in blocks} == {"s1", "s2"}
+    for r in blocks:
+        assert set(r["times"]) == {"fused", "fused_nchw", "eager_nchw", "eager_cl"}, r["label"]
+        assert r["flops"] > 0 and r["batch"] == 1 and r["dtype"] == "fp32"
+        assert r["max_rel_diff"] < 1e-3, r["label"]   # the timed module computes the block
+        assert "conv/reference" not in r["kernels"], r["label"]
+
+    models = [r for r in doc["results"] if r["kind"] == "model"]
+    if hasattr(resfused, "fuse"):
+        assert [r["name"] for r in models] == ["resnet18"]
+        assert models[0]["fuse_time_s"] > 0
+    else:
+        assert models == []
+        assert any(s["what"] == "models" for s in doc["skipped"])
+    assert (out / "speedups.png").stat().st_size > 0
+
+
+def test_quick_run_times_and_speedups(quick_run):
+    _, doc, _, _ = quick_run
+    for r in doc["results"]:
+        for variant, t in r["times"].items():
+            assert t["median_s"] > 0 and t["rounds"] >= 3 and t["number"] >= 1, (r["label"], variant)
+        fused = r["times"]["fused"]["median_s"]
+        for baseline in ("eager_nchw", "eager_cl"):
+            expect = r["times"][baseline]["median_s"] / fused
+            assert math.isclose(r["speedup"][baseline], expect, rel_tol=1e-12), (r["label"], baseline)
+            assert math.isclose(r["gflops"]["fused"], r["flops"] / fused / 1e9, rel_tol=1e-12)
+
+
+def test_quick_run_is_fast(quick_run):
+    assert quick_run[3] < 30, f"--quick took {quick_run[3]:.1f} s"
+
+
+def test_speedup_is_baseline_over_fused():
+    r = common.Result("block", "X", "", 1, "fp32", [1, 1, 1, 1], flops=2_000_000_000)
+    r.times = {"fused": common.Timing(0.5, 0.0, 5, 1), "eager_nchw": common.Timing(2.0, 0.0, 5, 1)}
+    assert r.speedup("eager_nchw") == 4.0
+    assert r.speedup("compile") is None
+    assert r.gflops() == 4.0
+    assert r.to_dict()["speedup"] == {"eager_nchw": 4.0}
+
+
+def test_count_flops_matches_conv_formula():
+    model = nn.Sequential(
+        nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False),        # -> 16 x 5 x 5 from 9 x 9
+        nn.Conv2d(16, 16, 3, padding=1, groups=4, bias=False),       # grouped: 4 in-channels each
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    )
+    x = torch.randn(2, 8, 9, 9)
+    expect = 2 * (2 * 5 * 5 * 16 * 8 * 9) + 2 * (2 * 5 * 5 * 16 * 4 * 9) + 2 * (2 * 10 * 16)
+    assert common.count_flops(model, x) == expect
+
+
+def test_side_by_side_timing_orders_variants():
+    t = common.measure_side_by_side(
+        {"short": lambda: time.sleep(0.001), "long": lambda: time.sleep(0.004)},
+        threads=1, block_s=0.004, min_time_s=0.02, min_rounds=3, warmup_s=0.0,
+    )
+    assert t["long"].median_s >= 0.004 and t["short"].median_s >= 0.001
+    assert t["long"].median_s > t["short"].median_s
+    assert t["short"].number > t["long"].number  # each round lasts about block_s
