@@ -1,0 +1,240 @@
+"""Implicit-GEMM 2-D convolution over NHWC activations with a fused prologue and epilogue.
+
+    y[n, oh, ow, g*COg + co] = act( sum_{kh, kw, ci} pro(x)[n, ih, iw, g*CIg + ci] * w[kh, kw, ci, g*COg + co]
+                                    + bias[co'] [+ residual[n, co', oh, ow]] )
+    ih = oh*SH - PH + kh,  iw = ow*SW - PW + kw,  pro(x) = relu(x*scale[c] + shift[c]) (optional),
+    and pro(x) = 0 at padding positions (the zero padding is applied AFTER the prologue).
+
+As a GEMM per group g: M = N*OH*OW output pixels, N = COg output channels of the group,
+K = KH*KW*CIg. A program computes a BLOCK_M x BLOCK_N tile of one group; its K loop is ONE flat
+loop over (tap, channel chunk) pairs, so that Triton software-pipelines it (num_stages) as it
+does a plain GEMM, instead of an outer loop over taps with a short, unpipelined inner loop.
+Rows of A are gathered from NHWC x (channels contiguous: each row of a K chunk is one vector
+load); B is the weight in HWIO layout (output channels contiguous), so every tile of B is a
+dense [BLOCK_K, BLOCK_N] slice. The accumulator is fp32; bias, residual and ReLU are applied to
+it before the single store.
+
+1x1 stride-1 unpadded convs whose (N, H, W) collapse to one stride (dense NHWC) run as a plain
+GEMM (IS_GEMM): row m of A starts at m * stride_w, with no spatial decode and no bounds masks.
+
+All addresses that scale with N*H*W*C are formed in int64: the input's per-row offsets, the
+output tile's base (then int32 offsets inside the tile, < BLOCK_M*C_out) and a strided
+residual's offsets; a 256x256x256x256 activation has 2^32 elements. Row indices m < N*OH*OW,
+channel offsets and weight offsets stay int32 (the launcher checks their bounds). x must have
+contiguous channels (stride 1: vector loads along K), y is dense channels_last.
+
+This file holds only the kernel, its autotune configs and a launcher over tensors; the op layer
+(resfused/ops/conv_triton.py) validates arguments and registers the torch.library op.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Sized so that every config fits sm_80's
+# 163 KiB of shared memory in fp32 too ((BM + BN) * BK * 4 bytes * stages <= 96 KiB) and keeps
+# the fp32 accumulator at <= 64 registers per thread (BM*BN / (32*warps)). The small-N configs
+# serve grouped convs (16-64 channels per group), the small-M ones batch-1 late stages (7x7).
+CONFIG_TABLE = (
+    (128, 128, 32, 8, 3),
+    (128, 64, 32, 8, 4),
+    (64, 128, 32, 4, 4),
+    (64, 64, 64, 4, 3),
+    (128, 32, 32, 4, 4),
+    (64, 32, 64, 4, 3),
+    (32, 64, 64, 4, 3),
+    (64, 16, 32, 2, 3),
+)
+
+CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s in CONFIG_TABLE
+]
+
+# The autotune key: the GEMM shape and the variant; Triton's autotuner adds the dtypes of the
+# tensor arguments to it, so fp16/bf16/fp32 are tuned (and cached) separately.
+AUTOTUNE_KEY = ["M", "CIg", "COg", "KH", "KW", "IS_GEMM", "HAS_RES", "PROLOGUE"]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop tiles much wider than the group (a 16-channel group does not need BLOCK_N=128)."""
+    cog, cig, m = named_args["COg"], named_args["CIg"], named_args["M"]
+    need_n = max(16, triton.next_power_of_2(cog))
+    need_k = max(16, triton.next_power_of_2(cig))
+    need_m = max(32, triton.next_power_of_2(m))
+    kept = [
+        c for c in configs
+        if c.kwargs["BLOCK_N"] <= need_n and c.kwargs["BLOCK_K"] <= need_k and c.kwargs["BLOCK_M"] <= need_m
+    ]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+@triton.jit
+def conv2d_nhwc_kernel(
+    x_ptr, w_ptr, bias_ptr, res_ptr, scale_ptr, shift_ptr, y_ptr,
+    M, H, W, OH, OW, CIg, COg, C_out,
+    stride_h, stride_w, pad_h, pad_w,
+    sxn, sxh, sxw,
+    srn, src, srh, srw,
+    KH: tl.constexpr, KW: tl.constexpr,
+    IS_GEMM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RES_NHWC: tl.constexpr, RELU: tl.constexpr,
+    PROLOGUE: tl.constexpr, ALLOW_TF32: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_gn = tl.program_id(1)
+    n_blocks = tl.cdiv(COg, BLOCK_N)
+    g = pid_gn // n_blocks
+    pid_n = pid_gn % n_blocks
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < COg
+
+    # Output pixel of each row: m = (n*OH + oh)*OW + ow.
+    ow = offs_m % OW
+    t = offs_m // OW
+    oh = t % OH
+    nb = t // OH
+    if IS_GEMM:
+        # Dense NHWC 1x1/s1/p0: row m of A is pixel m, at m * sxw.
+        row_base = offs_m.to(tl.int64) * sxw
+    else:
+        row_base = nb.to(tl.int64) * sxn
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+
+    c_in0 = g * CIg  # first input channel of the group
+    k_chunks = tl.cdiv(CIg, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    w_cols = g * COg + offs_n  # weight columns (global output channels) of this tile
+
+    for i in range(0, KH * KW * k_chunks):
+        tap = i // k_chunks
+        c0 = (i - tap * k_chunks) * BLOCK_K
+        kh = tap // KW
+        kw = tap - kh * KW
+        ci = c0 + offs_k
+        k_mask = ci < CIg
+        cin = c_in0 + ci
+
+        if IS_GEMM:
+            a_rows = row_base
+            a_valid = m_mask
+        else:
+            ih = ih0 + kh
+            iw = iw0 + kw
+            a_valid = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a_rows = row_base + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+        a_mask = a_valid[:, None] & k_mask[None, :]
+        a_ptrs = x_ptr + (a_rows[:, None] + cin[None, :])
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        if PROLOGUE:
+            s = tl.load(scale_ptr + cin, mask=k_mask, other=0.0).to(tl.float32)
+            b = tl.load(shift_ptr + cin, mask=k_mask, other=0.0).to(tl.float32)
+            a_act = tl.maximum(a.to(tl.float32) * s[None, :] + b[None, :], 0.0)
+            # Padding (and out-of-range rows/channels) must be 0 after the prologue, not relu(shift).
+            a = tl.where(a_mask, a_act, 0.0).to(x_ptr.dtype.element_ty)
+
+        # Weight HWIO: row (kh*KW + kw)*CIg + ci, column = global output channel.
+        w_rows = tap * CIg + ci
+        w_ptrs = w_ptr + (w_rows[:, None] * C_out + w_cols[None, :])
+        w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if UPCAST_DOT:
+            # Interpreter only (see launch): exact, as a product of two bf16 values fits in fp32.
+            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        elif ALLOW_TF32:
+            acc = tl.dot(a, w, acc, input_precision="tf32")
+        else:
+            acc = tl.dot(a, w, acc, input_precision="ieee")
+
+    # Epilogue, on the fp32 accumulator, before the single store.
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + w_cols, mask=n_mask, other=0.0).to(tl.float32)
+        acc = acc + bias[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    # y is dense NHWC: element (m, c) sits at m*C_out + c. Offsets inside the tile, relative to
+    # its first row, are < BLOCK_M*C_out and stay int32; the tile base is an int64 scalar.
+    m0 = pid_m * BLOCK_M
+    tile_base = m0.to(tl.int64) * C_out
+    tile_offs = (offs_m - m0)[:, None] * C_out + w_cols[None, :]
+    if HAS_RES:
+        if RES_NHWC:  # residual laid out like y: share y's offsets
+            r_ptrs = res_ptr + tile_base + tile_offs
+        else:  # any strides (NCHW...): int64 per element
+            r_rows = nb.to(tl.int64) * srn + oh.to(tl.int64) * srh + ow.to(tl.int64) * srw
+            r_ptrs = res_ptr + (r_rows[:, None] + (w_cols.to(tl.int64) * src)[None, :])
+        acc = acc + tl.load(r_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    tl.store(y_ptr + tile_base + tile_offs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+conv2d_nhwc_autotuned = triton.autotune(
+    configs=CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs}
+)(conv2d_nhwc_kernel)
+
+# Used where autotuning cannot run (the interpreter has no CUDA timer): the smallest tile.
+INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}
+
+
+def grid(M: int, groups: int, COg: int):
+    """Launch grid: (M tiles, groups * N tiles) for the config's block sizes."""
+    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), groups * triton.cdiv(COg, meta["BLOCK_N"]))
+
+
+def launch(kernel, x, w_hwio, bias, residual, scale, shift, y, stride, padding, groups, relu, allow_tf32, config=None):
+    """Launch `kernel` (conv2d_nhwc_autotuned, conv2d_nhwc_kernel, or their wrap_triton wrappers).
+
+    x: (N, C_in, H, W) with contiguous channels (channels_last; other strides free); w_hwio:
+    (KH, KW, CIg, C_out) contiguous; y: (N, C_out, OH, OW) dense channels_last; bias/scale/shift:
+    1-D or None; residual: y's shape, any strides, or None. `config` (block sizes) is required
+    when `kernel` is not the autotuned one. Returns y.
+    """
+    n, c_in, h, w = x.shape
+    kh, kw, cig, c_out = w_hwio.shape
+    _, _, oh, ow = y.shape
+    m = n * oh * ow
+    cog = c_out // groups
+    sxn, sxc, sxh, sxw = x.stride()
+    if sxc != 1:
+        raise ValueError(f"conv2d_nhwc: x needs contiguous channels (channels_last), got strides {x.stride()}")
+    dense_nhwc = (oh * ow * c_out, 1, ow * c_out, c_out)
+    if tuple(y.stride()) != dense_nhwc and m * c_out > 0:
+        raise ValueError(f"conv2d_nhwc: y must be dense channels_last with strides {dense_nhwc}, got {y.stride()}")
+    if m == 0 or c_out == 0:
+        return y
+    # Row indices, weight offsets and in-tile output offsets are int32 (see the module docstring).
+    if m >= 2**31 or w_hwio.numel() >= 2**31 or 128 * c_out >= 2**31:
+        raise ValueError(f"conv2d_nhwc: N*OH*OW={m} / weight size {w_hwio.numel()} exceed int32 indexing")
+    is_gemm = (
+        kh == 1 and kw == 1 and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
+        and (n == 1 or sxn == h * w * sxw) and (h == 1 or sxh == w * sxw)
+    )
+    # The interpreter (TRITON_INTERPRET=1) multiplies bf16 tiles as their raw uint16 bits in
+    # tl.dot (its numpy dot does not decode bfloat16); there the tiles are upcast to fp32 first.
+    # bf16 x bf16 products are exact in fp32, so this matches a bf16 MMA with fp32 accumulation.
+    upcast_dot = bool(triton.knobs.runtime.interpret) and str(x.dtype) == "torch.bfloat16"
+    res_strides = tuple(residual.stride()) if residual is not None else (0, 0, 0, 0)
+    res_nhwc = residual is not None and res_strides == dense_nhwc
+    # Unused pointer arguments get a real tensor (y) so that the signature is the same for every variant.
+    kernel[grid(m, groups, cog)](
+        x, w_hwio,
+        bias if bias is not None else y,
+        residual if residual is not None else y,
+        scale if scale is not None else y,
+        shift if shift is not None else y,
+        y,
+        m, h, w, oh, ow, cig, cog, c_out,
+        stride[0], stride[1], padding[0], padding[1],
+        sxn, sxh, sxw,
+        *res_strides,
+        KH=kh, KW=kw, IS_GEMM=is_gemm, HAS_BIAS=bias is not None, HAS_RES=residual is not None, RES_NHWC=res_nhwc,
+        RELU=bool(relu), PROLOGUE=scale is not None, ALLOW_TF32=bool(allow_tf32),
+        UPCAST_DOT=upcast_dot,
+        **(config or {}),
+    )
+    return y
