@@ -1,0 +1,208 @@
+// Kernel of the grouped 3x3 convolution (tiling described in grouped_conv3x3_config.cuh).
+//   y[n, oy, ox, co] = act(bias[co] + sum_{ci < CPG, kh, kw} x[n, oy*S+kh-1, ox*S+kw-1, g*CPG+ci]
+//                                                          * w[co, ci, kh, kw]),   g = co / CPG
+// with zero padding, fp32 accumulation, one rounding at the store.
+#pragma once
+
+#include "cuda/kernels/grouped_conv3x3_config.cuh"
+
+namespace resfused::cuda {
+
+template <class T, int CPG, int S>
+struct GroupedConv3x3Kernel {
+  using Params = GroupedConvArgs<T>;
+  using Tile = GroupedConvTile<CPG>;
+  static constexpr int kPhases = 2;
+  static constexpr int kMaxThreads = Tile::kMaxThreads;
+  static constexpr int V = Tile::V, P = Tile::P, CB = Tile::CB, TW = Tile::TW;
+  static constexpr int IW = (TW - 1) * S + 3;     // halo width
+  static constexpr int RUN = (P - 1) * S + 3;     // input columns one thread reads per row
+  static constexpr int kWeightFloats = CPG * 9 * CB;
+  static_assert(CPG % 4 == 0 && CB % CPG == 0 && CPG % V == 0, "tile shape");
+
+  struct Block {  // which tile and slab this block owns
+    int64_t n, oy0, ox0;
+    int64_t c0, cvalid;
+  };
+  static RESFUSED_DEVICE Block block_of(const Params& a) {
+    Block b;
+    int64_t t = blockIdx.x;
+    const int64_t tx = t % a.tiles_w;
+    t /= a.tiles_w;
+    const int64_t ty = t % a.tiles_h;
+    b.n = t / a.tiles_h;
+    b.oy0 = ty * a.tile_h;
+    b.ox0 = tx * TW;
+    b.c0 = int64_t(blockIdx.y) * CB;
+    b.cvalid = a.C - b.c0 < CB ? a.C - b.c0 : CB;
+    return b;
+  }
+
+  template <int Phase>
+  static RESFUSED_DEVICE void run(const Params& a, gptr<float> smem) {
+    if constexpr (Phase == 0) stage(a, smem);
+    else compute(a, smem);
+  }
+
+  // Phase 0: weights -> smem[(ci*9 + tap)*CB + co], input halo -> smem[W + (r*IW + c)*CB + ch].
+  static RESFUSED_DEVICE void stage(const Params& a, gptr<float> smem) {
+    const Block b = block_of(a);
+    const int tid = threadIdx.x, nthr = blockDim.x;
+    for (int i = tid; i < kWeightFloats; i += nthr) {  // coalesced over the OIHW weight
+      const int co = i / (CPG * 9), r = i - co * (CPG * 9);
+      smem[r * CB + co] = co < b.cvalid ? to_acc(a.w[(b.c0 + co) * (CPG * 9) + r]) : 0.f;
+    }
+    gptr<float> in_s = smem + kWeightFloats;
+    const int IH = (a.tile_h - 1) * S + 3;
+    const int64_t iy0 = b.oy0 * S - 1, ix0 = b.ox0 * S - 1;
+    if (a.vec_io) {
+      constexpr int VL = 16 / sizeof(T);  // elements per 16-byte load
+      constexpr int KV = CB / VL;
+      for (int i = tid; i < IH * IW * KV; i += nthr) {
+        const int k = i % KV, pix = i / KV;
+        const int r = pix / IW, c = pix - r * IW;
+        const int64_t iy = iy0 + r, ix = ix0 + c;
+        const int ch = k * VL;
+        const bool inside = iy >= 0 && iy < a.H && ix >= 0 && ix < a.W && ch < b.cvalid;
+        Pack<float, VL> f;
+        if (inside) {
+          const auto v = load_pack<VL>(a.x, ((b.n * a.H + iy) * a.W + ix) * a.C + b.c0 + ch);
+          RESFUSED_UNROLL
+          for (int j = 0; j < VL; ++j) f.v[j] = to_acc(v.v[j]);
+        } else {
+          RESFUSED_UNROLL
+          for (int j = 0; j < VL; ++j) f.v[j] = 0.f;  // zero padding (and channels past C)
+        }
+        RESFUSED_UNROLL
+        for (int q = 0; q < VL; q += 4) {  // 16-byte shared stores
+          Pack<float, 4> s4;
+          RESFUSED_UNROLL
+          for (int j = 0; j < 4; ++j) s4.v[j] = f.v[q + j];
+          store_pack<4>(in_s, int64_t(pix) * CB + ch + q, s4);
+        }
+      }
+    } else {
+      for (int i = tid; i < IH * IW * CB; i += nthr) {
+        const int ch = i % CB, pix = i / CB;
+        const int r = pix / IW, c = pix - r * IW;
+        const int64_t iy = iy0 + r, ix = ix0 + c;
+        const bool inside = iy >= 0 && iy < a.H && ix >= 0 && ix < a.W && ch < b.cvalid;
+        in_s[i] = inside ? to_acc(a.x[((b.n * a.H + iy) * a.W + ix) * a.C + b.c0 + ch]) : 0.f;
+      }
+    }
+  }
+
+  // Phase 1: thread -> (channel vector ct, output row r, column run cr); P x V accumulators.
+  static RESFUSED_DEVICE void compute(const Params& a, gptr<float> smem) {
+    const Block b = block_of(a);
+    constexpr int CT = CB / V, RUNS = TW / P;
+    const int tid = threadIdx.x;
+    const int ct = tid % CT, pr = tid / CT;
+    const int r = pr / RUNS, cr = pr - r * RUNS;
+    const int co0 = ct * V;              // first output channel in the slab
+    const int cin0 = (co0 / CPG) * CPG;  // first input channel of its group
+    if (co0 >= b.cvalid) return;         // groups past C in the last slab
+    gptr<float> in_s = smem + kWeightFloats;
+
+    float acc[P][V];
+    RESFUSED_UNROLL
+    for (int p = 0; p < P; ++p) {
+      RESFUSED_UNROLL
+      for (int v = 0; v < V; ++v) acc[p][v] = 0.f;
+    }
+#ifndef RESFUSED_EMULATION
+#pragma unroll 1
+#endif
+    for (int cc = 0; cc < CPG; cc += 4) {  // four input channels per step
+      RESFUSED_UNROLL
+      for (int kh = 0; kh < 3; ++kh) {
+        Pack<float, 4> in[RUN];
+        const int64_t row = int64_t(r * S + kh) * IW + cr * P * S;
+        RESFUSED_UNROLL
+        for (int j = 0; j < RUN; ++j) in[j] = load_pack<4>(in_s, (row + j) * CB + cin0 + cc);
+        RESFUSED_UNROLL
+        for (int kw = 0; kw < 3; ++kw) {
+          RESFUSED_UNROLL
+          for (int q = 0; q < 4; ++q) {
+            // V weights as 16-byte loads (shared memory is only guaranteed 16-byte aligned).
+            float wv[V];
+            const int64_t widx = int64_t((cc + q) * 9 + kh * 3 + kw) * CB + co0;
+            RESFUSED_UNROLL
+            for (int h = 0; h < V; h += 4) {
+              const Pack<float, 4> w4 = load_pack<4>(smem, widx + h);
+              RESFUSED_UNROLL
+              for (int j = 0; j < 4; ++j) wv[h + j] = w4.v[j];
+            }
+            RESFUSED_UNROLL
+            for (int p = 0; p < P; ++p) {
+              const float xv = in[p * S + kw].v[q];
+              RESFUSED_UNROLL
+              for (int v = 0; v < V; ++v) acc[p][v] = fmaf_(xv, wv[v], acc[p][v]);
+            }
+          }
+        }
+      }
+    }
+
+    // Epilogue: bias (folded BN shift), optional ReLU, one rounding, V-wide store.
+    float bias[V];
+    RESFUSED_UNROLL
+    for (int v = 0; v < V; ++v) bias[v] = a.has_bias ? to_acc(a.bias[b.c0 + co0 + v]) : 0.f;
+    const int64_t oy = b.oy0 + r;
+    if (oy >= a.OH) return;
+    RESFUSED_UNROLL
+    for (int p = 0; p < P; ++p) {
+      const int64_t ox = b.ox0 + cr * P + p;
+      if (ox >= a.OW) break;
+      Pack<T, V> o;
+      RESFUSED_UNROLL
+      for (int v = 0; v < V; ++v) {
+        const float y = acc[p][v] + bias[v];
+        o.v[v] = from_acc<T>(a.relu ? relu_nan(y) : y);
+      }
+      const int64_t off = ((b.n * a.OH + oy) * a.OW + ox) * a.C + b.c0 + co0;
+      if (a.vec_io) {
+        store_pack<V>(a.y, off, o);
+      } else {
+        RESFUSED_UNROLL
+        for (int v = 0; v < V; ++v) a.y[off + v] = o.v[v];
+      }
+    }
+  }
+
+  static RESFUSED_DEVICE float fmaf_(float x, float w, float acc) {
+#ifdef RESFUSED_EMULATION
+    return std::fma(x, w, acc);  // the GPU's FFMA: one rounding
+#else
+    return __fmaf_rn(x, w, acc);
+#endif
+  }
+};
+
+template <class T, int CPG>
+inline cudaError_t launch_grouped_cpg(GroupedConvArgs<T>& a, cudaStream_t stream) {
+  LaunchConfig cfg;
+#ifdef RESFUSED_EMULATION
+  const void *xr = a.x.raw(), *yr = a.y.raw();
+#else
+  const void *xr = a.x, *yr = a.y;
+#endif
+  if (!grouped_conv_config<CPG>(a, cfg, xr, yr)) return cudaErrorInvalidConfiguration;
+  if (a.stride == 1) return launch_phased<GroupedConv3x3Kernel<T, CPG, 1>>(cfg, stream, a);
+  if (a.stride == 2) return launch_phased<GroupedConv3x3Kernel<T, CPG, 2>>(cfg, stream, a);
+  return cudaErrorInvalidConfiguration;
+}
+
+template <class T>
+cudaError_t launch_grouped_conv3x3(GroupedConvArgs<T> a, cudaStream_t stream) {
+  if (a.N == 0 || a.OH == 0 || a.OW == 0 || a.C == 0) return cudaSuccess;  // nothing to write
+  switch (a.cpg) {
+    case 4: return launch_grouped_cpg<T, 4>(a, stream);
+    case 8: return launch_grouped_cpg<T, 8>(a, stream);
+    case 16: return launch_grouped_cpg<T, 16>(a, stream);
+    case 32: return launch_grouped_cpg<T, 32>(a, stream);
+    default: return cudaErrorInvalidConfiguration;
+  }
+}
+
+}  // namespace resfused::cuda

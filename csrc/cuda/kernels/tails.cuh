@@ -1,0 +1,177 @@
+// Kernels of the elementwise tails (arguments and launch shapes in tails_config.cuh).
+//   add_relu:          out = relu(a + b)
+//   add_relu_backward: grad = out > 0 ? grad_out : 0
+//   scale_shift_act:   y = [relu](x * scale[c] + shift[c])
+//   its backward:      g' = grad masked by (x*scale+shift > 0) if relu;
+//                      grad_x = g' * scale[c], grad_scale[c] = sum g' x, grad_shift[c] = sum g'
+// Arithmetic in acc_t<T> (float, or double for double); one rounding at each store.
+#pragma once
+
+#include "cuda/kernels/tails_config.cuh"
+
+namespace resfused::cuda {
+
+// Grid-stride loop over vector units [u*VL, u*VL+VL); full units use 16-byte accesses when
+// `vec`, the last partial unit (and everything when !vec) goes element by element.
+template <class T, class Op>
+RESFUSED_DEVICE void flat_binary(const BinaryArgs<T>& a, Op op) {
+  constexpr int VL = kTailVec<T>;
+  const int64_t units = ceil_div(a.n, VL);
+  const int64_t step = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t u = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; u < units; u += step) {
+    const int64_t i0 = u * VL;
+    if (a.vec && i0 + VL <= a.n) {
+      const auto va = load_pack<VL>(a.a, i0), vb = load_pack<VL>(a.b, i0);
+      Pack<T, VL> o;
+      RESFUSED_UNROLL
+      for (int k = 0; k < VL; ++k) o.v[k] = from_acc<T>(op(to_acc(va.v[k]), to_acc(vb.v[k])));
+      store_pack<VL>(a.out, i0, o);
+    } else {
+      for (int64_t i = i0; i < i0 + VL && i < a.n; ++i) a.out[i] = from_acc<T>(op(to_acc(a.a[i]), to_acc(a.b[i])));
+    }
+  }
+}
+
+template <class T>
+struct AddReluKernel {
+  using Params = BinaryArgs<T>;
+  static constexpr int kPhases = 1, kMaxThreads = kTailThreads;
+  template <int>
+  static RESFUSED_DEVICE void run(const Params& a, gptr<float>) {
+    flat_binary(a, [](acc_t<T> x, acc_t<T> r) { return relu_nan(x + r); });
+  }
+};
+
+template <class T>
+struct AddReluBackwardKernel {
+  using Params = BinaryArgs<T>;
+  static constexpr int kPhases = 1, kMaxThreads = kTailThreads;
+  template <int>
+  static RESFUSED_DEVICE void run(const Params& a, gptr<float>) {
+    flat_binary(a, [](acc_t<T> g, acc_t<T> o) { return o > acc_t<T>(0) ? g : acc_t<T>(0); });
+  }
+};
+
+template <class T>
+struct ScaleShiftActKernel {
+  using Params = ScaleShiftArgs<T>;
+  static constexpr int kPhases = 1, kMaxThreads = kTailThreads;
+  template <int>
+  static RESFUSED_DEVICE void run(const Params& a, gptr<float>) {
+    using A = acc_t<T>;
+    constexpr int VL = kTailVec<T>;
+    const int64_t units = ceil_div(a.n, VL);
+    const int64_t step = int64_t(gridDim.x) * blockDim.x;
+    for (int64_t u = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; u < units; u += step) {
+      const int64_t i0 = u * VL;
+      if (a.vec && i0 + VL <= a.n) {
+        // Channels-last: VL consecutive channels; NC(spatial): one channel for the whole vector.
+        const int64_t c0 = (i0 / a.inner) % a.C;
+        const int dc = a.inner == 1 ? 1 : 0;
+        const auto xv = load_pack<VL>(a.x, i0);
+        Pack<T, VL> o;
+        RESFUSED_UNROLL
+        for (int k = 0; k < VL; ++k) {
+          const A y = to_acc(xv.v[k]) * a.scale[c0 + k * dc] + a.shift[c0 + k * dc];
+          o.v[k] = from_acc<T>(a.relu ? relu_nan(y) : y);
+        }
+        store_pack<VL>(a.out, i0, o);
+      } else {
+        for (int64_t i = i0; i < i0 + VL && i < a.n; ++i) {
+          const int64_t c = (i / a.inner) % a.C;
+          const A y = to_acc(a.x[i]) * a.scale[c] + a.shift[c];
+          a.out[i] = from_acc<T>(a.relu ? relu_nan(y) : y);
+        }
+      }
+    }
+  }
+};
+
+// One element of the backward: writes grad_x, accumulates into (sum_gx, sum_g).
+template <class T>
+RESFUSED_DEVICE void scale_shift_backward_element(const ScaleShiftArgs<T>& a, int64_t i, int64_t c,
+                                                  acc_t<T>& sum_gx, acc_t<T>& sum_g) {
+  using A = acc_t<T>;
+  const A xv = to_acc(a.x[i]), s = a.scale[c];
+  A g = to_acc(a.grad[i]);
+  if (a.relu && !(xv * s + a.shift[c] > A(0))) g = A(0);
+  a.out[i] = from_acc<T>(g * s);
+  sum_gx += g * xv;
+  sum_g += g;
+}
+
+template <class T>
+struct ScaleShiftBackwardPartialKernel {
+  using Params = ScaleShiftArgs<T>;
+  static constexpr int kPhases = 1, kMaxThreads = kTailThreads > kPlaneThreads ? kTailThreads : kPlaneThreads;
+  template <int>
+  static RESFUSED_DEVICE void run(const Params& a, gptr<float>) {
+    using A = acc_t<T>;
+    A sum_gx = 0, sum_g = 0;
+    int64_t c, slot;
+    if (a.inner == 1) {  // channels-last: thread = channel, block row = slot (coalesced over c)
+      c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+      slot = blockIdx.y;
+      if (c >= a.C) return;
+      const int64_t rows = a.n / a.C;
+      for (int64_t r = slot; r < rows; r += a.slots) scale_shift_backward_element(a, r * a.C + c, c, sum_gx, sum_g);
+    } else {  // NC(spatial): block = plane, threads stride over it (coalesced over i)
+      const int64_t plane = blockIdx.x;
+      c = plane % a.C;
+      slot = (plane / a.C) * blockDim.x + threadIdx.x;
+      const int64_t base = plane * a.inner;
+      for (int64_t i = threadIdx.x; i < a.inner; i += blockDim.x)
+        scale_shift_backward_element(a, base + i, c, sum_gx, sum_g);
+    }
+    a.partial[(slot * 2 + 0) * a.C + c] = sum_gx;
+    a.partial[(slot * 2 + 1) * a.C + c] = sum_g;
+  }
+};
+
+template <class T>
+struct ScaleShiftBackwardFinalizeKernel {
+  using Params = ScaleShiftArgs<T>;
+  static constexpr int kPhases = 1, kMaxThreads = kTailThreads;
+  template <int>
+  static RESFUSED_DEVICE void run(const Params& a, gptr<float>) {
+    const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // j = which * C + c
+    if (j >= 2 * a.C) return;
+    const int64_t which = j / a.C, c = j - which * a.C;
+    acc_t<T> s = 0;
+    for (int64_t k = 0; k < a.slots; ++k) s += a.partial[(k * 2 + which) * a.C + c];
+    a.totals[j] = s;
+  }
+};
+
+template <class T>
+cudaError_t launch_add_relu(BinaryArgs<T> a, cudaStream_t s) {
+  if (a.n == 0) return cudaSuccess;
+  return launch_phased<AddReluKernel<T>>(flat_config<T>(a.n), s, a);
+}
+
+template <class T>
+cudaError_t launch_add_relu_backward(BinaryArgs<T> a, cudaStream_t s) {
+  if (a.n == 0) return cudaSuccess;
+  return launch_phased<AddReluBackwardKernel<T>>(flat_config<T>(a.n), s, a);
+}
+
+template <class T>
+cudaError_t launch_scale_shift_act(ScaleShiftArgs<T> a, cudaStream_t s) {
+  if (a.n == 0) return cudaSuccess;
+  return launch_phased<ScaleShiftActKernel<T>>(flat_config<T>(a.n), s, a);
+}
+
+template <class T>
+cudaError_t launch_scale_shift_act_backward(ScaleShiftArgs<T> a, cudaStream_t s) {
+  if (a.C == 0) return cudaSuccess;
+  ScaleShiftArgs<T> sized = a;
+  const LaunchConfig part = scale_shift_backward_config(sized);
+  if (sized.slots != a.slots) return cudaErrorInvalidConfiguration;  // partial sized for another config
+  if (a.n > 0) {
+    const cudaError_t e = launch_phased<ScaleShiftBackwardPartialKernel<T>>(part, s, sized);
+    if (e != cudaSuccess) return e;
+  }
+  return launch_phased<ScaleShiftBackwardFinalizeKernel<T>>(finalize_config(a.C), s, sized);
+}
+
+}  // namespace resfused::cuda

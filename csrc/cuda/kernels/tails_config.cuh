@@ -1,0 +1,115 @@
+// Elementwise tails (add_relu, scale_shift_act and their backwards): arguments and launch
+// configuration, no kernel code (see grouped_conv3x3_config.cuh for why the split).
+//
+// Layouts: every tensor is dense in one memory format; element i has channel (i / inner) % C,
+// with inner = 1 for channels-last and inner = H*W (the spatial size) for NC(spatial).
+// The per-channel sums of the backward are reduced in two deterministic passes, without
+// atomics or barriers: each thread sums a fixed subset into partial[slot][2][C], then one thread
+// per (sum, channel) adds the slots in order.
+#pragma once
+
+#include "cuda/kernels/platform.cuh"
+
+namespace resfused::cuda {
+
+constexpr int kTailThreads = 256;
+constexpr int64_t kTailMaxBlocks = 1024;  // grid-stride beyond ~one wave of an H100
+constexpr int kPlaneThreads = 256;        // threads summing one NC(spatial) plane
+
+template <class T>
+struct BinaryArgs {  // out = f(a, b) elementwise
+  gptr<const T> a, b;
+  gptr<T> out;
+  int64_t n = 0;
+  bool vec = false;  // 16-byte accesses allowed for all three
+};
+
+template <class T>
+struct ScaleShiftArgs {
+  gptr<const T> x;
+  gptr<const T> grad;       // backward only
+  gptr<const acc_t<T>> scale, shift;
+  gptr<T> out;              // forward: y; backward: grad_x
+  gptr<acc_t<T>> partial;   // backward: [slots][2][C]
+  gptr<acc_t<T>> totals;    // backward: [2][C]
+  int64_t n = 0, C = 0, inner = 1, planes = 0;  // planes = n / inner (NC(spatial) only)
+  int64_t slots = 0;
+  bool relu = false, vec = false;
+};
+
+template <class T>
+inline constexpr int kTailVec = static_cast<int>(16 / sizeof(T));  // elements per 16-byte access
+
+// Flat elementwise launch: one thread per vector of kTailVec<T> elements, grid-stride.
+template <class T>
+inline LaunchConfig flat_config(int64_t n) {
+  const int64_t units = ceil_div(n, kTailVec<T>);
+  int64_t blocks = ceil_div(units, kTailThreads);
+  blocks = blocks < 1 ? 1 : (blocks > kTailMaxBlocks ? kTailMaxBlocks : blocks);
+  LaunchConfig c;
+  c.grid = dim3(static_cast<unsigned>(blocks));
+  c.block = dim3(kTailThreads);
+  return c;
+}
+
+// Whether 16-byte vectors never straddle two channels with different scale/shift.
+template <class T>
+inline bool scale_shift_vec_ok(int64_t C, int64_t inner) {
+  const int64_t vl = kTailVec<T>;
+  return inner == 1 ? C % vl == 0 : inner % vl == 0;
+}
+
+// Backward partial pass. Channels-last: grid (ceil(C/256), slots), thread = channel, slot s
+// takes rows s, s+slots, ...  NC(spatial): one block per plane, thread t takes elements
+// t, t+256, ... of the plane, slot = image * 256 + t.
+constexpr int64_t kRowSlots = 512;
+template <class T>
+inline LaunchConfig scale_shift_backward_config(ScaleShiftArgs<T>& a) {
+  LaunchConfig c;
+  if (a.inner == 1) {
+    const int64_t rows = a.C == 0 ? 0 : a.n / a.C;
+    a.slots = rows < kRowSlots ? rows : kRowSlots;  // 0 for an empty tensor: the sums are 0
+    c.grid = dim3(static_cast<unsigned>(ceil_div(a.C, kTailThreads)), static_cast<unsigned>(a.slots));
+    c.block = dim3(kTailThreads);
+  } else {
+    a.planes = a.inner == 0 ? 0 : a.n / a.inner;
+    a.slots = (a.planes / a.C) * kPlaneThreads;
+    c.grid = dim3(static_cast<unsigned>(a.planes));
+    c.block = dim3(kPlaneThreads);
+  }
+  return c;
+}
+
+inline LaunchConfig finalize_config(int64_t C) {
+  LaunchConfig c;
+  c.grid = dim3(static_cast<unsigned>(ceil_div(2 * C, kTailThreads)));
+  c.block = dim3(kTailThreads);
+  return c;
+}
+
+// Defined in tails.cuh; compiled for float/double/half/bfloat16 in tails_kernels.cu.
+template <class T>
+cudaError_t launch_add_relu(BinaryArgs<T> a, cudaStream_t s);
+template <class T>
+cudaError_t launch_add_relu_backward(BinaryArgs<T> a, cudaStream_t s);  // a = grad_out, b = out
+template <class T>
+cudaError_t launch_scale_shift_act(ScaleShiftArgs<T> a, cudaStream_t s);
+// Fills out (grad_x), partial and totals; `a.slots` must be set by scale_shift_backward_config
+// before `partial` is allocated (the host calls the config first, then this).
+template <class T>
+cudaError_t launch_scale_shift_act_backward(ScaleShiftArgs<T> a, cudaStream_t s);
+
+#ifndef RESFUSED_EMULATION
+#define RESFUSED_TAILS_EXTERN(T)                                                              \
+  extern template cudaError_t launch_add_relu<T>(BinaryArgs<T>, cudaStream_t);                \
+  extern template cudaError_t launch_add_relu_backward<T>(BinaryArgs<T>, cudaStream_t);       \
+  extern template cudaError_t launch_scale_shift_act<T>(ScaleShiftArgs<T>, cudaStream_t);     \
+  extern template cudaError_t launch_scale_shift_act_backward<T>(ScaleShiftArgs<T>, cudaStream_t);
+RESFUSED_TAILS_EXTERN(float)
+RESFUSED_TAILS_EXTERN(double)
+RESFUSED_TAILS_EXTERN(half_t)
+RESFUSED_TAILS_EXTERN(bf16_t)
+#undef RESFUSED_TAILS_EXTERN
+#endif
+
+}  // namespace resfused::cuda

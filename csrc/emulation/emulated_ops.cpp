@@ -1,0 +1,120 @@
+// TEST-ONLY extension: the CUDA kernel sources of csrc/cuda, compiled as host C++ under
+// cuda_emulation.h, registered as torch.ops.resfused_emu.* on CPU tensors. The host code (checks,
+// layout, launch configuration) is the very code of the CUDA bindings (csrc/cuda/*_host.h).
+// Built by tests/test_cuda_emulation.py with torch.utils.cpp_extension.load; not in setup.py.
+#include "emulation/cuda_emulation.h"
+
+#include <torch/library.h>
+
+#include "cuda/grouped_conv3x3_host.h"
+#include "cuda/kernels/grouped_conv3x3.cuh"
+#include "cuda/kernels/tails.cuh"
+#include "cuda/tails_host.h"
+
+namespace resfused::emu_ops {
+namespace {
+
+using namespace resfused::cuda;
+
+// Checked-pointer failures become ordinary torch errors (RuntimeError in Python).
+template <class F>
+auto guarded(F f) {
+  try {
+    return f();
+  } catch (const emu::BoundsError& e) {
+    TORCH_CHECK(false, "resfused emulation: ", e.what());
+  }
+}
+
+at::Tensor grouped_conv3x3(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b, int64_t stride,
+                           bool relu) {
+  return guarded([&] { return grouped_conv3x3_impl(x, w, b, stride, relu, nullptr); });
+}
+
+// The launch configuration for a shape: [tile_h, grid.x, grid.y, block.x, smem_bytes, vec_io].
+std::vector<int64_t> grouped_conv3x3_config(int64_t N, int64_t C, int64_t H, int64_t W, int64_t cpg, int64_t stride) {
+  GroupedConvArgs<float> a;
+  a.N = N, a.C = C, a.H = H, a.W = W, a.cpg = static_cast<int>(cpg), a.stride = static_cast<int>(stride);
+  a.OH = (H - 1) / stride + 1, a.OW = (W - 1) / stride + 1;
+  LaunchConfig cfg;
+  alignas(16) static float dummy[4];
+  bool ok = false;
+  switch (cpg) {
+    case 4: ok = grouped_conv_config<4>(a, cfg, dummy, dummy); break;
+    case 8: ok = grouped_conv_config<8>(a, cfg, dummy, dummy); break;
+    case 16: ok = grouped_conv_config<16>(a, cfg, dummy, dummy); break;
+    case 32: ok = grouped_conv_config<32>(a, cfg, dummy, dummy); break;
+    default: TORCH_CHECK(false, "cpg must be 4, 8, 16 or 32");
+  }
+  TORCH_CHECK(ok, "shape exceeds the launch limits");
+  return {a.tile_h, cfg.grid.x, cfg.grid.y, cfg.block.x, static_cast<int64_t>(cfg.smem_bytes), a.vec_io};
+}
+
+at::Tensor add_relu(const at::Tensor& x, const at::Tensor& r) {
+  return guarded([&] { return add_relu_impl(x, r, nullptr); });
+}
+at::Tensor add_relu_backward(const at::Tensor& g, const at::Tensor& o) {
+  return guarded([&] { return add_relu_backward_impl(g, o, nullptr); });
+}
+at::Tensor scale_shift_act(const at::Tensor& x, const at::Tensor& s, const at::Tensor& b, bool relu) {
+  return guarded([&] { return scale_shift_act_impl(x, s, b, relu, nullptr); });
+}
+std::tuple<at::Tensor, at::Tensor, at::Tensor> scale_shift_act_backward(const at::Tensor& g, const at::Tensor& x,
+                                                                        const at::Tensor& s, const at::Tensor& b,
+                                                                        bool relu) {
+  return guarded([&] { return scale_shift_act_backward_impl(g, x, s, b, relu, nullptr); });
+}
+
+// Self-test of the emulator itself, so that its checks are known to fire:
+//   mode 0: block-reverse through shared memory across a barrier (correct kernel; returns it)
+//   mode 1: global read one past the end   mode 2: misaligned 16-byte load
+//   mode 3: shared write past the buffer   mode 4: phase 1 reads shared memory nobody wrote (NaN)
+struct SelfTestArgs {
+  gptr<const float> in;
+  gptr<float> out;
+  int mode;
+};
+struct SelfTestKernel {
+  using Params = SelfTestArgs;
+  static constexpr int kPhases = 2, kMaxThreads = 32;
+  template <int Phase>
+  static void run(const Params& a, gptr<float> smem) {
+    const int t = threadIdx.x, n = blockDim.x;
+    const int64_t g = int64_t(blockIdx.x) * n + t;
+    if constexpr (Phase == 0) {
+      if (a.mode == 1 && t == n - 1) smem[t] = a.in[g + 1];
+      else if (a.mode == 2) smem[t] = load_pack<4>(a.in, 1).v[0];
+      else if (a.mode == 3) smem[t + 1] = a.in[g];
+      else if (a.mode != 4) smem[t] = a.in[g];
+    } else {
+      a.out[g] = smem[n - 1 - t];
+    }
+  }
+};
+
+at::Tensor emulator_selftest(const at::Tensor& in, int64_t mode) {
+  TORCH_CHECK(in.dim() == 1 && in.numel() % 32 == 0 && in.scalar_type() == at::kFloat, "in: float [k*32]");
+  auto out = at::empty_like(in);
+  SelfTestArgs a{gptr<const float>(in.const_data_ptr<float>(), in.numel(), "in"),
+                 gptr<float>(out.data_ptr<float>(), out.numel(), "out"), static_cast<int>(mode)};
+  return guarded([&] {
+    const auto err = emu::launch<SelfTestKernel>(dim3(in.numel() / 32), dim3(32), 32 * sizeof(float), a);
+    TORCH_CHECK(err == cudaSuccess, "launch failed");
+    return out;
+  });
+}
+
+}  // namespace
+}  // namespace resfused::emu_ops
+
+TORCH_LIBRARY(resfused_emu, m) {
+  using namespace resfused::emu_ops;
+  m.def("grouped_conv3x3(Tensor x, Tensor weight, Tensor? bias, int stride, bool relu) -> Tensor", &grouped_conv3x3);
+  m.def("grouped_conv3x3_config(int N, int C, int H, int W, int cpg, int stride) -> int[]", &grouped_conv3x3_config);
+  m.def("add_relu(Tensor x, Tensor residual) -> Tensor", &add_relu);
+  m.def("add_relu_backward(Tensor grad_out, Tensor out) -> Tensor", &add_relu_backward);
+  m.def("scale_shift_act(Tensor x, Tensor scale, Tensor shift, bool relu) -> Tensor", &scale_shift_act);
+  m.def("scale_shift_act_backward(Tensor grad_out, Tensor x, Tensor scale, Tensor shift, bool relu) -> (Tensor, Tensor, Tensor)",
+        &scale_shift_act_backward);
+  m.def("emulator_selftest(Tensor input, int mode) -> Tensor", &emulator_selftest);
+}
