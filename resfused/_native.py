@@ -31,29 +31,32 @@ with_cuda = bool(getattr(_C, "with_cuda", 0))
 cuda_archs = getattr(_C, "cuda_archs", "") if with_cuda else ""
 
 
-def has_kernel(op: str, device_type: str) -> bool:
-    """Whether `resfused::<op>` has a compiled kernel for `device_type` ("cpu" or "cuda")."""
-    if not loaded:
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    if key is None:
-        return False
-    return has_op(op) and torch._C._dispatch_has_kernel_for_dispatch_key(f"resfused::{op}", key)
-
-
-def has_op(op: str) -> bool:
-    """Whether the schema `resfused::<op>` is registered (by _C)."""
-    if not loaded:
-        return False
-    try:
-        getattr(torch.ops.resfused, op)
-    except (AttributeError, RuntimeError):
-        return False
-    return True
-
-
 def op_names() -> list[str]:
     """Every resfused::<op> that _C registered."""
     if not loaded:
         return []
     return sorted(n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("resfused::"))
+
+
+def _compiled_kernels() -> frozenset[tuple[str, str]]:
+    found = set()
+    for op in op_names():
+        for device, key in (("cpu", "CPU"), ("cuda", "CUDA")):
+            if torch._C._dispatch_has_kernel_for_dispatch_key(f"resfused::{op}", key):
+                found.add((op, device))
+    return frozenset(found)
+
+
+# Computed once: _C registers everything when it is imported. A plain set lookup also keeps
+# has_kernel traceable by torch.compile (no dispatcher query inside a compiled region).
+_kernels = _compiled_kernels()
+
+
+def has_kernel(op: str, device_type: str) -> bool:
+    """Whether `resfused::<op>` has a compiled kernel for `device_type` ("cpu" or "cuda")."""
+    return (op, device_type) in _kernels
+
+
+def has_op(op: str) -> bool:
+    """Whether the schema `resfused::<op>` is registered (by _C)."""
+    return loaded and op in op_names()

@@ -54,13 +54,25 @@ class FusedModule(nn.Module):
 
     @classmethod
     def from_reference(cls, block: nn.Module) -> "FusedModule":
-        """A fused block that shares `block`'s submodules (parameters and buffers, not copies)."""
+        """A fused block that shares `block`'s submodules (parameters and buffers, not copies)
+        and plain attributes; `block` must have the reference block's structure."""
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
         for name, child in block.named_children():
             setattr(fused, name, child)
+        for name, value in vars(block).items():  # plain attributes: downsample=None, stride, ...
+            if not name.startswith("_") and name != "training":
+                setattr(fused, name, value)
         fused.train(block.training)
         return fused
+
+    def __getstate__(self):
+        # The plan holds backend-specific tensors (oneDNN's opaque blocked weights) that can be
+        # neither deep-copied nor pickled; it is derived state, rebuilt on the next forward.
+        state = dict(super().__getstate__())
+        state.pop("_plan", None)
+        state.pop("_plan_key", None)
+        return state
 
     def _state_key(self, x: torch.Tensor):
         tensors = [t for t in self.parameters()] + [b for b in self.buffers()]

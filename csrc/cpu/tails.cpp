@@ -71,9 +71,10 @@ struct ChannelGeometry {
   bool channels_last;
   int64_t channels, rows, inner;
   explicit ChannelGeometry(const at::Tensor& x) : channels_last(channels_innermost(x)), channels(x.size(1)) {
-    const int64_t n = x.numel();
-    inner = channels_last ? channels : (channels == 0 ? 0 : n / (x.size(0) * channels));
-    rows = inner == 0 ? 0 : n / inner;
+    int64_t spatial = 1;
+    for (int64_t d = 2; d < x.dim(); ++d) spatial *= x.size(d);
+    inner = channels_last ? channels : spatial;
+    rows = inner == 0 ? 0 : x.numel() / inner;
   }
 };
 
@@ -219,8 +220,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scale_shift_act_backward(const at
     Acc* tot = totals.data_ptr<Acc>();
     for (int64_t t = 0; t < tasks; ++t)
       for (int64_t j = 0; j < 2 * C; ++j) tot[j] += partial[t * 2 * C + j];
-    grad_scale = totals[0].to(scale.scalar_type());
-    grad_shift = totals[1].to(shift.scalar_type());
+    grad_scale = totals[0].to(scale.scalar_type(), /*non_blocking=*/false, /*copy=*/true);  // own storage: outputs must not alias
+    grad_shift = totals[1].to(shift.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
   });
   return {grad_x, grad_scale, grad_shift};
 }
