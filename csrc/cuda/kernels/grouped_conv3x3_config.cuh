@@ -54,14 +54,16 @@ inline size_t grouped_conv_smem_bytes(int tile_h, int stride) {
 
 constexpr size_t kGroupedSmemBudget = 96 * 1024;  // two blocks per SM on sm_80/sm_90 at most
 
-// Tile height: among the TH <= 8 whose shared memory fits the budget, the one with the least
-// work + halo per image column, tiles * (TH + 2) rows (TH = 7 for 7/14/28, 8 for 56, 5 for 9).
+// Tile height: among the TH <= 8 whose shared memory fits the budget and whose block is whole
+// warps (a partial warp idles lanes just as a partial tile does), the one with the least work +
+// halo per image column, tiles * (TH + 2) rows.
 template <int CPG>
 inline int grouped_conv_tile_h(int64_t OH, int stride) {
   int best = 0;
   int64_t best_cost = 0;
   for (int th = GroupedConvTile<CPG>::kMaxTH; th >= 1; --th) {
     if (grouped_conv_smem_bytes<CPG>(th, stride) > kGroupedSmemBudget) continue;
+    if ((GroupedConvTile<CPG>::kThreadsPerRow * th) % 32 != 0) continue;
     const int64_t cost = ceil_div(OH, th) * (th + 2);
     if (best == 0 || cost < best_cost) best = th, best_cost = cost;
   }

@@ -1,0 +1,252 @@
+"""The CUDA kernel sources (csrc/cuda/kernels/*.cuh) run as host C++ against the float64 reference.
+
+csrc/emulation/emulated_ops.cpp compiles the same kernel source and the same host code (checks,
+layout, launch configuration: csrc/cuda/*_host.h) under csrc/emulation/cuda_emulation.h, whose
+launcher walks the grid, honours the barrier between kernel phases, poisons shared memory with
+NaN and bounds-/alignment-checks every global and shared access (DESIGN.md §4). It is a
+test-only extension built here with torch.utils.cpp_extension.load (~1 minute the first time,
+cached in the build directory afterwards).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.harness import assert_matches_reference
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+LOWP = (torch.float16, torch.bfloat16)
+CL = torch.channels_last
+
+
+@pytest.fixture(scope="module")
+def emu():
+    from torch.utils.cpp_extension import load
+
+    build = pathlib.Path(os.environ.get("RESFUSED_EMU_BUILD_DIR", f"/tmp/resfused-emulation-{os.getuid()}-{torch.__version__}"))
+    build.mkdir(parents=True, exist_ok=True)
+    load(
+        name="resfused_emulation",
+        sources=[str(ROOT / "csrc/emulation/emulated_ops.cpp")],
+        extra_include_paths=[str(ROOT / "csrc")],
+        extra_cflags=["-O2", "-std=c++20"],
+        build_directory=str(build),
+        is_python_module=False,
+        verbose=False,
+    )
+    return torch.ops.resfused_emu
+
+
+# --- the emulator itself: its checks must be able to fail ---
+
+def test_emulator_honours_barrier_and_catches_bad_accesses(emu):
+    x = torch.arange(64, dtype=torch.float32)
+    out = emu.emulator_selftest(x, 0)  # reverse within each 32-thread block through shared memory
+    assert torch.equal(out, torch.cat([x[:32].flip(0), x[32:].flip(0)]))
+    with pytest.raises(RuntimeError, match=r"out-of-bounds access to 'in': elements \[64, 65\)"):
+        emu.emulator_selftest(x, 1)
+    with pytest.raises(RuntimeError, match="misaligned 16-byte vector access"):
+        emu.emulator_selftest(x, 2)
+    with pytest.raises(RuntimeError, match="out-of-bounds access to 'shared memory'"):
+        emu.emulator_selftest(x, 3)
+    assert emu.emulator_selftest(x, 4).isnan().all()  # unwritten shared memory reads as NaN
+
+
+# --- grouped 3x3 convolution ---
+
+def _conv_inputs(n, groups, cpg, h, w, dtype, bias=True, layout=CL):
+    c = groups * cpg
+    x = torch.randn(n, c, h, w).to(dtype).contiguous(memory_format=layout)
+    wt = (torch.randn(c, cpg, 3, 3) / (3 * cpg**0.5)).to(dtype)
+    b = torch.randn(c).to(dtype) if bias else None
+    return x, wt, b
+
+
+def _check_conv(emu, x, wt, b, stride, relu):
+    groups = x.size(1) // wt.size(1)
+    y = emu.grouped_conv3x3(x, wt, b, stride, relu)
+    assert y.is_contiguous(memory_format=CL), "the output must be channels_last"
+    ref = F.conv2d(x.double(), wt.double(), None if b is None else b.double(), stride, 1, 1, groups)
+    eager = F.conv2d(x, wt, b, stride, 1, 1, groups)
+    if relu:
+        ref, eager = ref.relu(), eager.relu()
+    assert_matches_reference(y, ref, dtype=x.dtype, eager=eager if x.dtype in LOWP else None,
+                             what=f"grouped_conv3x3 {tuple(x.shape)} cpg={wt.size(1)} stride={stride} {x.dtype}")
+
+
+# (N, groups, H, W): odd sizes, several tiles with partial ones at the right/bottom border,
+# 1x1 images, and group counts that leave the last channel slab partly empty.
+SHAPES = [(2, 3, 9, 11), (1, 2, 17, 10), (1, 1, 1, 1), (3, 5, 7, 7)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("cpg", [4, 8, 16, 32])
+def test_grouped_conv3x3_matches_reference(emu, cpg, stride, dtype):
+    for i, (n, g, h, w) in enumerate(SHAPES):
+        if cpg == 32 and i == 3:
+            g = 2  # keep the slowest case small
+        x, wt, b = _conv_inputs(n, g, cpg, h, w, dtype, bias=i != 1)
+        _check_conv(emu, x, wt, b, stride, relu=i != 2)
+
+
+@pytest.mark.parametrize("cpg", [4, 16])
+def test_grouped_conv3x3_layouts_and_unaligned_inputs(emu, cpg):
+    # NCHW input (converted), an input whose storage starts 2 bytes past an aligned address (the
+    # scalar, non-vector path), and fp16 with C not a multiple of 8 (16-byte loads not allowed).
+    x, wt, b = _conv_inputs(2, 3, cpg, 6, 13, torch.float32, layout=torch.contiguous_format)
+    _check_conv(emu, x, wt, b, 1, True)
+    x, wt, b = _conv_inputs(2, 3, cpg, 6, 13, torch.float16)
+    buf = torch.empty(x.numel() + 1, dtype=x.dtype)
+    shifted = buf[1:].as_strided(x.shape, x.stride()).copy_(x)
+    assert shifted.data_ptr() % 16 != 0 and shifted.is_contiguous(memory_format=CL)
+    _check_conv(emu, shifted, wt, b, 2, True)
+
+
+def test_grouped_conv3x3_propagates_nan(emu):
+    x, wt, b = _conv_inputs(1, 2, 8, 5, 5, torch.float32)
+    x[0, 3, 2, 2] = float("nan")
+    _check_conv(emu, x, wt, b, 1, True)  # relu keeps NaN, as torch.relu does
+
+
+def test_grouped_conv3x3_empty_batch(emu):
+    x, wt, b = _conv_inputs(0, 2, 4, 5, 5, torch.float32)
+    assert emu.grouped_conv3x3(x, wt, b, 2, True).shape == (0, 8, 3, 3)
+
+
+# The grouped 3x3 of ResNeXt-50 32x4d: (C, input H, stride), cpg = C / 32; the stride-2 ones are
+# the first block of stages 2-4.
+RESNEXT_STAGES = [(128, 56, 1), (256, 28, 1), (512, 14, 1), (1024, 7, 1), (256, 56, 2), (512, 28, 2), (1024, 14, 2)]
+
+
+@pytest.mark.parametrize("c,h,stride", RESNEXT_STAGES)
+def test_grouped_conv3x3_launch_config_for_resnext_shapes(emu, c, h, stride):
+    cpg = c // 32
+    tile_h, grid_x, grid_y, block_x, smem, vec = emu.grouped_conv3x3_config(32, c, h, h, cpg, stride)
+    oh = (h - 1) // stride + 1
+    assert 1 <= tile_h <= 8 and block_x <= 1024 and smem <= 96 * 1024 and vec == 1
+    assert block_x % 32 == 0, "whole warps"
+    tiles = -(-oh // tile_h) * -(-oh // 8)
+    assert grid_x == 32 * tiles and grid_y == -(-c // (64 if cpg == 4 else 32))
+    # share of the computed tile positions that are real output pixels (7x7 in one 8x8 tile: 0.77)
+    assert oh * oh / (tiles * tile_h * 8) >= 0.75
+
+
+def test_grouped_conv3x3_launch_limits(emu):
+    with pytest.raises(RuntimeError, match="launch limits"):
+        emu.grouped_conv3x3_config(2**31, 128, 56, 56, 4, 1)  # grid.x would exceed 2^31 - 1
+
+
+def test_grouped_conv3x3_bad_arguments(emu):
+    x, wt, b = _conv_inputs(1, 2, 4, 5, 5, torch.float32)
+    with pytest.raises(RuntimeError, match=r"channels per group .* must be 4, 8, 16 or 32, got 2"):
+        emu.grouped_conv3x3(x, wt[:, :2], b, 1, True)
+    with pytest.raises(RuntimeError, match="'stride' must be 1 or 2, got 3"):
+        emu.grouped_conv3x3(x, wt, b, 3, True)
+    with pytest.raises(RuntimeError, match="'weight' has dtype"):
+        emu.grouped_conv3x3(x, wt.half(), b, 1, True)
+    with pytest.raises(RuntimeError, match=r"'bias' must have shape \[8\]"):
+        emu.grouped_conv3x3(x, wt, b[:4], 1, True)
+    with pytest.raises(RuntimeError, match="C_out == C_in"):
+        emu.grouped_conv3x3(x, wt[:4], None, 1, True)
+    with pytest.raises(RuntimeError, match="float64"):
+        emu.grouped_conv3x3(x.double(), wt.double(), None, 1, True)
+    with pytest.raises(RuntimeError, match=r"'x' must have shape \(N, C, H, W\)"):
+        emu.grouped_conv3x3(x[0], wt, b, 1, True)
+
+
+# --- tails ---
+
+TAIL_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# (shape, layout): C a multiple of the vector width and not, NCHW and channels_last, odd sizes
+TAIL_CASES = [((2, 16, 5, 3), CL), ((3, 5, 7, 3), CL), ((2, 16, 4, 4), torch.contiguous_format),
+              ((2, 3, 5, 7), torch.contiguous_format), ((4, 6), torch.contiguous_format)]
+
+
+def _eager(fn, *xs):
+    """The computation as eager PyTorch does it in the low-precision dtype (float math, one rounding)."""
+    return fn(*(t.float() for t in xs)).to(xs[0].dtype)
+
+
+@pytest.mark.parametrize("dtype", TAIL_DTYPES)
+def test_add_relu_and_backward(emu, dtype):
+    for shape, layout in TAIL_CASES:
+        x = torch.randn(shape).to(dtype).contiguous(memory_format=layout)
+        r = torch.randn(shape).to(dtype)  # residual in another layout: converted
+        out = emu.add_relu(x, r)
+        assert out.is_contiguous(memory_format=layout)
+        f = lambda a, b: torch.relu(a + b)  # noqa: E731
+        assert_matches_reference(out, f(x.double(), r.double()), eager=_eager(f, x, r), what=f"add_relu {shape}")
+        g = torch.randn(shape).to(dtype)
+        gi = emu.add_relu_backward(g, out)
+        # the mask is exact: grad where out > 0, else 0
+        assert torch.equal(gi, torch.where(out > 0, g, torch.zeros_like(g))), f"add_relu_backward {shape}"
+
+
+def test_add_relu_grid_stride_and_nan(emu):
+    # more vectors than the capped grid has threads (1024 blocks x 256 x 4 floats) -> grid-stride
+    x = torch.randn(2, 8, 256, 260)
+    r = torch.randn_like(x)
+    x[1, 7, 255, 259] = float("nan")
+    out = emu.add_relu(x, r)
+    assert_matches_reference(out, torch.relu(x.double() + r.double()), what="add_relu large")
+
+
+@pytest.mark.parametrize("dtype", TAIL_DTYPES)
+@pytest.mark.parametrize("relu", [True, False])
+def test_scale_shift_act_and_backward(emu, dtype, relu):
+    for shape, layout in TAIL_CASES:
+        c = shape[1]
+        x = torch.randn(shape).to(dtype).contiguous(memory_format=layout)
+        s, b = torch.randn(c), torch.randn(c)
+        view = [1, -1] + [1] * (len(shape) - 2)
+
+        def f(x_, s_=s, b_=b):
+            y = x_ * s_.to(x_.dtype).view(view) + b_.to(x_.dtype).view(view)
+            return y.relu() if relu else y
+
+        y = emu.scale_shift_act(x, s, b, relu)
+        assert y.is_contiguous(memory_format=layout)
+        assert_matches_reference(y, f(x.double()), eager=_eager(f, x), what=f"scale_shift_act {shape}")
+
+        g = torch.randn(shape).to(dtype)
+        gx, gs, gb = emu.scale_shift_act_backward(g, x, s, b, relu)
+        xd, gd = x.double(), g.double()
+        mask = (f(xd) > 0) if relu else torch.ones_like(xd, dtype=torch.bool)
+        gm = torch.where(mask, gd, torch.zeros_like(gd))
+        dims = [0] + list(range(2, len(shape)))
+        ref_gx = gm * s.double().view(view)
+        assert_matches_reference(gx, ref_gx, eager=_eager(lambda a, m: a * m, g * mask.to(dtype), s.view(view).to(dtype).expand(shape))
+                                 if dtype in LOWP else None, what=f"grad_x {shape}")
+        assert gs.dtype == s.dtype and gb.dtype == b.dtype
+        assert_matches_reference(gs, (gm * xd).sum(dims), what=f"grad_scale {shape} {dtype}")
+        assert_matches_reference(gb, gm.sum(dims), what=f"grad_shift {shape} {dtype}")
+
+
+def test_scale_shift_backward_many_rows_and_empty(emu):
+    # channels_last with more rows than partial-sum slots (512): each slot sums several rows
+    x = torch.randn(4, 24, 20, 13).contiguous(memory_format=CL)
+    g, s, b = torch.randn_like(x), torch.randn(24), torch.randn(24)
+    gx, gs, gb = emu.scale_shift_act_backward(g, x, s, b, False)
+    assert_matches_reference(gs, (g.double() * x.double()).sum((0, 2, 3)), what="grad_scale")
+    assert_matches_reference(gb, g.double().sum((0, 2, 3)), what="grad_shift")
+    e = torch.empty(0, 3, 4, 4)
+    gx, gs, gb = emu.scale_shift_act_backward(e, e, torch.ones(3), torch.ones(3), True)
+    assert gx.shape == e.shape and torch.equal(gs, torch.zeros(3)) and torch.equal(gb, torch.zeros(3))
+
+
+def test_tails_bad_arguments(emu):
+    x = torch.randn(2, 4, 3, 3)
+    with pytest.raises(RuntimeError, match="'residual' must have the shape of 'x'"):
+        emu.add_relu(x, x[:1])
+    with pytest.raises(RuntimeError, match="'residual' has dtype"):
+        emu.add_relu(x, x.half())
+    with pytest.raises(RuntimeError, match=r"'scale' must have shape \[4\]"):
+        emu.scale_shift_act(x, torch.ones(3), torch.ones(4), True)
+    with pytest.raises(RuntimeError, match="'grad_out' must have the shape of 'x'"):
+        emu.scale_shift_act_backward(x[:1], x, torch.ones(4), torch.ones(4), True)
