@@ -1,0 +1,138 @@
+"""The Triton implicit-GEMM conv (resfused/triton/conv.py) as a torch.library op, and its adapter.
+
+    torch.ops.resfused.conv2d_triton(x, weight_hwio, bias, residual, scale, shift,
+                                     stride, padding, relu, allow_tf32) -> y (channels_last)
+
+    y = [relu]( conv(pro(x), W) + bias [+ residual] ),  pro(x) = relu(x*scale[c] + shift[c]) when
+    scale/shift are given (padding stays 0 after it); W is given as HWIO (KH, KW, C_in/groups, C_out),
+    groups = C_in / W.shape[2].
+
+It is a `triton_op`: eager calls launch the autotuned kernel (on CUDA) or the interpreter
+(TRITON_INTERPRET=1, CPU tensors, one fixed config: the autotuner needs a CUDA timer), and
+torch.compile traces through `wrap_triton` to the kernel itself. The function body only
+allocates and launches, so it doubles as the fake (meta) implementation; an explicit fake is
+registered as well so that fake-tensor tracing never reaches a launch (the interpreter would
+try to run on fake tensors).
+
+`TritonConv` is the adapter resfused/ops/conv.py lists for CUDA tensors: it caches the HWIO
+weight in ConvParams.packed and reads torch.backends.cuda.matmul.allow_tf32 at each call.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.library import triton_op, wrap_triton
+
+from resfused import backend
+from resfused.ops.conv import ConvParams
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _output(x: torch.Tensor, weight_hwio: torch.Tensor, stride, padding) -> torch.Tensor:
+    n, _, h, w = x.shape
+    kh, kw, _, c_out = weight_hwio.shape
+    oh = (h + 2 * padding[0] - kh) // stride[0] + 1
+    ow = (w + 2 * padding[1] - kw) // stride[1] + 1
+    return torch.empty((n, c_out, oh, ow), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+
+
+def _check(x, weight_hwio, bias, residual, scale, shift, stride, padding) -> None:
+    """Argument consistency, with messages naming the argument (the op can be called directly)."""
+    if x.dim() != 4 or weight_hwio.dim() != 4:
+        raise ValueError(f"conv2d_triton: 'x' and 'weight_hwio' must be 4-D, got {tuple(x.shape)} and {tuple(weight_hwio.shape)}")
+    if x.dtype not in _DTYPES or weight_hwio.dtype != x.dtype:
+        raise TypeError(f"conv2d_triton: 'x' and 'weight_hwio' must share one dtype of {_DTYPES}, got {x.dtype} / {weight_hwio.dtype}")
+    cig, c_out = weight_hwio.shape[2], weight_hwio.shape[3]
+    if cig == 0 or x.shape[1] % cig != 0:
+        raise ValueError(f"conv2d_triton: 'x' channels ({x.shape[1]}) must be a multiple of weight_hwio.shape[2] ({cig})")
+    groups = x.shape[1] // cig
+    if c_out % groups != 0:
+        raise ValueError(f"conv2d_triton: 'weight_hwio' C_out ({c_out}) must be divisible by groups ({groups})")
+    if len(stride) != 2 or len(padding) != 2 or min(stride) < 1 or min(padding) < 0:
+        raise ValueError(f"conv2d_triton: 'stride' (>= 1) and 'padding' (>= 0) must have 2 entries, got {stride} / {padding}")
+    for name, v, size in (("bias", bias, c_out), ("scale", scale, x.shape[1]), ("shift", shift, x.shape[1])):
+        if v is not None and (v.dim() != 1 or v.shape[0] != size):
+            raise ValueError(f"conv2d_triton: '{name}' must have shape [{size}], got {tuple(v.shape)}")
+    if (scale is None) != (shift is None):
+        raise ValueError("conv2d_triton: 'scale' and 'shift' must be given together (the prologue)")
+    for name, t in (("weight_hwio", weight_hwio), ("bias", bias), ("residual", residual), ("scale", scale), ("shift", shift)):
+        if t is not None and t.device != x.device:
+            raise RuntimeError(f"conv2d_triton: '{name}' is on {t.device} but 'x' is on {x.device}")
+
+
+@triton_op("resfused::conv2d_triton", mutates_args=())
+def conv2d_triton(
+    x: torch.Tensor,
+    weight_hwio: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    relu: bool,
+    allow_tf32: bool,
+) -> torch.Tensor:
+    from resfused.triton import conv as kernels  # triton is imported on first use only
+
+    _check(x, weight_hwio, bias, residual, scale, shift, stride, padding)
+    y = _output(x, weight_hwio, stride, padding)
+    if residual is not None and residual.shape != y.shape:
+        raise ValueError(f"conv2d_triton: 'residual' must have the output shape {tuple(y.shape)}, got {tuple(residual.shape)}")
+    # The kernel reads x with unit channel stride; a channels_last input passes through unchanged.
+    x = x.contiguous(memory_format=torch.channels_last)
+    weight_hwio = weight_hwio.contiguous()
+    groups = x.shape[1] // weight_hwio.shape[2]
+    if x.device.type == "cuda":
+        kernel, config = kernels.conv2d_nhwc_autotuned, None
+    else:  # TRITON_INTERPRET=1 on CPU tensors: no autotuning (it times on a CUDA device)
+        kernel, config = kernels.conv2d_nhwc_kernel, kernels.INTERPRETER_CONFIG
+    kernels.launch(
+        wrap_triton(kernel), x, weight_hwio, bias, residual, scale, shift, y,
+        stride, padding, groups, relu, allow_tf32, config=config,
+    )
+    return y
+
+
+@conv2d_triton.register_fake
+def _(x, weight_hwio, bias, residual, scale, shift, stride, padding, relu, allow_tf32):
+    _check(x, weight_hwio, bias, residual, scale, shift, stride, padding)
+    return _output(x, weight_hwio, stride, padding)
+
+
+def to_hwio(weight: torch.Tensor) -> torch.Tensor:
+    """OIHW (PyTorch's conv weight) -> HWIO contiguous: output channels contiguous per (kh, kw, ci)."""
+    return weight.permute(2, 3, 1, 0).contiguous()
+
+
+class TritonConv:
+    """Adapter for resfused/ops/conv.py: every dense/grouped conv with dilation 1 and fp16/bf16/fp32."""
+
+    name = "triton"
+    fuses_prologue = True
+
+    def supports(self, x, p: ConvParams, residual, prologue) -> bool:
+        if x.dtype not in _DTYPES or p.weight.dtype != x.dtype:
+            return False
+        if x.device.type != "cuda" and not (x.device.type == "cpu" and backend.triton_interpreter_enabled()):
+            return False
+        if tuple(p.dilation) != (1, 1) or p.out_channels % p.groups != 0:
+            return False
+        if x.shape[2] + 2 * p.padding[0] < p.kernel_size[0] or x.shape[3] + 2 * p.padding[1] < p.kernel_size[1]:
+            return False  # empty output from a too-small input: leave it to the library
+        return True
+
+    def _weight(self, p: ConvParams) -> torch.Tensor:
+        w = p.packed.get(self.name)
+        if w is None:
+            w = p.packed[self.name] = to_hwio(p.weight)
+        return w
+
+    def run(self, x, p: ConvParams, residual, relu, prologue):
+        scale, shift = prologue if prologue is not None else (None, None)
+        allow_tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+        return torch.ops.resfused.conv2d_triton(
+            x, self._weight(p), p.bias, residual, scale, shift,
+            list(p.stride), list(p.padding), bool(relu), bool(allow_tf32),
+        )

@@ -1,0 +1,243 @@
+"""The Triton implicit-GEMM conv (resfused/triton/conv.py) against the float64 reference.
+
+Runs under the Triton interpreter (conftest sets TRITON_INTERPRET=1) on CPU tensors at small,
+odd shapes; every variant of the kernel is covered: kernel size x stride x groups x epilogue x
+prologue x dtype x residual layout. The interpreter runs one fixed config (INTERPRETER_CONFIG:
+32x16x16 tiles), so these shapes cross tile edges in M, N and K. Compiled configs are checked in
+test_triton_compile.py.
+
+float16/bfloat16 tolerances (DESIGN.md §5) need eager PyTorch's same-dtype result: eager CPU
+F.conv2d supports both dtypes in this torch, so "eager" is the same computation done by eager
+ops in the low dtype (BN+ReLU prologue in float then rounded, as eager BN does; conv in the low
+dtype; residual add and ReLU in the low dtype).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import resfused
+from resfused import reference
+from resfused.ops import ConvParams, conv_bias_act, trace_kernels
+from tests.harness import LOWP_EPS, assert_matches_reference, compare_modules, randomize_bn
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_available(),
+    reason="needs TRITON_INTERPRET=1 (CPU) or a CUDA device",
+)
+
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else "cuda"
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# epilogue: (bias, residual layout or None, relu)
+EPILOGUES = {
+    "bias": (True, None, False),
+    "bias_relu": (True, None, True),
+    "res_nhwc_relu": (True, "nhwc", True),
+    "res_nchw_nobias": (False, "nchw", False),
+}
+
+
+def _expected(x, weight, bias, residual, prologue, stride, padding, groups, relu, dtype):
+    """The fused op's math in `dtype` (float64 for the reference, the low dtype for eager)."""
+    x = x.to(dtype)
+    if prologue is not None:
+        s, b = (v.to(torch.promote_types(dtype, torch.float32)).view(1, -1, 1, 1) for v in prologue)
+        x = torch.relu(x.to(s.dtype) * s + b).to(dtype)
+    y = F.conv2d(x, weight.to(dtype), None if bias is None else bias.to(dtype), stride, padding, 1, groups)
+    if residual is not None:
+        y = y + residual.to(dtype)
+    return torch.relu(y) if relu else y
+
+
+def _check_conv(n, c_in, c_out, hw, k, stride, groups, epilogue, prologue, dtype, x_layout="nhwc"):
+    has_bias, res_layout, relu = EPILOGUES[epilogue]
+    pad = k // 2
+    weight = torch.randn(c_out, c_in // groups, k, k) / (k * (c_in // groups) ** 0.5)
+    bias = torch.randn(c_out) if has_bias else None
+    p = ConvParams(weight.to(dtype), None if bias is None else bias.to(dtype), (stride, stride), (pad, pad), (1, 1), groups)
+    x = torch.randn(n, c_in, *hw).to(dtype)
+    if x_layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    pro = (torch.rand(c_in) + 0.5, torch.randn(c_in) * 0.5) if prologue else None
+    oh, ow = p.output_hw(*hw)
+    residual = None
+    if res_layout is not None:
+        residual = torch.randn(n, c_out, oh, ow).to(dtype)
+        if res_layout == "nhwc":
+            residual = residual.contiguous(memory_format=torch.channels_last)
+    args = (bias, residual, pro, (stride, stride), (pad, pad), groups, relu)
+    ref = _expected(x.double(), weight.double(), *args, torch.float64)
+    eager = _expected(x, weight, *args, dtype) if dtype in LOWP_EPS else None
+    dev = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    p = ConvParams(dev(p.weight), dev(p.bias), p.stride, p.padding, p.dilation, p.groups)
+    pro_dev = None if pro is None else (dev(pro[0].to(dtype)), dev(pro[1].to(dtype)))
+    resfused.set_backend("triton")
+    with torch.no_grad(), trace_kernels() as ran:
+        y = conv_bias_act(dev(x), p, residual=dev(residual), relu=relu, prologue=pro_dev)
+    assert ran == [("conv", "triton")], ran
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    what = f"k={k} s={stride} g={groups} {epilogue} prologue={prologue} {dtype} x={x_layout}"
+    assert_matches_reference(y.cpu(), ref, dtype, eager, what)
+
+
+VARIANTS = list(itertools.product((1, 3), (1, 2), (1, 2), EPILOGUES, (False, True)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k,stride,groups,epilogue,prologue", VARIANTS)
+def test_every_variant(k, stride, groups, epilogue, prologue, dtype):
+    # 20 channels per group: two K chunks of 16 and two N tiles of 16, the last one partial;
+    # N*OH*OW = 2*5*7 = 70: three M tiles of 32, the last one partial.
+    _check_conv(2, 20 * groups, 20 * groups, (5, 7), k, stride, groups, epilogue, prologue, dtype)
+
+
+@pytest.mark.parametrize("c_in,c_out,groups", [(3, 5, 1), (12, 8, 4), (32, 32, 8), (9, 6, 3), (64, 32, 2)])
+def test_channels_per_group(c_in, c_out, groups):
+    # 1..32 input channels per group, odd ones included: masking of partial K and N tiles.
+    _check_conv(1, c_in, c_out, (4, 5), 3, 1, groups, "res_nhwc_relu", True, torch.float32)
+
+
+@pytest.mark.parametrize("k,stride", [(1, 1), (3, 2)])
+def test_nchw_input(k, stride):
+    # An NCHW x is made channels_last by the op (the kernel needs unit channel stride).
+    _check_conv(2, 16, 24, (6, 5), k, stride, 1, "bias_relu", True, torch.float32, x_layout="nchw")
+
+
+def test_one_by_one_gemm_is_taken():
+    # 1x1/s1/p0 over dense NHWC runs the IS_GEMM specialization; a sliced (non-dense) x does not.
+    from resfused.triton import conv as kernels
+
+    seen = []
+    real = kernels.launch
+
+    def spy(kernel, x, *a, **kw):
+        h, w = x.shape[2:]
+        seen.append(x.stride(0) == h * w * x.stride(3) and x.stride(2) == w * x.stride(3))
+        return real(kernel, x, *a, **kw)
+
+    kernels.launch = spy
+    try:
+        _check_conv(2, 16, 16, (3, 3), 1, 1, 1, "res_nhwc_relu", False, torch.float32)
+    finally:
+        kernels.launch = real
+    assert seen == [True]
+
+
+def test_empty_batch():
+    resfused.set_backend("triton")
+    p = ConvParams(torch.randn(8, 4, 3, 3), torch.randn(8), (1, 1), (1, 1), (1, 1), 1)
+    x = torch.randn(0, 4, 5, 5, device=DEVICE)
+    p = ConvParams(p.weight.to(DEVICE), p.bias.to(DEVICE), p.stride, p.padding, p.dilation, p.groups)
+    with trace_kernels() as ran:
+        y = conv_bias_act(x, p, relu=True)
+    assert y.shape == (0, 8, 5, 5) and ran == [("conv", "triton")]
+
+
+def test_unsupported_falls_back():
+    # dilation 2 and float64 are not the kernel's: the reference runs, with the right result.
+    resfused.set_backend("triton")
+    x = torch.randn(1, 8, 9, 9, device=DEVICE)
+    w, b = torch.randn(8, 8, 3, 3, device=DEVICE), torch.randn(8, device=DEVICE)
+    for p, xx in (
+        (ConvParams(w, b, (1, 1), (2, 2), (2, 2), 1), x),
+        (ConvParams(w.double(), b.double(), (1, 1), (1, 1), (1, 1), 1), x.double()),
+    ):
+        with torch.no_grad(), trace_kernels() as ran:
+            y = conv_bias_act(xx, p, relu=True)
+        assert ran == [("conv", "reference")]
+        ref = torch.relu(F.conv2d(xx.double(), p.weight.double(), p.bias.double(), p.stride, p.padding, p.dilation))
+        assert_matches_reference(y.float().cpu(), ref.cpu(), torch.float32, what="fallback")
+
+
+def test_bad_arguments_name_the_argument():
+    op = torch.ops.resfused.conv2d_triton
+    x = torch.randn(1, 8, 5, 5, device=DEVICE)
+    w = torch.randn(3, 3, 8, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="'bias'"):
+        op(x, w, torch.randn(15, device=DEVICE), None, None, None, [1, 1], [1, 1], False, False)
+    with pytest.raises(ValueError, match="'residual'"):
+        op(x, w, None, torch.randn(1, 16, 4, 5, device=DEVICE), None, None, [1, 1], [1, 1], False, False)
+    with pytest.raises(ValueError, match="weight_hwio"):
+        op(x, torch.randn(3, 3, 3, 16, device=DEVICE), None, None, None, None, [1, 1], [1, 1], False, False)
+    with pytest.raises(TypeError, match="dtype"):
+        op(x, w.half(), None, None, None, None, [1, 1], [1, 1], False, False)
+    with pytest.raises(ValueError, match="'scale' and 'shift'"):
+        op(x, w, None, None, torch.ones(8, device=DEVICE), None, [1, 1], [1, 1], False, False)
+
+
+def test_opcheck():
+    # test_aot_dispatch_dynamic is left out here: AOT dispatch decomposes the triton_op into its
+    # kernel launch and traces it with fake tensors; the interpreter cannot launch on fake
+    # tensors (a GPU build traces the launch instead). test_compile_fullgraph covers it on a GPU.
+    x = torch.randn(2, 8, 5, 4, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(3, 3, 4, 6, device=DEVICE)
+    r = torch.randn(2, 6, 3, 2, device=DEVICE)
+    s, b = torch.rand(8, device=DEVICE), torch.randn(8, device=DEVICE)
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    if DEVICE == "cuda":
+        utils += ("test_aot_dispatch_dynamic",)
+    for args in (
+        (x, w, torch.randn(6, device=DEVICE), r, s, b, [2, 2], [1, 1], True, False),
+        (x, w, None, None, None, None, [1, 1], [0, 0], False, False),
+    ):
+        torch.library.opcheck(torch.ops.resfused.conv2d_triton, args, test_utils=utils)
+
+
+BLOCKS = [
+    ("BasicBlock", (16, 16, 1)),
+    ("BasicBlock", (16, 32, 2)),
+    ("PreActBasicBlock", (16, 16, 1)),
+    ("PreActBasicBlock", (8, 16, 2)),
+    ("Bottleneck", (64, 16, 1)),
+    ("Bottleneck", (16, 8, 2)),
+    ("ResNeXtBottleneck", (64, 16, 1, 2, 32)),  # width 16: 8 channels per group
+    ("ResNeXtBottleneck", (32, 16, 2, 2, 64)),  # width 32: 16 channels per group, projection
+]
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("name,args", BLOCKS, ids=[f"{n}{a}" for n, a in BLOCKS])
+def test_fused_blocks(name, args, dtype):
+    ref = randomize_bn(getattr(reference, name)(*args)).eval()
+    fused = getattr(resfused, name)(*args).eval()
+    fused.load_state_dict(ref.state_dict())
+    fused.to(DEVICE, dtype)
+    x = torch.randn(2, args[0], 7, 6).to(dtype).contiguous(memory_format=torch.channels_last)
+    resfused.set_backend("triton")
+    with torch.no_grad(), trace_kernels() as ran:
+        actual = fused(x.to(DEVICE))
+    convs = [k for op, k in ran if op == "conv"]
+    assert convs and set(convs) == {"triton"}, ran
+    # compare_modules runs the reference in float64 and in dtype (eager), then asserts §5.
+    with torch.no_grad():
+        compare_modules(lambda _: actual.cpu(), ref, x, what=f"{name}{args} {dtype}")
+
+
+@pytest.mark.gpu
+def test_compile_fullgraph():
+    resfused.set_backend("triton")
+    block = resfused.Bottleneck(64, 16).eval().cuda().half()
+    x = torch.randn(2, 64, 14, 14, device="cuda").half().contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        eager = block(x)
+        compiled = torch.compile(block, fullgraph=True)(x)
+    assert_matches_reference(compiled.float(), eager.double(), torch.float32, what="compile vs eager (same kernels)")
+
+
+@pytest.mark.gpu
+def test_int64_addressing():
+    # N*H*W*C = 2^31 + 2^21: elements past 2^31 must be read and written at the right place.
+    resfused.set_backend("triton")
+    x = torch.randn(1, 16, 2**14 + 2**4, 2**13, device="cuda", dtype=torch.float16)
+    x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(16, 16, 1, 1, device="cuda", dtype=torch.float16) / 4
+    y = conv_bias_act(x, ConvParams(w, None, (1, 1), (0, 0), (1, 1), 1))
+    tail = x[:, :, -2:, :]
+    ref = F.conv2d(tail.double(), w.double())
+    eager = F.conv2d(tail, w)
+    assert_matches_reference(y[:, :, -2:, :].cpu(), ref.cpu(), torch.float16, eager.cpu(), "tail past 2^31")
