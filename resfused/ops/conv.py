@@ -91,15 +91,18 @@ REFERENCE = ReferenceConv()
 
 def _kernel_table() -> dict[str, list]:
     # Imported here, not at the top: adapters import this module for ConvParams.
+    from resfused.ops.conv_grouped import GroupedConv3x3
     from resfused.ops.conv_library import LibraryConvWithTail
     from resfused.ops.conv_onednn import OneDNNConv
+    from resfused.ops.conv_triton import TritonConv
 
     library = LibraryConvWithTail()
+    grouped = GroupedConv3x3()
     return {
-        "cpu": [OneDNNConv(), library],
-        "gpu": [library],
-        "cuda": [library],
-        "triton": [],
+        "cpu": [grouped, OneDNNConv(), library],
+        "gpu": [grouped, TritonConv(), library],
+        "cuda": [grouped, library],
+        "triton": [TritonConv()],
         "reference": [],
     }
 
