@@ -356,6 +356,8 @@ def _fuse_stem(model: nn.Module, path: str, report: FuseReport) -> list[int]:
         act_name = "act1"
     else:
         return []
+    if any(isinstance(m, blocks.ConvBNAct) for m in model.conv1.modules()):
+        return []  # fused by an earlier fuse(); the ConvBNAct is listed as already fused
     where = f"{path + '.' if path else ''}conv1+bn1+{act_name}"
     source = f"{type(model).__module__}.{type(model).__qualname__} stem"
     try:

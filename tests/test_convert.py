@@ -1,0 +1,251 @@
+"""resfused.fuse: converted models match the originals (float64 reference, DESIGN.md §5), the
+report says exactly what was converted and what was left alone and why, the fused kernels ran."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import resfused
+from resfused import reference
+from resfused.ops import trace_kernels
+from tests.harness import assert_matches_reference, randomize_bn
+
+torchvision = pytest.importorskip("torchvision")
+
+
+def _expected64(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return copy.deepcopy(model).double()(x.double())
+
+
+def _check_model(model: nn.Module, x: torch.Tensor, what: str):
+    """fuse(model) in eval mode; assert §5 against the original in float64 and that every conv of
+    the fused part ran a fused kernel (never the reference conv). Returns (fused, report, trace)."""
+    randomize_bn(model).eval()
+    expected = _expected64(model, x)
+    fused = resfused.fuse(model)
+    with torch.no_grad(), trace_kernels() as ran:
+        actual = fused(x)
+    assert_matches_reference(actual, expected, torch.float32, what=what)
+    convs = [kernel for op, kernel in ran if op == "conv"]
+    assert convs, f"{what}: no fused conv ran"
+    assert all(kernel != "reference" for _, kernel in ran), f"{what}: {sorted(set(ran))}"
+    return fused, fused.resfused_report, convs
+
+
+# ------------------------------------------------------------------------------ torchvision models
+@pytest.mark.parametrize(
+    "name, shape, n_blocks, fused_cls",
+    [
+        ("resnet18", (2, 3, 64, 64), 8, resfused.BasicBlock),
+        ("resnet50", (1, 3, 64, 64), 16, resfused.Bottleneck),
+        ("resnext50_32x4d", (1, 3, 64, 64), 16, resfused.ResNeXtBottleneck),
+        ("wide_resnet50_2", (1, 3, 32, 32), 16, resfused.Bottleneck),
+    ],
+)
+def test_torchvision_models_match_and_run_fused(name, shape, n_blocks, fused_cls):
+    model = getattr(torchvision.models, name)(weights=None)
+    fused, report, ran = _check_model(model, torch.randn(shape), name)
+    blocks = [e for e in report.converted if e.source.endswith(("BasicBlock", "Bottleneck"))]
+    assert len(blocks) == n_blocks and all(e.detail == f"resfused.{fused_cls.__name__}" for e in blocks)
+    assert report.skipped == [], str(report)
+    assert [e.path for e in report.converted if "stem" in e.source] == ["conv1+bn1+relu"]
+    assert isinstance(fused.conv1, resfused.ConvBNAct) and isinstance(fused.bn1, nn.Identity)
+    assert sum(isinstance(m, fused_cls) for m in fused.modules()) == n_blocks
+    # Every conv of the network (stem, blocks, projections) went through one fused call.
+    assert len(ran) == sum(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def test_torchvision_state_dict_keys_are_kept_except_the_stem():
+    model = torchvision.models.resnet18(weights=None).eval()
+    fused = resfused.fuse(model)
+    stem = {"conv1.weight": "conv1.conv.weight"} | {f"bn1.{k}": f"conv1.bn.{k}" for k, _ in model.bn1.state_dict().items()}
+    assert set(fused.state_dict()) == {stem.get(k, k) for k in model.state_dict()}
+    # A torchvision checkpoint loads after renaming the stem keys, and gives the same outputs.
+    randomize_bn(model)
+    fused.load_state_dict({stem.get(k, k): v for k, v in model.state_dict().items()})
+    x = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        assert_matches_reference(fused(x), _expected64(model, x), torch.float32, what="reloaded")
+
+
+def test_dilated_and_non_bn_models_are_left_alone_with_reasons():
+    dilated = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=[False, True, True])
+    fused, report, _ = _check_model(dilated, torch.randn(1, 3, 64, 64), "dilated resnet50")
+    skipped = {e.path: e.detail for e in report.skipped}
+    # layer3/4 blocks after the first are dilated; their first blocks keep dilation 1 in conv2?
+    # Whatever torchvision chose, every dilated block is left alone, every other converted.
+    for path, module in dilated.named_modules():
+        if isinstance(module, torchvision.models.resnet.Bottleneck):
+            if module.conv2.dilation != (1, 1):
+                assert "dilated" in skipped[path]
+                assert type(fused.get_submodule(path)) is torchvision.models.resnet.Bottleneck
+            else:
+                assert path not in skipped and isinstance(fused.get_submodule(path), resfused.Bottleneck)
+    assert skipped
+
+    group_norm = torchvision.models.resnet18(weights=None, norm_layer=lambda c: nn.GroupNorm(4, c))
+    fused = resfused.fuse(group_norm.eval())
+    report = fused.resfused_report
+    assert report.converted == [] and len(report.skipped) == 9  # 8 blocks + the stem
+    assert all("GroupNorm, not nn.BatchNorm2d" in e.detail for e in report.skipped), str(report)
+    assert "nothing convertible found" in str(report)
+
+
+# ------------------------------------------------------------------------------------ timm models
+def _timm(name, **kwargs):
+    timm = pytest.importorskip("timm")
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+@pytest.mark.parametrize("name, n_blocks", [("resnet18", 8), ("resnext50_32x4d", 16)])
+def test_timm_resnets_match(name, n_blocks):
+    model = _timm(name)
+    fused, report, ran = _check_model(model, torch.randn(1, 3, 64, 64), f"timm {name}")
+    assert report.skipped == [], str(report)
+    assert len(report.converted) == n_blocks + 1  # + the stem
+    assert len(ran) == sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    # Block keys are timm's own (act/aa/drop_block hold no state); only the stem moved.
+    moved = {"conv1.weight"} | {f"bn1.{k}" for k in model.bn1.state_dict()}
+    assert set(fused.state_dict()) - {k for k in fused.state_dict() if k.startswith("conv1.")} == set(model.state_dict()) - moved
+
+
+def test_timm_resnet50d_converts_what_matches_and_explains_the_rest():
+    # Deep stem (three conv-BN-ReLU), avg-pool shortcuts: stride-1 layer1.0 has an Identity pool
+    # (converted, keys kept); layer2-4.0 pool before the conv (left alone, reported).
+    model = _timm("resnet50d")
+    fused, report, _ = _check_model(model, torch.randn(1, 3, 64, 64), "timm resnet50d")
+    skipped = {e.path: e.detail for e in report.skipped}
+    assert set(skipped) == {"layer2.0", "layer3.0", "layer4.0"}, str(report)
+    assert all("pools before its conv" in d for d in skipped.values())
+    assert isinstance(fused.layer1[0], resfused.Bottleneck)
+    assert [k for k in fused.state_dict() if k.startswith("layer1.0.downsample")] == [
+        k for k in model.state_dict() if k.startswith("layer1.0.downsample")
+    ]
+    assert sum(isinstance(m, resfused.ConvBNAct) for m in fused.conv1) == 3
+
+
+def test_timm_blocks_with_extras_are_left_alone():
+    se = resfused.fuse(_timm("seresnet18").eval()).resfused_report
+    assert len(se.skipped) == 8 and all("se=SEModule" in e.detail for e in se.skipped), str(se)
+
+    silu = resfused.fuse(_timm("resnet18", act_layer="silu").eval()).resfused_report
+    assert silu.converted == [] and all("SiLU, not ReLU" in e.detail for e in silu.skipped), str(silu)
+
+    # Stochastic depth: the first block has rate 0 (drop_path None) and converts, the rest not.
+    dp = resfused.fuse(_timm("resnet18", drop_path_rate=0.1).eval()).resfused_report
+    assert [e.path for e in dp.converted] == ["conv1+bn1+act1", "layer1.0"], str(dp)
+    assert len(dp.skipped) == 7 and all("drop_path" in e.detail for e in dp.skipped)
+
+    db = resfused.fuse(_timm("resnet18", drop_block_rate=0.1).eval()).resfused_report
+    assert {e.path for e in db.skipped} == {"layer3.0", "layer3.1", "layer4.0", "layer4.1"}
+    assert all("drop_block is DropBlock2d" in e.detail for e in db.skipped), str(db)
+
+    block = _timm("resnet18").layer1[0]
+    block.aa = nn.AvgPool2d(1)
+    assert "aa (anti-aliasing) is AvgPool2d" in resfused.fuse(block).resfused_report.skipped[0].detail
+
+
+def test_timm_resnetv2_preact_basic_matches_in_eval_and_train():
+    model = _timm("resnetv2_18")
+    fused, report, ran = _check_model(model, torch.randn(2, 3, 64, 64), "timm resnetv2_18")
+    assert len(report.converted) == 8 and report.skipped == [], str(report)
+    assert all(isinstance(b, resfused.PreActBasicBlock) for s in fused.stages for b in s.blocks)
+    assert set(fused.state_dict()) == set(model.state_dict())  # timm's norm1/norm2/downsample.conv keys
+    # One forward in train mode (batch statistics): the fused blocks' reference path is timm's math,
+    # op for op (the extra ReLU after BatchNormAct2d's own is a no-op), so the result is bitwise
+    # timm's. 64x64, not smaller: at 32x32 the last stage is 1x1, BN over 2 values is ill-conditioned
+    # and even eager float32 misses the float64 result by 10x the tolerance.
+    x = torch.randn(2, 3, 64, 64)
+    actual = fused.train()(x)
+    assert torch.equal(actual, copy.deepcopy(model).train()(x))
+    expected = copy.deepcopy(model).double().train()(x.double())
+    assert_matches_reference(actual, expected, torch.float32, what="resnetv2_18 train mode")
+
+
+def test_timm_resnetv2_bottleneck_model_has_nothing_convertible():
+    model = _timm("resnetv2_50").eval()
+    fused = resfused.fuse(model)
+    report = fused.resfused_report
+    assert report.converted == [] and len(report.skipped) == 16
+    assert all("no fused PreActBottleneck" in e.detail for e in report.skipped)
+    assert str(report).startswith("resfused.fuse(ResNetV2): nothing convertible found")
+    assert [type(m) for m in fused.modules()] == [type(m) for m in model.modules()]
+
+
+# -------------------------------------------------------------------------- reference blocks, API
+@pytest.mark.parametrize(
+    "block, fused_cls",
+    [
+        (reference.BasicBlock(16, 16), resfused.BasicBlock),
+        (reference.BasicBlock(16, 32, stride=2), resfused.BasicBlock),
+        (reference.PreActBasicBlock(16, 16), resfused.PreActBasicBlock),
+        (reference.PreActBasicBlock(16, 32, stride=2), resfused.PreActBasicBlock),
+        (reference.Bottleneck(64, 16), resfused.Bottleneck),
+        (reference.ResNeXtBottleneck(64, 32, stride=2, groups=8, base_width=4), resfused.ResNeXtBottleneck),
+    ],
+    ids=["basic", "basic-proj", "preact", "preact-proj", "bottleneck", "resnext-proj"],
+)
+def test_reference_blocks_nested_and_as_the_model(block, fused_cls):
+    x = torch.randn(2, block.conv1.in_channels, 9, 11)
+    model = nn.Sequential(nn.Identity(), block)
+    fused, report, _ = _check_model(model, x, fused_cls.__name__)
+    assert type(fused[1]) is fused_cls and [(e.path, e.detail) for e in report.converted] == [("1", f"resfused.{fused_cls.__name__}")]
+    alone = resfused.fuse(block)  # the model is the block: the result is a new fused module
+    assert type(alone) is fused_cls and type(block) is not fused_cls
+    with torch.no_grad():
+        assert_matches_reference(alone(x), _expected64(block, x), torch.float32, what="root block")
+
+
+def test_inplace_false_leaves_the_original_untouched_and_inplace_true_edits_it():
+    model = randomize_bn(torchvision.models.resnet18(weights=None)).eval()
+    before_types = [type(m) for m in model.modules()]
+    before_state = {k: v.clone() for k, v in model.state_dict().items()}
+    fused = resfused.fuse(model)
+    assert fused is not model and not hasattr(model, "resfused_report")
+    assert [type(m) for m in model.modules()] == before_types
+    assert all(torch.equal(before_state[k], v) for k, v in model.state_dict().items())
+    assert not any(p1.data_ptr() == p2.data_ptr() for p1, p2 in zip(model.parameters(), fused.parameters()))
+
+    same = resfused.fuse(model, inplace=True)
+    assert same is model and isinstance(model.layer1[0], resfused.BasicBlock)
+    assert model.resfused_report.converted
+
+
+def test_nothing_convertible_is_returned_unchanged_with_a_summary(capsys):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.LazyLinear(4))
+    x = torch.randn(1, 3, 8, 8)
+    model(x)
+    fused = resfused.fuse(model.eval(), verbose=True)
+    printed = capsys.readouterr().out
+    assert "nothing convertible found" in printed and printed.strip() == str(fused.resfused_report)
+    assert fused.resfused_report.entries == []
+    assert [type(m) for m in fused.modules()] == [type(m) for m in model.modules()]
+    with torch.no_grad():
+        assert torch.equal(fused(x), model(x))
+
+
+def test_already_fused_hooks_and_bad_input():
+    fused = resfused.fuse(torchvision.models.resnet18(weights=None).eval())
+    again = resfused.fuse(fused).resfused_report
+    assert again.converted == [] and len(again.skipped) == 9
+    assert all(e.detail == "already a resfused fused block" for e in again.skipped)
+
+    model = torchvision.models.resnet18(weights=None).eval()
+    model.layer1[0].register_forward_hook(lambda *args: None)
+    report = resfused.fuse(model).resfused_report
+    assert [e.path for e in report.skipped] == ["layer1.0"] and "forward hooks" in report.skipped[0].detail
+
+    with pytest.raises(TypeError, match="'model' must be a torch.nn.Module, got builtins.str"):
+        resfused.fuse("resnet50")
+    with pytest.raises(TypeError, match="'inplace' must be a bool"):
+        resfused.fuse(model, inplace="yes")
+
+
+def test_training_mode_is_noted():
+    report = resfused.fuse(torchvision.models.resnet18(weights=None)).resfused_report
+    assert any("training mode" in n for n in report.notes)
