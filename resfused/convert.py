@@ -121,8 +121,9 @@ def _visit(module: nn.Module, path: str, report: FuseReport, fresh: set[int]) ->
     rule = _claiming_rule(module)
     if rule is not None:
         try:
-            if module._forward_hooks or module._forward_pre_hooks:
-                raise _Unsupported("has forward hooks, which the swap would drop")
+            # The fused path never calls the block's (or its convs' / BNs') forward: hooks would not run.
+            if any(m._forward_hooks or m._forward_pre_hooks for m in module.modules()):
+                raise _Unsupported("has forward hooks (on it or a submodule), which the fused path would skip")
             fused = rule(module)
         except _Unsupported as why:
             report.entries.append(FuseEntry(path, name, False, str(why)))

@@ -77,8 +77,8 @@ def test_dilated_and_non_bn_models_are_left_alone_with_reasons():
     dilated = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=[False, True, True])
     fused, report, _ = _check_model(dilated, torch.randn(1, 3, 64, 64), "dilated resnet50")
     skipped = {e.path: e.detail for e in report.skipped}
-    # layer3/4 blocks after the first are dilated; their first blocks keep dilation 1 in conv2?
-    # Whatever torchvision chose, every dilated block is left alone, every other converted.
+    # torchvision keeps dilation 1 in the first block of a dilated stage (stride 1 there instead of 2)
+    # and dilates the rest: every dilated block is left alone, every other one converted.
     for path, module in dilated.named_modules():
         if isinstance(module, torchvision.models.resnet.Bottleneck):
             if module.conv2.dilation != (1, 1):
@@ -237,8 +237,10 @@ def test_already_fused_hooks_and_bad_input():
 
     model = torchvision.models.resnet18(weights=None).eval()
     model.layer1[0].register_forward_hook(lambda *args: None)
+    model.layer2[1].bn1.register_forward_pre_hook(lambda *args: None)
     report = resfused.fuse(model).resfused_report
-    assert [e.path for e in report.skipped] == ["layer1.0"] and "forward hooks" in report.skipped[0].detail
+    assert [e.path for e in report.skipped] == ["layer1.0", "layer2.1"], str(report)
+    assert all("forward hooks" in e.detail for e in report.skipped)
 
     with pytest.raises(TypeError, match="'model' must be a torch.nn.Module, got builtins.str"):
         resfused.fuse("resnet50")
