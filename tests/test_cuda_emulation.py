@@ -197,6 +197,17 @@ def test_add_relu_grid_stride_and_nan(emu):
     assert_matches_reference(out, torch.relu(x.double() + r.double()), what="add_relu large")
 
 
+@pytest.mark.parametrize("layout", [CL, torch.contiguous_format])
+def test_scale_shift_act_row_stride(emu, layout):
+    # more rows than the capped grid covers in one pass: the row loop and (NCHW) the channel
+    # stepping c_row += row_step mod C run (NCHW: 16 planes over 15 grid rows, C = 8)
+    x = torch.randn(2, 8, 256, 260).contiguous(memory_format=layout)
+    s, b = torch.randn(8), torch.randn(8)
+    y = emu.scale_shift_act(x, s, b, True)
+    ref = (x.double() * s.double().view(1, -1, 1, 1) + b.double().view(1, -1, 1, 1)).relu()
+    assert_matches_reference(y, ref, what=f"scale_shift_act large {layout}")
+
+
 @pytest.mark.parametrize("dtype", TAIL_DTYPES)
 @pytest.mark.parametrize("relu", [True, False])
 def test_scale_shift_act_and_backward(emu, dtype, relu):

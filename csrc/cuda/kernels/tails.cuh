@@ -60,29 +60,38 @@ struct ScaleShiftActKernel {
   static RESFUSED_DEVICE void run(const Params& a, gptr<float>) {
     using A = acc_t<T>;
     constexpr int VL = kTailVec<T>;
-    const int64_t units = ceil_div(a.n, VL);
-    const int64_t step = int64_t(gridDim.x) * blockDim.x;
-    for (int64_t u = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; u < units; u += step) {
-      const int64_t i0 = u * VL;
-      if (a.vec && i0 + VL <= a.n) {
-        // Channels-last: VL consecutive channels; NC(spatial): one channel for the whole vector.
-        const int64_t c0 = (i0 / a.inner) % a.C;
-        const int dc = a.inner == 1 ? 1 : 0;
-        const auto xv = load_pack<VL>(a.x, i0);
-        Pack<T, VL> o;
-        RESFUSED_UNROLL
-        for (int k = 0; k < VL; ++k) {
-          const A y = to_acc(xv.v[k]) * a.scale[c0 + k * dc] + a.shift[c0 + k * dc];
-          o.v[k] = from_acc<T>(a.relu ? relu_nan(y) : y);
-        }
-        store_pack<VL>(a.out, i0, o);
-      } else {
-        for (int64_t i = i0; i < i0 + VL && i < a.n; ++i) {
-          const int64_t c = (i / a.inner) % a.C;
-          const A y = to_acc(a.x[i]) * a.scale[c] + a.shift[c];
-          a.out[i] = from_acc<T>(a.relu ? relu_nan(y) : y);
+    const bool cl = a.inner == 1;
+    const int64_t units = ceil_div(a.row_len, VL);
+    const int64_t row0 = int64_t(blockIdx.y) * blockDim.y + threadIdx.y;
+    const int64_t row_step = int64_t(gridDim.y) * blockDim.y;
+    const int64_t unit_step = int64_t(gridDim.x) * blockDim.x;
+    // NC(spatial) channel of the row, advanced by row_step mod C without dividing in the loop.
+    int64_t c_row = cl ? 0 : row0 % a.C;
+    const int64_t c_step = cl ? 0 : row_step % a.C;
+    for (int64_t r = row0; r < a.rows; r += row_step) {
+      const int64_t base = r * a.row_len;
+      for (int64_t u = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; u < units; u += unit_step) {
+        const int64_t j0 = u * VL;
+        if (a.vec && j0 + VL <= a.row_len) {
+          const auto xv = load_pack<VL>(a.x, base + j0);
+          Pack<T, VL> o;
+          RESFUSED_UNROLL
+          for (int k = 0; k < VL; ++k) {
+            const int64_t c = cl ? j0 + k : c_row;
+            const A y = to_acc(xv.v[k]) * a.scale[c] + a.shift[c];
+            o.v[k] = from_acc<T>(a.relu ? relu_nan(y) : y);
+          }
+          store_pack<VL>(a.out, base + j0, o);
+        } else {
+          for (int64_t j = j0; j < j0 + VL && j < a.row_len; ++j) {
+            const int64_t c = cl ? j : c_row;
+            const A y = to_acc(a.x[base + j]) * a.scale[c] + a.shift[c];
+            a.out[base + j] = from_acc<T>(a.relu ? relu_nan(y) : y);
+          }
         }
       }
+      c_row += c_step;
+      if (c_row >= a.C) c_row -= a.C;
     }
   }
 };
@@ -158,7 +167,8 @@ cudaError_t launch_add_relu_backward(BinaryArgs<T> a, cudaStream_t s) {
 template <class T>
 cudaError_t launch_scale_shift_act(ScaleShiftArgs<T> a, cudaStream_t s) {
   if (a.n == 0) return cudaSuccess;
-  return launch_phased<ScaleShiftActKernel<T>>(flat_config<T>(a.n), s, a);
+  const LaunchConfig cfg = scale_shift_config(a);
+  return launch_phased<ScaleShiftActKernel<T>>(cfg, s, a);
 }
 
 template <class T>

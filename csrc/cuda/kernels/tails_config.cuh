@@ -34,6 +34,7 @@ struct ScaleShiftArgs {
   gptr<acc_t<T>> totals;    // backward: [2][C]
   int64_t n = 0, C = 0, inner = 1, planes = 0;  // planes = n / inner (NC(spatial) only)
   int64_t slots = 0;
+  int64_t rows = 0, row_len = 0;  // forward: rows of row_len elements (set by scale_shift_config)
   bool relu = false, vec = false;
 };
 
@@ -57,6 +58,29 @@ template <class T>
 inline bool scale_shift_vec_ok(int64_t C, int64_t inner) {
   const int64_t vl = kTailVec<T>;
   return inner == 1 ? C % vl == 0 : inner % vl == 0;
+}
+
+// Forward: the tensor as rows x row_len. Channels-last: row_len = C, the channel is the position
+// in the row; NC(spatial): row_len = H*W, the channel is row % C. A 2-D block puts bx threads
+// along a row (vectors of kTailVec) and 256/bx rows side by side, so short rows (C = 64 in
+// fp16 is 8 vectors) still fill every lane; no integer division in the loop.
+template <class T>
+inline LaunchConfig scale_shift_config(ScaleShiftArgs<T>& a) {
+  a.row_len = a.inner == 1 ? a.C : a.inner;
+  a.rows = a.row_len == 0 ? 0 : a.n / a.row_len;
+  const int64_t units = ceil_div(a.row_len, kTailVec<T>);
+  int bx = 1;
+  while (bx < kTailThreads && bx < units) bx *= 2;
+  const int by = kTailThreads / bx;
+  int64_t gx = ceil_div(units, bx);
+  gx = gx > kTailMaxBlocks ? kTailMaxBlocks : (gx < 1 ? 1 : gx);
+  int64_t gy = ceil_div(a.rows, by);
+  const int64_t gy_max = kTailMaxBlocks / gx > 0 ? kTailMaxBlocks / gx : 1;
+  gy = gy > gy_max ? gy_max : (gy < 1 ? 1 : gy);
+  LaunchConfig c;
+  c.grid = dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
+  c.block = dim3(static_cast<unsigned>(bx), static_cast<unsigned>(by));
+  return c;
 }
 
 // Backward partial pass. Channels-last: grid (ceil(C/256), slots), thread = channel, slot s
