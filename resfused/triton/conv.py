@@ -32,10 +32,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Sized so that every config fits sm_80's
-# 163 KiB of shared memory in fp32 too ((BM + BN) * BK * 4 bytes * stages <= 96 KiB) and keeps
-# the fp32 accumulator at <= 64 registers per thread (BM*BN / (32*warps)). The small-N configs
-# serve grouped convs (16-64 channels per group), the small-M ones batch-1 late stages (7x7).
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Tensor-core configs (fp16, bf16, fp32 with
+# TF32): every one fits sm_80's 163 KiB of shared memory in fp32 too ((BM + BN) * BK * 4 bytes *
+# stages <= 96 KiB) and keeps the fp32 accumulator at <= 64 registers per thread
+# (BM*BN / (32*warps)). The small-N configs serve grouped convs (16-64 channels per group), the
+# small-M ones batch-1 late stages (7x7).
 CONFIG_TABLE = (
     (128, 128, 32, 8, 3),
     (128, 64, 32, 8, 4),
@@ -46,28 +47,49 @@ CONFIG_TABLE = (
     (32, 64, 64, 4, 3),
     (64, 16, 32, 2, 3),
 )
+# fp32 with TF32 off: tl.dot becomes FMA, which holds operand slices of the whole K chunk in
+# registers; BLOCK_K = 16 keeps it free of spills on sm_80 (K = 32/64 spilled, see
+# benchmarks/triton_report.py).
+CONFIG_TABLE_FMA = (
+    (128, 64, 16, 8, 3),
+    (64, 64, 16, 4, 3),
+    (64, 32, 16, 4, 3),
+    (32, 32, 16, 2, 3),
+)
 
-CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-    for bm, bn, bk, w, s in CONFIG_TABLE
-]
+
+def _config(bm, bn, bk, w, s):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+
+
+CONFIGS_MMA = [_config(*c) for c in CONFIG_TABLE]
+CONFIGS_FMA = [_config(*c) for c in CONFIG_TABLE_FMA]
 
 # The autotune key: the GEMM shape and the variant; Triton's autotuner adds the dtypes of the
 # tensor arguments to it, so fp16/bf16/fp32 are tuned (and cached) separately.
-AUTOTUNE_KEY = ["M", "CIg", "COg", "KH", "KW", "IS_GEMM", "HAS_RES", "PROLOGUE"]
+AUTOTUNE_KEY = ["M", "CIg", "COg", "KH", "KW", "IS_GEMM", "HAS_RES", "PROLOGUE", "ALLOW_TF32"]
+
+
+def uses_fma(is_fp32: bool, allow_tf32: bool) -> bool:
+    """Whether tl.dot runs on FMA units (fp32 without TF32) rather than tensor cores."""
+    return is_fp32 and not allow_tf32
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop tiles much wider than the group (a 16-channel group does not need BLOCK_N=128)."""
+    """Keep the config table of the dtype (MMA or FMA), then drop tiles much wider than the
+    problem (a 16-channel group does not need BLOCK_N=128)."""
+    x = named_args["x_ptr"]
+    fma = uses_fma(str(x.dtype) == "torch.float32", bool(kwargs.get("ALLOW_TF32", False)))
+    table = CONFIGS_FMA if fma else CONFIGS_MMA
     cog, cig, m = named_args["COg"], named_args["CIg"], named_args["M"]
     need_n = max(16, triton.next_power_of_2(cog))
     need_k = max(16, triton.next_power_of_2(cig))
     need_m = max(32, triton.next_power_of_2(m))
     kept = [
-        c for c in configs
+        c for c in table
         if c.kwargs["BLOCK_N"] <= need_n and c.kwargs["BLOCK_K"] <= need_k and c.kwargs["BLOCK_M"] <= need_m
     ]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    return kept or [min(table, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
 @triton.jit
@@ -174,7 +196,7 @@ def conv2d_nhwc_kernel(
 
 
 conv2d_nhwc_autotuned = triton.autotune(
-    configs=CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs}
+    configs=CONFIGS_MMA + CONFIGS_FMA, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs}
 )(conv2d_nhwc_kernel)
 
 # Used where autotuning cannot run (the interpreter has no CUDA timer): the smallest tile.
