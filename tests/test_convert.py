@@ -102,12 +102,15 @@ def _timm(name, **kwargs):
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
-@pytest.mark.parametrize("name, n_blocks", [("resnet18", 8), ("resnext50_32x4d", 16)])
-def test_timm_resnets_match(name, n_blocks):
+@pytest.mark.parametrize(
+    "name, n_blocks, fused_cls", [("resnet18", 8, resfused.BasicBlock), ("resnext50_32x4d", 16, resfused.ResNeXtBottleneck)]
+)
+def test_timm_resnets_match(name, n_blocks, fused_cls):
     model = _timm(name)
     fused, report, ran = _check_model(model, torch.randn(1, 3, 64, 64), f"timm {name}")
     assert report.skipped == [], str(report)
     assert len(report.converted) == n_blocks + 1  # + the stem
+    assert [e.detail for e in report.converted if "stem" not in e.source] == [f"resfused.{fused_cls.__name__}"] * n_blocks
     assert len(ran) == sum(isinstance(m, nn.Conv2d) for m in model.modules())
     # Block keys are timm's own (act/aa/drop_block hold no state); only the stem moved.
     moved = {"conv1.weight"} | {f"bn1.{k}" for k in model.bn1.state_dict()}
