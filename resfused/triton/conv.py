@@ -85,11 +85,11 @@ def _prune_configs(configs, named_args, **kwargs):
     need_n = max(16, triton.next_power_of_2(cog))
     need_k = max(16, triton.next_power_of_2(cig))
     need_m = max(32, triton.next_power_of_2(m))
-    kept = [
-        c for c in table
-        if c.kwargs["BLOCK_N"] <= need_n and c.kwargs["BLOCK_K"] <= need_k and c.kwargs["BLOCK_M"] <= need_m
-    ]
-    return kept or [min(table, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    kept = list(table)
+    for key, need in (("BLOCK_N", need_n), ("BLOCK_M", need_m), ("BLOCK_K", need_k)):
+        smallest = min(c.kwargs[key] for c in kept)  # never prune to nothing
+        kept = [c for c in kept if c.kwargs[key] <= max(need, smallest)]
+    return kept
 
 
 @triton.jit
