@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "e.g. --filter resnet50 'Bottleneck 256->64'")
     p.add_argument("--compile", action="store_true",
                    help="add torch.compile with inductor freezing as a baseline for models (~30 s compile each)")
-    p.add_argument("--no-fused-nchw", action="store_true", help="skip timing the fused module on NCHW input")
+    p.add_argument("--no-fused-nchw", action="store_true", help="models: skip timing the fused model on NCHW input")
+    p.add_argument("--block-nchw", action="store_true",
+                   help="blocks: also time the fused block on NCHW input (off by default to keep the run short)")
     p.add_argument("--skip-grouped", action="store_true", help="skip the grouped 3x3 micro-benchmark")
     p.add_argument("--quick", action="store_true", help="tiny shapes and short timings: a smoke run")
     p.add_argument("--out", default="bench-results", help="directory for results.json and speedups.png")
@@ -86,7 +88,7 @@ def _run_cpu(args) -> int:
           f"{meta['threads']} threads, load average {meta['loadavg_start'][0]:.2f} at start, "
           f"{meta['loadavg_end'][0]:.2f} at end")
     for d, p in peaks.items():
-        print(f"  {d} peak: GEMM {p['gemm_shape']} {p['gemm_gflops']:.1f} GFLOP/s, "
+        print(f"  {d} peak (best of start and end of the run): GEMM {p['gemm_shape']} {p['gemm_gflops']:.1f} GFLOP/s, "
               f"conv {p['conv_shape']} {p['conv_gflops']:.1f} GFLOP/s -> peak {p['peak_gflops']:.1f} GFLOP/s")
     if max(meta["loadavg_start"][0], meta["loadavg_end"][0]) > 0.5 * (meta["logical_cpus"] or 1):
         print("  NOTE: the machine was loaded during this run (load average above); absolute times are noisy, "

@@ -69,6 +69,7 @@ class Result:
     fuse_time_s: float | None = None      # resfused.fuse(model) + the first forward
     max_rel_diff: float | None = None     # max|fused - eager| / max|eager|, a sanity check
     kernels: dict[str, int] = dataclasses.field(default_factory=dict)  # fused kernels that ran
+    fuse_summary: str | None = None       # models: the first line of fuse()'s report
     notes: list[str] = dataclasses.field(default_factory=list)
 
     @property

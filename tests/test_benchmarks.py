@@ -25,6 +25,7 @@ pytest.importorskip("matplotlib")
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
+    threads = torch.get_num_threads()
     t0 = time.perf_counter()
     # One thread: with two, every parallel region of these tiny shapes waits on an OpenMP barrier,
     # which on a loaded shared machine costs a scheduler slice each time (seconds in all).
@@ -49,7 +50,7 @@ def test_quick_run_rows(quick_run):
     assert len(blocks) == 8  # each type: identity shortcut (s1) and projection (s2), batch 1
     assert {r["config"].split()[1] for r in blocks} == {"s1", "s2"}
     for r in blocks:
-        assert set(r["times"]) == {"fused", "fused_nchw", "eager_nchw", "eager_cl"}, r["label"]
+        assert set(r["times"]) == {"fused", "eager_nchw", "eager_cl"}, r["label"]
         assert r["flops"] > 0 and r["batch"] == 1 and r["dtype"] == "fp32"
         assert r["max_rel_diff"] < 1e-3, r["label"]   # the timed module computes the block
         assert "conv/reference" not in r["kernels"], r["label"]
@@ -58,6 +59,9 @@ def test_quick_run_rows(quick_run):
     if hasattr(resfused, "fuse"):
         assert [r["name"] for r in models] == ["resnet18"]
         assert models[0]["fuse_time_s"] > 0
+        assert set(models[0]["times"]) == {"fused", "fused_nchw", "eager_nchw", "eager_cl"}
+        assert models[0]["max_rel_diff"] < 1e-3
+        assert models[0]["fuse_summary"].startswith("resfused.fuse(ResNet): converted")
     else:
         assert models == []
         assert any(s["what"] == "models" for s in doc["skipped"])
@@ -107,4 +111,4 @@ def test_side_by_side_timing_orders_variants():
     )
     assert t["long"].median_s >= 0.004 and t["short"].median_s >= 0.001
     assert t["long"].median_s > t["short"].median_s
-    assert t["short"].number > t["long"].number  # each round lasts about block_s
+    assert t["short"].number >= t["long"].number >= 1  # about block_s per round (>= : a preempted warm-up call)
