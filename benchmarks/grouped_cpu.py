@@ -1,0 +1,186 @@
+"""Micro-benchmark of the CPU grouped 3x3 conv (+ bias + ReLU) at ResNeXt-50 32x4d stage shapes.
+
+    python -m benchmarks.grouped_cpu [--batch 1 8] [--dtype fp32 bf16] [--rounds 7] [--json out.json]
+
+Variants, timed interleaved in one process with a fixed 2 threads (median over rounds, each round
+a torch.utils.benchmark Timer.timeit of a few calls, the variants' order rotated every round):
+  ours    torch.ops.resfused.grouped_conv3x3 (channels_last in and out)
+  onednn  torch.ops.mkldnn._convolution_pointwise with prepacked weights and its "relu" post-op
+  eager   F.conv2d + relu on the same channels_last input
+plus a dense 64->64 3x3 conv at 56x56 through oneDNN as the "peak" that the GFLOP/s are set
+against (DESIGN.md §6). `run(batch_sizes, dtypes)` returns one dict per row for the main benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+
+import torch
+import torch.nn.functional as F
+from torch.utils import benchmark as tbench
+
+THREADS = 2
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    channels: int
+    groups: int
+    size: int    # input H = W
+    stride: int
+
+    @property
+    def cpg(self) -> int:
+        return self.channels // self.groups
+
+    @property
+    def out_size(self) -> int:
+        return (self.size - 1) // self.stride + 1
+
+    def flops(self, batch: int) -> int:
+        return 2 * batch * self.out_size**2 * self.channels * self.cpg * 9
+
+    def label(self) -> str:
+        return f"{self.channels}/{self.groups}g {self.size}x{self.size} s{self.stride}"
+
+
+# The grouped 3x3 of every ResNeXt-50 32x4d stage, and the stride-2 first block of stages 2-4.
+SHAPES = [
+    Shape(128, 32, 56, 1), Shape(256, 32, 28, 1), Shape(512, 32, 14, 1), Shape(1024, 32, 7, 1),
+    Shape(256, 32, 56, 2), Shape(512, 32, 28, 2), Shape(1024, 32, 14, 2),
+]
+
+
+def _interleaved_medians(fns: dict, rounds: int, min_time_s: float = 0.05) -> dict[str, float]:
+    """Median seconds per call of each fn, timing all of them once per round in rotated order."""
+    timers, numbers = {}, {}
+    for name, fn in fns.items():
+        fn()  # warm-up (weight packing, oneDNN primitive creation)
+        timers[name] = tbench.Timer("fn()", globals={"fn": fn}, num_threads=THREADS)
+        once = timers[name].timeit(1).median
+        numbers[name] = max(1, int(min_time_s / max(once, 1e-6)))
+    samples = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            samples[name].append(timers[name].timeit(numbers[name]).median)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def _peak_gflops(rounds: int) -> float:
+    """Dense 64->64 3x3 conv, 8x56x56, fp32 through oneDNN: the CPU's practical conv peak."""
+    x = torch.randn(8, 64, 56, 56).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(64, 64, 3, 3)
+    packed = torch.ops.mkldnn._reorder_convolution_weight(w, [1, 1], [1, 1], [1, 1], 1, None)
+    fn = lambda: torch.ops.mkldnn._convolution_pointwise(x, packed, None, [1, 1], [1, 1], [1, 1], 1, "none", [], None)  # noqa: E731
+    t = _interleaved_medians({"dense": fn}, rounds)["dense"]
+    return 2 * 8 * 56 * 56 * 64 * 64 * 9 / t / 1e9
+
+
+def _variants(shape: Shape, batch: int, dtype: torch.dtype, has_ours: bool) -> dict:
+    g = torch.Generator().manual_seed(0)
+    c, s = shape.channels, shape.stride
+    x = torch.randn(batch, c, shape.size, shape.size, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(c, shape.cpg, 3, 3, generator=g) / 6).to(dtype)
+    b = torch.randn(c, generator=g).to(dtype)
+    packed = torch.ops.mkldnn._reorder_convolution_weight(w, [1, 1], [s, s], [1, 1], shape.groups, None)
+    fns = {
+        "onednn": lambda: torch.ops.mkldnn._convolution_pointwise(
+            x, packed, b, [1, 1], [s, s], [1, 1], shape.groups, "relu", [], None),
+        "eager": lambda: torch.relu(F.conv2d(x, w, b, s, 1, 1, shape.groups)),
+    }
+    if has_ours:
+        fns["ours"] = lambda: torch.ops.resfused.grouped_conv3x3(x, w, b, s, True)
+        # sanity: ours and oneDNN agree (a wrong fast kernel must not post a number)
+        ref = fns["onednn"]().float()
+        diff = (fns["ours"]().float() - ref).abs().max().item() / max(ref.abs().max().item(), 1e-12)
+        if diff > (1e-4 if dtype == torch.float32 else 3e-2):
+            raise RuntimeError(f"grouped_cpu: ours differs from oneDNN by {diff:.2e} (relative) on {shape.label()}")
+    return fns
+
+
+def run(batch_sizes=(1, 8), dtypes=("fp32", "bf16"), shapes=SHAPES, rounds: int = 7, verbose: bool = False) -> list[dict]:
+    """One dict per (shape, batch, dtype): median ms, GFLOP/s and speedups of ours over the others."""
+    import resfused  # noqa: F401  (loads the kernels)
+    from resfused import _native
+    from resfused.ops.conv import ConvParams
+    from resfused.ops.conv_grouped import GroupedConv3x3, cpu_path
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        peak = _peak_gflops(rounds)
+        has_kernel = _native.has_kernel("grouped_conv3x3", "cpu")
+        adapter = GroupedConv3x3()
+        rows = []
+        for shape in shapes:
+            path = cpu_path(shape.cpg) if has_kernel else "missing"
+            for batch in batch_sizes:
+                for dname in dtypes:
+                    dtype = DTYPES[dname]
+                    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+                        continue
+                    # The scalar fallback is for correctness only (it is 10-50x slower); not timed.
+                    has_ours = path in ("avx512", "avx2")
+                    med = _interleaved_medians(_variants(shape, batch, dtype, has_ours), rounds)
+                    p = ConvParams(torch.empty(shape.channels, shape.cpg, 3, 3, dtype=dtype), None,
+                                   (shape.stride,) * 2, (1, 1), (1, 1), shape.groups)
+                    probe = torch.empty(batch, shape.channels, 1, 1, dtype=dtype)
+                    fl = shape.flops(batch)
+                    row = {
+                        "shape": shape.label(), "channels_per_group": shape.cpg, "batch": batch, "dtype": dname,
+                        "threads": THREADS, "gflop": fl / 1e9, "path": path, "peak_gflops": peak,
+                        "adapter_selects": bool(has_kernel and adapter.supports(probe, p, None, False)),
+                    }
+                    for name, t in med.items():
+                        row[f"{name}_ms"] = t * 1e3
+                        row[f"{name}_gflops"] = fl / t / 1e9
+                    if "ours_ms" in row:
+                        row["speedup_vs_onednn"] = row["onednn_ms"] / row["ours_ms"]
+                        row["speedup_vs_eager"] = row["eager_ms"] / row["ours_ms"]
+                    rows.append(row)
+                    if verbose:
+                        print(format_row(row), flush=True)
+        return rows
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+HEADER = (f"{'shape':22s} {'b':>2s} {'dtype':5s} {'path':7s} {'ours ms':>8s} {'GF/s':>6s} {'%pk':>4s} "
+          f"{'oneDNN ms':>9s} {'GF/s':>6s} {'eager ms':>8s} {'x oneDNN':>8s} {'x eager':>7s} {'used':>4s}")
+
+
+def format_row(r: dict) -> str:
+    ours = (f"{r['ours_ms']:8.3f} {r['ours_gflops']:6.1f} {100 * r['ours_gflops'] / r['peak_gflops']:3.0f}%"
+            if "ours_ms" in r else f"{'-':>8s} {'-':>6s} {'-':>4s}")
+    speed = (f"{r['speedup_vs_onednn']:7.2f}x {r['speedup_vs_eager']:6.2f}x"
+             if "ours_ms" in r else f"{'-':>8s} {'-':>7s}")
+    return (f"{r['shape']:22s} {r['batch']:2d} {r['dtype']:5s} {r['path']:7s} {ours} "
+            f"{r['onednn_ms']:9.3f} {r['onednn_gflops']:6.1f} {r['eager_ms']:8.3f} {speed} "
+            f"{'yes' if r['adapter_selects'] else 'no':>4s}")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args(argv)
+    print(f"grouped 3x3 + bias + ReLU, {THREADS} threads, median of {args.rounds} interleaved rounds; "
+          "'used' = the conv adapter picks ours for this case")
+    print(HEADER)
+    rows = run(args.batch, args.dtype, rounds=args.rounds, verbose=True)
+    if rows:
+        print(f"dense 64->64 3x3 oneDNN fp32 peak in this run: {rows[0]['peak_gflops']:.1f} GFLOP/s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Grouped 3x3 conv (ResNeXt's small groups) through the direct kernel resfused::grouped_conv3x3.
+
+    y = [relu](conv2d(x, W', b', stride, padding=1, groups))     (then [+ residual, relu] by the tail)
+
+Kernels: csrc/cpu/grouped_conv3x3.cpp (several groups per AVX-512/AVX2 vector, bias + ReLU in the
+epilogue) and, where built, csrc/cuda/grouped_conv3x3.cu. The op goes through the dispatcher, so
+this one adapter serves whichever device has a kernel. This file also registers its fake kernel.
+
+Where the CPU kernel wins (median of torch.utils.benchmark, 2 threads, this project's 2-core
+AVX-512 machine while other jobs were running; benchmarks/grouped_cpu.py reproduces the table),
+speedup over oneDNN's grouped conv with its ReLU post-op, `_CPU_WINS` below:
+
+    channels/group  stride  shape (ResNeXt-50 32x4d)   float32   bfloat16
+    4               1       128ch 56x56                ~2.5-2.9x ~1.0-1.5x
+    8               1       256ch 28x28                ~1.2-1.3x ~0.7-0.9x
+    8               2       256ch 56x56 -> 28x28       ~1.3-1.8x ~0.6-0.7x
+    16              1       512ch 14x14                ~0.5-0.7x ~0.3-0.4x
+    16              2       512ch 28x28 -> 14x14       ~1.0-1.5x ~0.4-0.5x
+    32              any     (scalar path only)         not used
+
+oneDNN's bf16 grouped conv uses the AVX512-BF16 dot-product instruction (two MACs per lane), which
+this kernel (bf16 loads, fp32 FMAs) cannot match once the groups are wide enough for its GEMM
+tiles; at 4 channels per group it is still ahead or level. Stride-2 and 16-channel cases that are
+near 1x are left to oneDNN.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from resfused import _native
+from resfused.ops import tails
+from resfused.ops.conv import ConvParams
+
+# (dtype, channels per group, stride) where the CPU kernel's vector path beats oneDNN (table above).
+_CPU_WINS = {
+    (torch.float32, 4, 1),
+    (torch.float32, 4, 2),
+    (torch.float32, 8, 1),
+    (torch.float32, 8, 2),
+    (torch.bfloat16, 4, 1),
+}
+
+# What the CUDA kernel (another helper's csrc/cuda/grouped_conv3x3.cu) is expected to cover.
+_CUDA_CHANNELS_PER_GROUP = (4, 8, 16, 32)
+_CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def cpu_path(channels_per_group: int) -> str:
+    """The CPU kernel's path for this group width on this machine: "avx512", "avx2" or "scalar"."""
+    return torch.ops.resfused.grouped_conv3x3_cpu_path(channels_per_group)
+
+
+_VECTOR_WIDTH = {"avx512": 16, "avx2": 8}  # fp32 lanes: the kernel needs C % width == 0
+
+
+def _geometry_ok(p: ConvParams) -> bool:
+    return (
+        p.kernel_size == (3, 3)
+        and p.padding == (1, 1)
+        and p.dilation == (1, 1)
+        and p.stride[0] == p.stride[1]
+        and p.stride[0] in (1, 2)
+        and p.groups > 1
+    )
+
+
+class GroupedConv3x3:
+    name = "grouped3x3"
+    fuses_prologue = False
+
+    def supports(self, x, p: ConvParams, residual, prologue) -> bool:
+        if not _geometry_ok(p) or not _native.has_kernel("grouped_conv3x3", x.device.type):
+            return False
+        cpg = p.weight.shape[1]
+        if x.device.type == "cpu":
+            # Only the vector path, and only where it measured faster than oneDNN.
+            path = cpu_path(cpg)
+            width = _VECTOR_WIDTH.get(path, 0)
+            return (
+                width > 0
+                and p.out_channels == p.in_channels
+                and p.in_channels % width == 0
+                and (x.dtype, cpg, p.stride[0]) in _CPU_WINS
+            )
+        if x.device.type == "cuda":
+            return cpg in _CUDA_CHANNELS_PER_GROUP and x.dtype in _CUDA_DTYPES
+        return False
+
+    def run(self, x, p: ConvParams, residual, relu, prologue):
+        # Blocks never pass a residual here; if one comes, it is added by the fused tail.
+        y = torch.ops.resfused.grouped_conv3x3(x, p.weight, p.bias, p.stride[0], bool(relu and residual is None))
+        if residual is None:
+            return y
+        return tails.add_relu(y, residual) if relu else y + residual
+
+
+def _register_fake() -> None:
+    @torch.library.register_fake("resfused::grouped_conv3x3")
+    def _(x, weight, bias, stride, relu):
+        torch._check(x.dim() == 4, lambda: f"resfused.grouped_conv3x3: 'x' must be 4-D, got {x.dim()}-D")
+        torch._check(weight.dim() == 4, lambda: "resfused.grouped_conv3x3: 'weight' must be 4-D [C_out, C_in/groups, 3, 3]")
+        n, _, h, w = x.shape
+        ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+        return torch.empty((n, weight.shape[0], ho, wo), dtype=x.dtype, device=x.device,
+                           memory_format=torch.channels_last)
+
+
+if _native.has_op("grouped_conv3x3"):
+    _register_fake()
