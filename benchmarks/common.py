@@ -303,7 +303,7 @@ def plot_speedups(path: str, results: list[Result], title: str) -> bool:
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xlabel("speedup of fused (baseline time / fused time)")
     ax.set_title(title, fontsize=9)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8, framealpha=0.8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
