@@ -1,10 +1,11 @@
 """Fused residual blocks: same constructors and state_dict keys as `resfused.reference`.
 
-In eval mode a block runs its fused program (below, one `_fused_forward` per block type) on a
-cached plan of folded convolutions; the plan is rebuilt whenever a parameter or BN buffer changes
-(load_state_dict, in-place edits, `.to(dtype)`), detected through tensor version counters and
-storage pointers. In train mode, or when autograd must reach the parameters, the block computes
-exactly what the reference computes (the reference forward itself).
+Each block writes its computation once, as `_program(x, run)`: calls on a runner (see
+execution.py) that runs it folded and fused in eval mode, or with fused batch-statistics
+BatchNorm in train mode. Eval mode caches the folded weights; they are rebuilt whenever a
+parameter or BN buffer changes (load_state_dict, in-place edits, `.to(dtype)`), detected
+through tensor version counters and storage pointers. When autograd must reach the parameters
+in eval mode (frozen-BN fine-tuning), the folding is differentiable and rebuilt every call.
 
     block = resfused.Bottleneck(256, 64).eval()
     block.load_state_dict(reference_block.state_dict())
@@ -14,39 +15,19 @@ exactly what the reference computes (the reference forward itself).
 
 from __future__ import annotations
 
-import warnings
-from types import SimpleNamespace
-
 import torch
 import torch.nn as nn
 
-from resfused import folding, reference
-from resfused.ops import conv_bias_act, scale_shift_act
-from resfused.ops.conv import ConvParams
+from resfused import reference
+from resfused.execution import FoldedRunner, TrainingRunner
 
 __all__ = ["BasicBlock", "PreActBasicBlock", "Bottleneck", "ResNeXtBottleneck", "ConvBNAct"]
-
-_warned_grad = False
-
-
-def _warn_grad_once(name: str) -> None:
-    global _warned_grad
-    if not _warned_grad:
-        _warned_grad = True
-        warnings.warn(
-            f"resfused: {name} ran in eval mode with autograd enabled, so it used the reference path "
-            "(the fused kernels have no autograd through folded BN yet). Run inference under "
-            "torch.inference_mode() or torch.no_grad() for the fused path.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-
 
 class FusedModule(nn.Module):
     """Plan caching and input checks shared by every fused module.
 
-    Subclasses define `_make_plan(dtype)` (folded ConvParams etc.) and `_fused_forward(x, plan)`;
-    the reference math comes from the reference class they also derive from.
+    Subclasses define `_program(x, run)`; the reference math comes from the reference class they
+    also derive from (and stays available as `reference_forward`).
     """
 
     _plan_key = None
@@ -78,10 +59,12 @@ class FusedModule(nn.Module):
         tensors = [t for t in self.parameters()] + [b for b in self.buffers()]
         return (x.dtype, x.device, tuple((t.data_ptr(), t._version) for t in tensors))
 
-    def _current_plan(self, x: torch.Tensor):
+    def _folded_runner(self, x: torch.Tensor) -> FoldedRunner:
+        if torch.compiler.is_compiling():
+            return FoldedRunner(x.dtype)  # traced: the folding becomes part of the graph
         key = self._state_key(x)
         if key != self._plan_key:
-            self._plan = self._make_plan(x.dtype)
+            self._plan = FoldedRunner(x.dtype)
             self._plan_key = key
         return self._plan
 
@@ -104,82 +87,55 @@ class FusedModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         if self.training:
-            return super().forward(x)
-        if self._needs_autograd(x):
-            _warn_grad_once(type(self).__name__)
-            return super().forward(x)
-        return self._fused_forward(x, self._current_plan(x))
+            run = TrainingRunner()
+        elif self._needs_autograd(x):
+            run = FoldedRunner(x.dtype, differentiable=True)
+        else:
+            run = self._folded_runner(x)
+        return self._program(x, run)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The unfused reference computation (what the reference block's forward does)."""
+        return super().forward(x)
 
     @property
     def in_channels(self) -> int:
         return self.conv1.in_channels if hasattr(self, "conv1") else self.conv.in_channels
 
 
-def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, dtype) -> ConvParams:
-    return ConvParams.from_modules(conv, bn, dtype)
-
-
-def _projection(block, dtype) -> ConvParams | None:
-    """The 1x1 conv + BN shortcut (downsample[0], downsample[1]), folded; None for identity."""
-    if block.downsample is None:
-        return None
-    return _folded(block.downsample[0], block.downsample[1], dtype)
-
-
 class BasicBlock(FusedModule, reference.BasicBlock):
     """conv1+BN1+ReLU; conv2+BN2 + shortcut + ReLU in one call; projection as a folded 1x1."""
 
-    def _make_plan(self, dtype):
-        return SimpleNamespace(
-            c1=_folded(self.conv1, self.bn1, dtype), c2=_folded(self.conv2, self.bn2, dtype), proj=_projection(self, dtype)
-        )
-
-    def _fused_forward(self, x, plan):
-        identity = x if plan.proj is None else conv_bias_act(x, plan.proj)
-        out = conv_bias_act(x, plan.c1, relu=True)
-        return conv_bias_act(out, plan.c2, residual=identity, relu=True)
+    def _program(self, x, run):
+        identity = x if self.downsample is None else run.conv_bn(x, *self.downsample)
+        out = run.conv_bn(x, self.conv1, self.bn1, relu=True)
+        return run.conv_bn(out, self.conv2, self.bn2, relu=True, residual=identity)
 
 
 class PreActBasicBlock(FusedModule, reference.PreActBasicBlock):
     """relu(bn1(x)) as a prologue; conv1 with BN2 folded + ReLU; conv2 + shortcut (no ReLU)."""
 
-    def _make_plan(self, dtype):
-        return SimpleNamespace(
-            pre=folding.bn_scale_shift(self.bn1, dtype),
-            c1=_folded(self.conv1, self.bn2, dtype),
-            c2=_folded(self.conv2, None, dtype),
-            proj=_projection(self, dtype),
-        )
-
-    def _fused_forward(self, x, plan):
-        if plan.proj is None:
+    def _program(self, x, run):
+        if self.downsample is None:
             # Only conv1 reads the pre-activated input: kernels that can, apply it while loading.
-            out = conv_bias_act(x, plan.c1, relu=True, prologue=plan.pre)
+            out = run.conv_bn(x, self.conv1, self.bn2, relu=True, pre_bn=self.bn1)
             identity = x
         else:
             # conv1 and the projection both read it: materialize it once.
-            act = scale_shift_act(x, *plan.pre, relu=True)
-            identity = conv_bias_act(act, plan.proj)
-            out = conv_bias_act(act, plan.c1, relu=True)
-        return conv_bias_act(out, plan.c2, residual=identity, relu=False)
+            act = run.pre_act(x, self.bn1)
+            identity = run.conv_bn(act, *self.downsample)
+            out = run.conv_bn(act, self.conv1, self.bn2, relu=True)
+        return run.conv_bn(out, self.conv2, None, residual=identity)
 
 
 class _FusedBottleneckBase(FusedModule):
     """1x1+BN+ReLU, 3x3 (grouped for ResNeXt)+BN+ReLU, 1x1+BN + shortcut + ReLU fused in one call."""
 
-    def _make_plan(self, dtype):
-        return SimpleNamespace(
-            c1=_folded(self.conv1, self.bn1, dtype),
-            c2=_folded(self.conv2, self.bn2, dtype),
-            c3=_folded(self.conv3, self.bn3, dtype),
-            proj=_projection(self, dtype),
-        )
-
-    def _fused_forward(self, x, plan):
-        identity = x if plan.proj is None else conv_bias_act(x, plan.proj)
-        out = conv_bias_act(x, plan.c1, relu=True)
-        out = conv_bias_act(out, plan.c2, relu=True)
-        return conv_bias_act(out, plan.c3, residual=identity, relu=True)
+    def _program(self, x, run):
+        identity = x if self.downsample is None else run.conv_bn(x, *self.downsample)
+        out = run.conv_bn(x, self.conv1, self.bn1, relu=True)
+        out = run.conv_bn(out, self.conv2, self.bn2, relu=True)
+        return run.conv_bn(out, self.conv3, self.bn3, relu=True, residual=identity)
 
 
 class Bottleneck(_FusedBottleneckBase, reference.Bottleneck):
@@ -197,18 +153,12 @@ class ConvBNAct(FusedModule):
         super().__init__()
         self.conv, self.bn, self.relu = conv, bn, relu
 
-    def _reference_forward(self, x):
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.bn(self.conv(x))
         return torch.relu(y) if self.relu else y
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        if self.training or self._needs_autograd(x):
-            return self._reference_forward(x)
-        return conv_bias_act(x, self._current_plan(x), relu=self.relu)
-
-    def _make_plan(self, dtype):
-        return _folded(self.conv, self.bn, dtype)
+    def _program(self, x, run):
+        return run.conv_bn(x, self.conv, self.bn, relu=self.relu)
 
     def extra_repr(self) -> str:
         return f"relu={self.relu}"

@@ -20,39 +20,51 @@ import torch
 import torch.nn as nn
 
 
-def bn_scale_shift(bn: nn.BatchNorm2d, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def bn_scale_shift(
+    bn: nn.BatchNorm2d, dtype: torch.dtype | None = None, differentiable: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, shift) of an eval-mode BatchNorm, computed in float64 and cast to `dtype`
-    (default: the dtype of the BN's running_mean)."""
+    (default: the dtype of the BN's running_mean). With `differentiable`, autograd reaches the
+    BN's weight and bias through the result (frozen-BN fine-tuning); otherwise it is detached."""
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError("resfused: cannot fold a BatchNorm without running statistics (track_running_stats=False)")
     dtype = dtype or bn.running_mean.dtype
-    with torch.no_grad():
-        var = bn.running_var.detach().double()
-        scale = torch.rsqrt(var + bn.eps)
+    with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+        scale = torch.rsqrt(bn.running_var.detach().double() + bn.eps)
         if bn.weight is not None:
-            scale = scale * bn.weight.detach().double()
+            scale = scale * bn.weight.double()
         shift = -bn.running_mean.detach().double() * scale
         if bn.bias is not None:
-            shift = shift + bn.bias.detach().double()
+            shift = shift + bn.bias.double()
     return scale.to(dtype), shift.to(dtype)
 
 
 def fold_conv_bn(
-    weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d | None, dtype: torch.dtype | None = None
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    bn: nn.BatchNorm2d | None,
+    dtype: torch.dtype | None = None,
+    differentiable: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Fold `bn` (eval mode) into a conv's (weight, bias); returns (weight', bias') in `dtype`
-    (default: the weight's dtype). With bn=None the conv is returned cast, unchanged.
+    (default: the weight's dtype). With bn=None the conv is returned cast, unchanged. With
+    `differentiable`, autograd reaches weight, bias and the BN's affine parameters through the
+    result; otherwise it is detached (inference plans).
     """
     dtype = dtype or weight.dtype
-    with torch.no_grad():
+    if not differentiable:
+        weight, bias = weight.detach(), None if bias is None else bias.detach()
+    with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
         if bn is None:
-            return weight.detach().to(dtype), None if bias is None else bias.detach().to(dtype)
-        scale, shift = bn_scale_shift(bn, torch.float64)
-        w = weight.detach().double() * scale.view(-1, *([1] * (weight.dim() - 1)))
-        b = shift if bias is None else bias.detach().double() * scale + shift
+            return weight.to(dtype), None if bias is None else bias.to(dtype)
+        scale, shift = bn_scale_shift(bn, torch.float64, differentiable)
+        w = weight.double() * scale.view(-1, *([1] * (weight.dim() - 1)))
+        b = shift if bias is None else bias.double() * scale + shift
     return w.to(dtype), b.to(dtype)
 
 
-def fold_conv_bn_modules(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, dtype: torch.dtype | None = None):
+def fold_conv_bn_modules(
+    conv: nn.Conv2d, bn: nn.BatchNorm2d | None, dtype: torch.dtype | None = None, differentiable: bool = False
+):
     """`fold_conv_bn` on module objects."""
-    return fold_conv_bn(conv.weight, conv.bias, bn, dtype)
+    return fold_conv_bn(conv.weight, conv.bias, bn, dtype, differentiable)

@@ -86,7 +86,8 @@ def randomize_bn(module: torch.nn.Module, generator: torch.Generator | None = No
 
 def compare_modules(fused: torch.nn.Module, reference: torch.nn.Module, x: torch.Tensor, what: str = "") -> torch.Tensor:
     """Run `fused` on x (its dtype) and `reference` in float64 and in x's dtype; assert §5. Returns fused(x)."""
-    ref64 = copy.deepcopy(reference).double()
+    # The reference sees what the fused module sees: parameters rounded to x's dtype, then float64.
+    ref64 = copy.deepcopy(reference).to(x.dtype).double()
     with torch.no_grad():
         expected = ref64(x.detach().double())
         eager = None

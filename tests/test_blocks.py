@@ -93,23 +93,6 @@ def test_plan_is_rebuilt_when_parameters_change():
     _check_fresh(fused, other, x.bfloat16(), "after .to(bfloat16)")
 
 
-def test_train_mode_computes_the_reference():
-    fused, ref = _pair("Bottleneck", (32, 8, 2))
-    fused.train(), ref.train()
-    x = torch.randn(4, 32, 8, 8)
-    torch.testing.assert_close(fused(x), ref(x), rtol=0, atol=0)
-    torch.testing.assert_close(fused.bn1.running_mean, ref.bn1.running_mean, rtol=0, atol=0)
-
-
-def test_eval_with_autograd_warns_and_stays_correct():
-    fused, ref = _pair("BasicBlock", (8, 8, 1))
-    x = torch.randn(1, 8, 5, 5, requires_grad=True)
-    with pytest.warns(RuntimeWarning, match="inference_mode"):
-        y = fused(x)
-    y.sum().backward()
-    assert x.grad is not None and fused.conv1.weight.grad is not None
-
-
 @pytest.mark.parametrize(
     "x, match",
     [

@@ -10,7 +10,8 @@ kernel...) the reference kernel runs, and `trace_kernels()` shows it. Kernels th
 the prologue get it applied first by the scale_shift_act tail.
 
 Adding a kernel: write an adapter module (a class with `name`, `fuses_prologue`, `supports`,
-`run`) and list it in `_KERNELS` below. Nothing else changes.
+`run`, and `differentiable = True` if autograd flows through `run`) and list it in
+`_kernel_table` below. Nothing else changes.
 """
 
 from __future__ import annotations
@@ -45,10 +46,14 @@ class ConvParams:
     packed: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, dtype: torch.dtype | None = None) -> "ConvParams":
+    def from_modules(
+        cls, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, dtype: torch.dtype | None = None, differentiable: bool = False
+    ) -> "ConvParams":
+        """Fold `bn` into `conv`. `differentiable`: autograd reaches the modules' parameters
+        through the folded weights (then only kernels with a backward are selected)."""
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError(f"resfused: only zero, explicit padding is supported, got {conv.padding_mode!r} / {conv.padding!r}")
-        weight, bias = folding.fold_conv_bn_modules(conv, bn, dtype)
+        weight, bias = folding.fold_conv_bn_modules(conv, bn, dtype, differentiable)
         return cls(weight, bias, tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups)
 
     @property
@@ -73,6 +78,7 @@ class ReferenceConv:
 
     name = "reference"
     fuses_prologue = True
+    differentiable = True
 
     def supports(self, x, p, residual, prologue) -> bool:
         return True
@@ -135,8 +141,20 @@ def check_inputs(x, p: ConvParams, residual, prologue) -> None:
         checks.channel_vector(prologue[1], "prologue shift", x, "x")
 
 
+def _needs_autograd(x, p: ConvParams, residual, prologue) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    tensors = [x, p.weight, p.bias, residual, *(prologue or ())]
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
 def select_kernel(x, p: ConvParams, residual=None, prologue=None):
+    """The first kernel of the backend's list that supports the call; when autograd must flow
+    through it, only kernels with a backward (`differentiable = True`) qualify."""
+    needs_grad = _needs_autograd(x, p, residual, prologue)
     for kernel in kernels_for(backend.resolve(x.device)):
+        if needs_grad and not getattr(kernel, "differentiable", False):
+            continue
         if kernel.supports(x, p, residual, prologue is not None):
             return kernel
     return REFERENCE

@@ -16,6 +16,7 @@ from resfused.ops.conv import ConvParams
 class LibraryConvWithTail:
     name = "library+tail"
     fuses_prologue = False
+    differentiable = True  # ATen conv and the add_relu tail both have a backward
 
     def supports(self, x, p: ConvParams, residual, prologue) -> bool:
         return True

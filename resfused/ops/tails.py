@@ -80,7 +80,7 @@ def _register() -> None:
     def add_relu_backward(ctx, grad):
         (out,) = ctx.saved_tensors
         g = torch.ops.resfused.add_relu_backward(grad.contiguous(memory_format=suggest_memory_format(out)), out)
-        return g, g
+        return g, g  # autograd never accumulates in place into a shared gradient
 
     torch.library.register_autograd("resfused::add_relu", add_relu_backward, setup_context=add_relu_setup)
 

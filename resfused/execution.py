@@ -1,0 +1,70 @@
+"""How a fused block's program runs.
+
+A fused block writes its computation once, as calls on a runner (`conv_bn`, `pre_act`); the
+runner decides how each call executes:
+
+    FoldedRunner    eval mode: BN folded into the conv weights, the bias / residual add / ReLU in
+                    the conv's epilogue (ops.conv_bias_act); folded weights built on first use and
+                    kept with the runner, which the block caches while its parameters are unchanged
+    TrainingRunner  train mode: ATen conv (its own backward), then batch-statistics BN+ReLU in one
+                    fused kernel with a fused backward (ops.batch_norm_act), then the add+ReLU tail
+
+`conv_bn(x, conv, bn, relu, residual, pre_bn)` computes
+    act( bn(conv(pre(x))) [+ residual] ),   pre(x) = relu(pre_bn(x)) when pre_bn is given,
+with act = ReLU when `relu`; `pre_act(x, bn)` is relu(bn(x)) on its own (materialized).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from resfused import folding
+from resfused.ops import add_relu, conv_bias_act, scale_shift_act
+from resfused.ops.batchnorm import batch_norm_act
+from resfused.ops.conv import ConvParams
+
+
+class FoldedRunner:
+    """Eval mode. `differentiable`: fold with autograd (frozen-BN fine-tuning), never cached."""
+
+    def __init__(self, dtype: torch.dtype, differentiable: bool = False):
+        self.dtype, self.differentiable = dtype, differentiable
+        self._folded: dict = {}
+
+    def _conv(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> ConvParams:
+        key = (conv, bn)
+        if key not in self._folded:
+            self._folded[key] = ConvParams.from_modules(conv, bn, self.dtype, self.differentiable)
+        return self._folded[key]
+
+    def _scale_shift(self, bn: nn.BatchNorm2d):
+        if bn not in self._folded:
+            self._folded[bn] = folding.bn_scale_shift(bn, self.dtype, self.differentiable)
+        return self._folded[bn]
+
+    def conv_bn(self, x, conv, bn, relu=False, residual=None, pre_bn=None):
+        prologue = None if pre_bn is None else self._scale_shift(pre_bn)
+        return conv_bias_act(x, self._conv(conv, bn), residual=residual, relu=relu, prologue=prologue)
+
+    def pre_act(self, x, bn):
+        return scale_shift_act(x, *self._scale_shift(bn), relu=True)
+
+
+class TrainingRunner:
+    """Train mode: batch statistics, running-statistics updates, autograd through every step."""
+
+    def conv_bn(self, x, conv, bn, relu=False, residual=None, pre_bn=None):
+        if pre_bn is not None:
+            x = self.pre_act(x, pre_bn)
+        y = conv(x)
+        if bn is not None:
+            y = batch_norm_act(y, bn, relu=relu and residual is None)
+        elif relu and residual is None:
+            y = torch.relu(y)
+        if residual is None:
+            return y
+        return add_relu(y, residual) if relu else y + residual
+
+    def pre_act(self, x, bn):
+        return batch_norm_act(x, bn, relu=True)
