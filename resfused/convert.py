@@ -7,7 +7,7 @@ ResNet's conv-BN-ReLU stem) for its fused equivalent.
         y = model(x)
 
 A block is converted only when it computes exactly what the fused block computes, in eval mode
-*and* in train mode (the fused blocks run the reference math in train mode, so a block with
+*and* in train mode (the fused blocks also train: batch-statistics BN, see execution.py; so a block with
 DropBlock, DropPath > 0, SE/attention, anti-aliasing, dilation, a non-ReLU activation or a norm
 other than BatchNorm2d with running statistics is left untouched and reported). The fused
 blocks share the original's conv and BN modules (no copies of the weights beyond the initial
@@ -101,7 +101,10 @@ def fuse(model: nn.Module, inplace: bool = False, verbose: bool = False) -> nn.M
     if root is not model:
         model = root
     if model.training and report.converted:
-        report.notes.append("the model is in training mode: fused kernels run only after .eval()")
+        report.notes.append(
+            "the model is in training mode: it trains with fused batch-norm kernels; "
+            "call .eval() for folded inference"
+        )
     model.resfused_report = report
     if verbose:
         print(report)
