@@ -10,7 +10,8 @@ kernel...) the reference kernel runs, and `trace_kernels()` shows it. Kernels th
 the prologue get it applied first by the scale_shift_act tail.
 
 Adding a kernel: write an adapter module (a class with `name`, `fuses_prologue`, `supports`,
-`run`, and `differentiable = True` if autograd flows through `run`) and list it in
+`run`; `differentiable = True` if autograd flows through `run`, `traceable = False` if
+torch.compile cannot trace it) and list it in
 `_kernel_table` below. Nothing else changes.
 """
 
@@ -150,10 +151,14 @@ def _needs_autograd(x, p: ConvParams, residual, prologue) -> bool:
 
 def select_kernel(x, p: ConvParams, residual=None, prologue=None):
     """The first kernel of the backend's list that supports the call; when autograd must flow
-    through it, only kernels with a backward (`differentiable = True`) qualify."""
+    through it, only kernels with a backward (`differentiable = True`) qualify, and under
+    torch.compile / torch.export only kernels it can trace (`traceable`, default True)."""
     needs_grad = _needs_autograd(x, p, residual, prologue)
+    compiling = torch.compiler.is_compiling()
     for kernel in kernels_for(backend.resolve(x.device)):
         if needs_grad and not getattr(kernel, "differentiable", False):
+            continue
+        if compiling and not getattr(kernel, "traceable", True):
             continue
         if kernel.supports(x, p, residual, prologue is not None):
             return kernel

@@ -29,8 +29,6 @@ near 1x are left to oneDNN.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from resfused import _native
@@ -50,10 +48,19 @@ _CUDA_CHANNELS_PER_GROUP = (4, 8, 16, 32)
 _CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-@functools.cache
+def _query_cpu_paths() -> dict[int, str]:
+    if not _native.has_kernel("grouped_conv3x3", "cpu"):
+        return {}
+    return {cpg: torch.ops.resfused.grouped_conv3x3_cpu_path(cpg) for cpg in (4, 8, 16)}
+
+
+# Asked once at import (a CPU feature query); a plain dict keeps `supports` traceable by torch.compile.
+_CPU_PATHS = _query_cpu_paths()
+
+
 def cpu_path(channels_per_group: int) -> str:
     """The CPU kernel's path for this group width on this machine: "avx512", "avx2" or "scalar"."""
-    return torch.ops.resfused.grouped_conv3x3_cpu_path(channels_per_group)
+    return _CPU_PATHS.get(channels_per_group, "scalar")
 
 
 _VECTOR_WIDTH = {"avx512": 16, "avx2": 8}  # fp32 lanes: the kernel needs C % width == 0

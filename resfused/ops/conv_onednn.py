@@ -7,29 +7,35 @@ layout and cached in ConvParams.packed. Output is channels_last whatever the inp
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from resfused.ops.conv import ConvParams
 
 
-@functools.cache
-def _supported_dtypes() -> tuple[torch.dtype, ...]:
-    dtypes = [torch.float32]
+def _supported_dtypes() -> frozenset[torch.dtype]:
+    if not torch.backends.mkldnn.is_available():
+        return frozenset()
+    dtypes = {torch.float32}
     if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        dtypes.append(torch.bfloat16)
+        dtypes.add(torch.bfloat16)
     if torch.ops.mkldnn._is_mkldnn_fp16_supported():
-        dtypes.append(torch.float16)
-    return tuple(dtypes)
+        dtypes.add(torch.float16)
+    return frozenset(dtypes)
+
+
+# Asked once, at import (a CPU feature query): a constant keeps `supports` traceable by torch.compile.
+SUPPORTED_DTYPES = _supported_dtypes()
 
 
 class OneDNNConv:
     name = "onednn"
     fuses_prologue = False
+    # Not traced by torch.compile: the binary post-op has no fake kernel, and Inductor (with
+    # freezing) does this same oneDNN fusion itself on the traced ATen conv.
+    traceable = False
 
     def supports(self, x, p: ConvParams, residual, prologue) -> bool:
-        return x.device.type == "cpu" and torch.backends.mkldnn.is_available() and x.dtype in _supported_dtypes()
+        return x.device.type == "cpu" and x.dtype in SUPPORTED_DTYPES
 
     def _packed(self, p: ConvParams) -> torch.Tensor:
         packed = p.packed.get(self.name)
