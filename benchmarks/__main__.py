@@ -97,7 +97,8 @@ def _run_cpu(args) -> int:
         print("  NOTE: the machine was loaded during this run (load average above); absolute times are noisy, "
               "compare the side-by-side ratios")
     print("  fused = resfused module with channels_last input; speedup = baseline / fused; "
-          "GFLOP/s and % peak are the fused row's")
+          "GFLOP/s and % peak are the fused row's;\n  noise = largest (interquartile range / median) over "
+          "the row's variants (above ~10%, treat its ratios as rough)")
     if results:
         print()
         print(common.format_table(results, {d: p["peak_gflops"] for d, p in peaks.items()}))

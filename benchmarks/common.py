@@ -82,6 +82,10 @@ class Result:
             return None
         return self.times[baseline].median_s / self.times[FUSED].median_s
 
+    def noise(self) -> float:
+        """Largest interquartile range / median over the variants: how far to trust the ratios."""
+        return max((t.iqr_s / t.median_s for t in self.times.values()), default=0.0)
+
     def gflops(self, variant: str = FUSED) -> float | None:
         t = self.times.get(variant)
         return None if t is None else self.flops / t.median_s / 1e9
@@ -236,7 +240,7 @@ def table_rows(results: list[Result], peak_gflops: dict[str, float]) -> tuple[li
     headers += ["vs NCHW", "vs CL"]
     if has["compile"]:
         headers.append("vs compile")
-    headers += ["GFLOP/s", "% peak", "rel diff"]
+    headers += ["GFLOP/s", "% peak", "noise", "rel diff"]
     rows = []
     for r in results:
         row = [r.kind, f"{r.name} {r.config}", r.batch, r.dtype, _ms(r.times.get(FUSED))]
@@ -253,6 +257,7 @@ def table_rows(results: list[Result], peak_gflops: dict[str, float]) -> tuple[li
         row += [
             "" if g is None else f"{g:.1f}",
             "" if g is None or not peak else f"{100 * g / peak:.0f}%",
+            f"{100 * r.noise():.0f}%" if r.times else "",
             "" if r.max_rel_diff is None else f"{r.max_rel_diff:.1e}",
         ]
         rows.append(row)
