@@ -31,6 +31,15 @@ inline void check_channel_vector(const at::Tensor& v, const char* name, const at
               "] (one value per channel of '", x_name, "'), got ", v.sizes());
 }
 
+// `other` (a residual, a gradient) must match `x` in device, dtype and shape.
+inline void check_like(const at::Tensor& x, const char* x_name, const at::Tensor& other, const char* other_name,
+                       const char* op) {
+  check_same_device(x, x_name, other, other_name);
+  check_same_dtype(x, x_name, other, other_name);
+  TORCH_CHECK(other.sizes() == x.sizes(), "resfused.", op, ": '", other_name, "' must have the shape of '", x_name, "' ",
+              x.sizes(), ", got ", other.sizes());
+}
+
 // Activations: rank >= 2 with channels in dim 1 (N, C, ...).
 inline void check_activation(const at::Tensor& x, const char* name) {
   check_float_tensor(x, name);

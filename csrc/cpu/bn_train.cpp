@@ -118,10 +118,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_train_act_backward(const at::T
   check_bn_args(x, weight, bias, eps);
   check_channel_vector(mean, "mean", x, "x");
   check_channel_vector(var, "var", x, "x");
-  check_same_device(x, "x", grad_out, "grad_out");
-  check_same_dtype(x, "x", grad_out, "grad_out");
-  TORCH_CHECK(grad_out.sizes() == x.sizes(), "resfused.bn_train_act_backward: 'grad_out' must have the shape of 'x' ",
-              x.sizes(), ", got ", grad_out.sizes());
+  check_like(x, "x", grad_out, "grad_out", "bn_train_act_backward");
   const auto fmt = x.suggest_memory_format();
   auto xc = x.contiguous(fmt), gc = grad_out.contiguous(fmt);
   auto grad_x = at::empty_like(xc, fmt);

@@ -25,10 +25,7 @@ void binary_map(T* out, const T* a, const T* b, int64_t n, VecOp vec_op, ScalarO
 
 at::Tensor add_relu(const at::Tensor& x, const at::Tensor& residual) {
   check_activation(x, "x");
-  check_same_device(x, "x", residual, "residual");
-  check_same_dtype(x, "x", residual, "residual");
-  TORCH_CHECK(x.sizes() == residual.sizes(), "resfused.add_relu: 'residual' must have the shape of 'x' ", x.sizes(),
-              ", got ", residual.sizes());
+  check_like(x, "x", residual, "residual", "add_relu");
   // Both operands in x's memory format, so one flat loop covers them.
   const auto fmt = x.suggest_memory_format();
   auto xc = x.contiguous(fmt), rc = residual.contiguous(fmt);
@@ -45,10 +42,7 @@ at::Tensor add_relu(const at::Tensor& x, const at::Tensor& residual) {
 
 at::Tensor add_relu_backward(const at::Tensor& grad_out, const at::Tensor& out) {
   check_activation(out, "out");
-  check_same_device(out, "out", grad_out, "grad_out");
-  check_same_dtype(out, "out", grad_out, "grad_out");
-  TORCH_CHECK(grad_out.sizes() == out.sizes(), "resfused.add_relu_backward: 'grad_out' must have the shape of 'out' ",
-              out.sizes(), ", got ", grad_out.sizes());
+  check_like(out, "out", grad_out, "grad_out", "add_relu_backward");
   const auto fmt = out.suggest_memory_format();
   auto gc = grad_out.contiguous(fmt), oc = out.contiguous(fmt);
   auto grad_in = at::empty_like(oc, fmt);
@@ -92,10 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scale_shift_act_backward(const at
                                                                         const at::Tensor& scale, const at::Tensor& shift,
                                                                         bool relu) {
   check_scale_shift(x, scale, shift);
-  check_same_device(x, "x", grad_out, "grad_out");
-  check_same_dtype(x, "x", grad_out, "grad_out");
-  TORCH_CHECK(grad_out.sizes() == x.sizes(), "resfused.scale_shift_act_backward: 'grad_out' must have the shape of 'x' ",
-              x.sizes(), ", got ", grad_out.sizes());
+  check_like(x, "x", grad_out, "grad_out", "scale_shift_act_backward");
   const auto fmt = x.suggest_memory_format();
   auto xc = x.contiguous(fmt), gc = grad_out.contiguous(fmt);
   auto grad_x = at::empty_like(xc, fmt);

@@ -10,6 +10,7 @@
 
 #include "common.h"
 #include "cuda/kernels/grouped_conv3x3_config.cuh"
+#include "grouped_conv_checks.h"
 
 namespace resfused::cuda {
 
@@ -47,33 +48,16 @@ inline bool grouped_cpg_supported(int64_t cpg) { return cpg == 4 || cpg == 8 || 
 
 inline void check_grouped_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                int64_t stride) {
-  check_float_tensor(x, "x");
-  check_float_tensor(weight, "weight");
-  check_same_device(x, "x", weight, "weight");
-  check_same_dtype(x, "x", weight, "weight");
+  check_grouped_conv3x3_args(x, weight, bias, stride);
   TORCH_CHECK(x.scalar_type() != at::kDouble,
               "resfused.grouped_conv3x3 (CUDA kernel): 'x' must be float32, float16 or bfloat16, got float64");
-  TORCH_CHECK(x.dim() == 4, "resfused.grouped_conv3x3: 'x' must have shape (N, C, H, W), got ", x.sizes());
-  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3 && weight.size(1) > 0,
-              "resfused.grouped_conv3x3: 'weight' must have shape [C_out, C_in/groups, 3, 3], got ", weight.sizes());
   const int64_t C = x.size(1), cpg = weight.size(1);
-  TORCH_CHECK(C > 0 && C % cpg == 0, "resfused.grouped_conv3x3: 'x' has ", C,
-              " channels, which is not a multiple of weight.size(1) = ", cpg, " (input channels per group)");
   TORCH_CHECK(grouped_cpg_supported(cpg), "resfused.grouped_conv3x3 (CUDA kernel): channels per group (weight.size(1)) "
               "must be 4, 8, 16 or 32, got ", cpg);
   TORCH_CHECK(weight.size(0) == C, "resfused.grouped_conv3x3 (CUDA kernel): 'weight' must have C_out == C_in == ", C,
               " (as many output as input channels per group), got C_out = ", weight.size(0));
-  TORCH_CHECK(x.size(2) >= 1 && x.size(3) >= 1, "resfused.grouped_conv3x3: 'x' must have H >= 1 and W >= 1, got ",
-              x.sizes());
   TORCH_CHECK(stride == 1 || stride == 2, "resfused.grouped_conv3x3 (CUDA kernel): 'stride' must be 1 or 2, got ",
               stride);
-  if (bias.has_value() && bias->defined()) {
-    check_float_tensor(*bias, "bias");
-    check_same_device(x, "x", *bias, "bias");
-    check_same_dtype(x, "x", *bias, "bias");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "resfused.grouped_conv3x3: 'bias' must have shape [",
-                weight.size(0), "], got ", bias->sizes());
-  }
 }
 
 inline at::Tensor grouped_conv3x3_impl(const at::Tensor& x_in, const at::Tensor& weight_in,
