@@ -144,8 +144,8 @@ def test_bad_input_names_the_argument(args, match):
 def test_adapter_selected_for_resnext_block():
     from resfused import reference
 
-    ref = reference.ResNeXtBottleneck(64, 32, stride=1, groups=8, base_width=16).eval()
-    # width = int(32 * 16 / 64) * 8 = 64 channels, 8 per group
+    ref = reference.ResNeXtBottleneck(64, 32, stride=1, groups=16, base_width=8).eval()
+    # width = int(32 * 8 / 64) * 16 = 64 channels, 4 per group (the case the adapter selects)
     fused = resfused.ResNeXtBottleneck.from_reference(ref).eval()
     x = torch.randn(2, 64, 9, 9).contiguous(memory_format=torch.channels_last)
     with resfused.use_backend("cpu"), resfused.ops.trace_kernels() as ran, torch.no_grad():

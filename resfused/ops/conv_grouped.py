@@ -6,25 +6,21 @@ Kernels: csrc/cpu/grouped_conv3x3.cpp (several groups per AVX-512/AVX2 vector, b
 epilogue) and, where built, csrc/cuda/grouped_conv3x3.cu. The op goes through the dispatcher, so
 this one adapter serves whichever device has a kernel. This file also registers its fake kernel.
 
-Where the CPU kernel wins: speedup over oneDNN's grouped conv with its ReLU post-op, batch 8,
-measured on this project's 2-core AVX-512 (Zen 4 class) machine while other jobs kept it loaded
-(load average 4-8), so as ranges over repeated runs of per-thread CPU time, 1 thread (the least
-load-sensitive measure available there); benchmarks/grouped_cpu.py gives the 2-thread medians.
-`_CPU_WINS` below encodes it:
+Where the CPU kernel wins. Re-measured on a quiet machine (load average ~1) at 2 threads, batch 8,
+median of interleaved rounds, against oneDNN's grouped conv with its ReLU post-op and weights
+packed for the input shape (`python -m benchmarks.grouped_cpu`; the one-off script that produced
+this table is quoted in the issue note):
 
-    channels/group  stride  shape (ResNeXt-50 32x4d)   float32   bfloat16
-    4               1       128ch 56x56                ~2.3-2.9x ~1.0-1.5x
-    4               2       128ch 56x56 -> 28x28       ~0.9-1.3x ~0.8-1.1x   (not in ResNeXt-50)
-    8               1       256ch 28x28                ~1.2-1.3x ~0.7-0.9x
-    8               2       256ch 56x56 -> 28x28       ~1.3-1.8x ~0.6-0.7x
-    16              1       512ch 14x14                ~0.5-0.7x ~0.3-0.4x
-    16              2       512ch 28x28 -> 14x14       ~1.0-1.5x ~0.4-0.5x
-    32              any     (scalar path only)         not used
+    channels/group  stride  shape (ResNeXt-50 32x4d)   float32          bfloat16
+    4               1       128ch 56x56                1.68x (4.2 ms)   0.57x
+    8               1       256ch 28x28                0.76x            -
+    8               2       256ch 56x56 -> 28x28       0.94x            -
+    16, 32          any     (oneDNN's GEMM tiles fit)  not used
 
-oneDNN's bf16 grouped conv uses the AVX512-BF16 dot-product instruction (two MACs per lane), which
-this kernel (bf16 loads, fp32 FMAs) cannot match once the groups are wide enough for its GEMM
-tiles; at 4 channels per group it is still ahead or level. Stride-2 and 16-channel cases that are
-near 1x are left to oneDNN.
+An earlier table, measured per thread under heavy machine load, had put 8 channels/group and
+bf16 above 1x; they are below it, so only float32 at 4 channels/group stride 1 uses this kernel.
+oneDNN's bf16 grouped conv uses the AVX512-BF16 dot-product instruction (two MACs per lane),
+which this kernel (bf16 loads, fp32 FMAs) does not.
 """
 
 from __future__ import annotations
@@ -38,9 +34,6 @@ from resfused.ops.conv import ConvParams
 # (dtype, channels per group, stride) where the CPU kernel's vector path beats oneDNN (table above).
 _CPU_WINS = {
     (torch.float32, 4, 1),
-    (torch.float32, 8, 1),
-    (torch.float32, 8, 2),
-    (torch.bfloat16, 4, 1),
 }
 
 # What the CUDA kernel (another helper's csrc/cuda/grouped_conv3x3.cu) is expected to cover.
