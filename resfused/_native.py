@@ -14,7 +14,22 @@ import torch
 _C = None
 load_error: str | None = None
 
+
+def _unsupported_cpu() -> str | None:
+    """Why this CPU cannot run the _C that was built (it needs the ISA baseline it was compiled for)."""
+    try:
+        from resfused._build_config import CPU_BASELINE
+    except ImportError:
+        return None
+    if CPU_BASELINE == "avx2" and not torch.cpu._is_avx2_supported():
+        return "it was compiled for AVX2+FMA and this CPU lacks them (rebuild with RESFUSED_CPU_BASELINE=none)"
+    return None
+
+
 try:
+    reason = _unsupported_cpu()
+    if reason:
+        raise ImportError(reason)
     from resfused import _C  # noqa: F811  (registers torch.ops.resfused.*)
 except Exception as exc:  # ImportError, or an undefined symbol from a torch mismatch
     load_error = f"{type(exc).__name__}: {exc}"
