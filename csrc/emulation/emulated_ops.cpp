@@ -9,6 +9,8 @@
 #include "cuda/grouped_conv3x3_host.h"
 #include "cuda/kernels/grouped_conv3x3.cuh"
 #include "cuda/kernels/tails.cuh"
+#include "cuda/kernels/bn_train.cuh"
+#include "cuda/bn_train_host.h"
 #include "cuda/tails_host.h"
 
 namespace resfused::emu_ops {
@@ -65,6 +67,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scale_shift_act_backward(const at
   return guarded([&] { return scale_shift_act_backward_impl(g, x, s, b, relu, nullptr); });
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_train_act(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                                                            double eps, bool relu) {
+  return guarded([&] { return bn_train_act_impl(x, w, b, eps, relu, nullptr); });
+}
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_train_act_backward(const at::Tensor& g, const at::Tensor& x,
+                                                                     const at::Tensor& w, const at::Tensor& b,
+                                                                     const at::Tensor& mean, const at::Tensor& var,
+                                                                     double eps, bool relu) {
+  return guarded([&] { return bn_train_act_backward_impl(g, x, w, b, mean, var, eps, relu, nullptr); });
+}
+
 // Self-test of the emulator itself, so that its checks are known to fire:
 //   mode 0: block-reverse through shared memory across a barrier (correct kernel; returns it)
 //   mode 1: global read one past the end   mode 2: misaligned 16-byte load
@@ -116,5 +129,8 @@ TORCH_LIBRARY(resfused_emu, m) {
   m.def("scale_shift_act(Tensor x, Tensor scale, Tensor shift, bool relu) -> Tensor", &scale_shift_act);
   m.def("scale_shift_act_backward(Tensor grad_out, Tensor x, Tensor scale, Tensor shift, bool relu) -> (Tensor, Tensor, Tensor)",
         &scale_shift_act_backward);
+  m.def("bn_train_act(Tensor x, Tensor weight, Tensor bias, float eps, bool relu) -> (Tensor, Tensor, Tensor)", &bn_train_act);
+  m.def("bn_train_act_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor bias, Tensor mean, Tensor var, float eps, bool relu) -> (Tensor, Tensor, Tensor)",
+        &bn_train_act_backward);
   m.def("emulator_selftest(Tensor input, int mode) -> Tensor", &emulator_selftest);
 }

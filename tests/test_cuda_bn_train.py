@@ -1,0 +1,195 @@
+"""The CUDA training-mode BatchNorm(+ReLU) kernels (csrc/cuda/kernels/bn_train.cuh) run as host
+C++ against the float64 reference.
+
+The kernel source and the host code of the binding (csrc/cuda/bn_train_host.h: checks, layout,
+allocation, launch configuration) are compiled under the emulation header into the test-only
+module torch.ops.resfused_emu (built by the `emu` fixture of test_cuda_emulation.py), whose
+launcher walks the grid and bounds-checks every access. Forward: batch statistics (two-pass,
+shifted sums), then the scale_shift_act tail; backward: the two per-channel sums, the
+per-channel coefficients and grad_x. Tolerances: DESIGN.md §5 via tests/harness.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.harness import assert_matches_reference
+from tests.test_cuda_emulation import emu  # noqa: F401  (the shared emulation-module fixture)
+
+CL = torch.channels_last
+LOWP = (torch.float16, torch.bfloat16)
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+EPS = 1e-5
+# (shape, layout): C a multiple of the 16-byte vector width and not, NCHW and channels_last,
+# odd spatial sizes, a (N, C) input, a 3-D (N, C, L) input.
+CASES = [((2, 16, 5, 3), CL), ((3, 5, 7, 3), CL), ((2, 16, 4, 4), torch.contiguous_format),
+         ((2, 3, 5, 7), torch.contiguous_format), ((6, 4), torch.contiguous_format), ((3, 6, 11), torch.contiguous_format)]
+
+
+def _bn(x, w, b, relu):
+    y = F.batch_norm(x, None, None, w, b, True, 0.0, EPS)
+    return torch.relu(y) if relu else y
+
+
+def _forward_backward(fn, g, *tensors):
+    """(y, grad_x, grad_weight, grad_bias) of fn(x, w, b) with upstream gradient g."""
+    tensors = [t.detach().clone().requires_grad_() for t in tensors]
+    y = fn(*tensors)
+    return (y, *torch.autograd.grad(y, tensors, g.to(y.dtype)))
+
+
+def _inputs(shape, layout, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    # a per-channel offset, so that the shifted sums and |mean| ~ std are exercised
+    offset = torch.randn(c, generator=gen).view([1, -1] + [1] * (len(shape) - 2)) * 3
+    x = (torch.randn(shape, generator=gen) * 2 + offset).to(dtype).contiguous(memory_format=layout)
+    w = torch.rand(c, generator=gen) + 0.5
+    b = torch.randn(c, generator=gen)
+    g = torch.randn(shape, generator=gen).to(dtype)
+    return x, w, b, g
+
+
+def _check(emu, x, w, b, g, relu, what):
+    dtype = x.dtype
+    y, mean, var = emu.bn_train_act(x, w, b, EPS, relu)
+    layout = CL if x.dim() == 4 and x.is_contiguous(memory_format=CL) and not x.is_contiguous() else torch.contiguous_format
+    assert y.dtype == dtype and y.is_contiguous(memory_format=layout), f"{what}: y layout/dtype"
+    stats_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert mean.dtype == stats_dtype and var.dtype == stats_dtype, f"{what}: stats dtype {mean.dtype}"
+    dims = [0] + list(range(2, x.dim()))
+    x64 = x.double()
+    assert_matches_reference(mean, x64.mean(dims), torch.float32, what=f"{what} mean")
+    assert_matches_reference(var, x64.var(dims, unbiased=False), torch.float32, what=f"{what} var")
+
+    gx, gw, gb = emu.bn_train_act_backward(g, x, w, b, mean, var, EPS, relu)
+    assert gx.dtype == dtype and gx.is_contiguous(memory_format=layout) and gw.dtype == w.dtype and gb.dtype == b.dtype
+    ref = _forward_backward(lambda *a: _bn(*a, relu), g.double(), x64, w.double(), b.double())
+    base = _forward_backward(lambda *a: _bn(*a, relu), g, x, w.to(dtype), b.to(dtype)) if dtype in LOWP else (None,) * 4
+    for name, ours, expected, eager in zip(("y", "grad_x", "grad_weight", "grad_bias"), (y, gx, gw, gb), ref, base):
+        elementwise = name in ("y", "grad_x")
+        # per-channel results are float32 (as the reference's float32 parameters): the fp32 rule
+        assert_matches_reference(ours, expected, dtype if elementwise else torch.float32,
+                                 eager if elementwise else None, f"{what} {name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("relu", [True, False])
+def test_bn_train_act_and_backward_match_reference(emu, dtype, relu):  # noqa: F811
+    for i, (shape, layout) in enumerate(CASES):
+        x, w, b, g = _inputs(shape, layout, dtype, seed=i)
+        _check(emu, x, w, b, g, relu, f"{shape} {layout} {dtype} relu={relu}")
+
+
+@pytest.mark.parametrize("layout", [CL, torch.contiguous_format])
+def test_bn_train_many_rows_and_planes(emu, layout):  # noqa: F811
+    # channels_last: 1040 rows > 512 partial-sum slots (each slot sums several rows);
+    # NCHW: planes of 260 > 256 threads (each thread sums several elements of its plane).
+    x, w, b, g = _inputs((4, 24, 20, 13), layout, torch.float32)
+    _check(emu, x, w, b, g, True, f"many rows {layout}")
+
+
+@pytest.mark.parametrize("layout", [CL, torch.contiguous_format])
+def test_bn_train_backward_apply_row_stride(emu, layout):  # noqa: F811
+    # More rows than the capped grid covers in one pass, so the grad_x kernel's row loop (and in
+    # NCHW the channel stepping c_row += row_step mod C) runs: CL 133120 rows of 8 > 1024 blocks
+    # x 128 rows; NCHW 16 planes over 15 grid rows.
+    x, w, b, g = _inputs((2, 8, 256, 260), layout, torch.float32)
+    _, mean, var = emu.bn_train_act(x, w, b, EPS, False)
+    gx, _, _ = emu.bn_train_act_backward(g, x, w, b, mean, var, EPS, False)
+    ref = _forward_backward(lambda *a: _bn(*a, False), g.double(), x.double(), w.double(), b.double())
+    assert_matches_reference(gx, ref[1], what=f"grad_x large {layout}")
+
+
+def test_bn_train_statistics_when_the_mean_dominates(emu):  # noqa: F811
+    # Shifted sums: mean and variance stay accurate to float precision with |mean| / std = 1e5
+    # (plain sums of x and x^2 in float32 would lose the variance entirely). y is checked at
+    # |mean| / std = 1e3: at 1e5 the float32 mean itself (the op returns it, the backward takes
+    # it) is off by ~ulp(1000)/2 = 3e-5 = 3e-3 std, and eager float32 batch_norm misses the
+    # 1e-4 rule there as well (1.9e-3 of max|y|), so no float32 y can pass it.
+    for layout in (CL, torch.contiguous_format):
+        x = (torch.randn(4, 3, 8, 8) * 0.01 + 1000.0).contiguous(memory_format=layout)
+        w, b = torch.ones(3), torch.zeros(3)
+        _, mean, var = emu.bn_train_act(x, w, b, EPS, False)
+        x64 = x.double()
+        assert_matches_reference(mean, x64.mean((0, 2, 3)), what=f"mean {layout}")
+        assert_matches_reference(var, x64.var((0, 2, 3), unbiased=False), what=f"var {layout}")
+        x = (torch.randn(4, 3, 8, 8) * 0.01 + 10.0).contiguous(memory_format=layout)
+        y, _, _ = emu.bn_train_act(x, w, b, EPS, False)
+        assert_matches_reference(y, F.batch_norm(x.double(), None, None, None, None, True, 0.0, EPS), what=f"y {layout}")
+
+
+def test_bn_train_unaligned_and_odd_vector_widths(emu):  # noqa: F811
+    # fp16 channels_last whose storage starts 2 bytes past an aligned address: no 16-byte
+    # accesses (the element-wise path of the grad_x and y kernels).
+    x, w, b, g = _inputs((2, 16, 3, 5), CL, torch.float16, seed=7)
+    buf = torch.empty(x.numel() + 1, dtype=x.dtype)
+    shifted = buf[1:].as_strided(x.shape, x.stride()).copy_(x)
+    assert shifted.data_ptr() % 16 != 0 and shifted.is_contiguous(memory_format=CL)
+    _check(emu, shifted, w, b, g.contiguous(memory_format=CL), True, "unaligned fp16")
+
+
+def test_bn_train_nan_stays_in_its_channel(emu):  # noqa: F811
+    x, w, b, g = _inputs((2, 4, 3, 3), CL, torch.float32)
+    x[1, 2, 1, 1] = float("nan")
+    y, mean, var = emu.bn_train_act(x, w, b, EPS, True)
+    assert y[:, 2].isnan().all() and mean[2].isnan() and var[2].isnan(), "NaN must propagate through relu"
+    keep = [0, 1, 3]
+    ref = _bn(x.double()[:, keep], w.double()[keep], b.double()[keep], True)
+    assert_matches_reference(y[:, keep], ref, what="channels without NaN")
+
+
+def test_bn_train_weight_and_bias_dtypes(emu):  # noqa: F811
+    # bf16 activations with bf16 parameters (a model cast with .to(bfloat16)): grads come back bf16.
+    x, w, b, g = _inputs((2, 8, 4, 4), CL, torch.bfloat16, seed=3)
+    w16, b16 = w.bfloat16(), b.bfloat16()
+    y, mean, var = emu.bn_train_act(x, w16, b16, EPS, True)
+    gx, gw, gb = emu.bn_train_act_backward(g, x, w16, b16, mean, var, EPS, True)
+    assert gw.dtype == torch.bfloat16 and gb.dtype == torch.bfloat16
+    ref = _forward_backward(lambda *a: _bn(*a, True), g.double(), x.double(), w16.double(), b16.double())
+    base = _forward_backward(lambda *a: _bn(*a, True), g, x, w16, b16)
+    for name, ours, expected, eager in zip(("y", "grad_x", "grad_weight", "grad_bias"), (y, gx, gw, gb), ref, base):
+        assert_matches_reference(ours, expected, torch.bfloat16, eager, name)
+
+
+def test_bn_train_bad_arguments(emu):  # noqa: F811
+    x = torch.randn(2, 4, 3, 3)
+    w, b = torch.ones(4), torch.zeros(4)
+    with pytest.raises(RuntimeError, match=r"'weight' must have shape \[4\]"):
+        emu.bn_train_act(x, torch.ones(3), b, EPS, True)
+    with pytest.raises(RuntimeError, match="'eps' must be >= 0"):
+        emu.bn_train_act(x, w, b, -1.0, True)
+    with pytest.raises(RuntimeError, match="more than 1 value per channel"):
+        emu.bn_train_act(torch.randn(1, 4), w, b, EPS, True)
+    with pytest.raises(RuntimeError, match="rank >= 2"):
+        emu.bn_train_act(torch.randn(4), w, b, EPS, True)
+    _, mean, var = emu.bn_train_act(x, w, b, EPS, True)
+    with pytest.raises(RuntimeError, match="'grad_out' must have the shape of 'x'"):
+        emu.bn_train_act_backward(x[:1], x, w, b, mean, var, EPS, True)
+    with pytest.raises(RuntimeError, match="'grad_out' has dtype"):
+        emu.bn_train_act_backward(x.double(), x, w, b, mean, var, EPS, True)
+    with pytest.raises(RuntimeError, match=r"'var' must have shape \[4\]"):
+        emu.bn_train_act_backward(x, x, w, b, mean, var[:2], EPS, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", [CL, torch.contiguous_format])
+def test_bn_train_act_cuda_kernel(dtype, layout):
+    # The compiled kernels on a real GPU, through torch.ops.resfused (skipped without a GPU).
+    from resfused import _native
+
+    if not _native.has_kernel("bn_train_act", "cuda"):
+        pytest.skip("resfused._C was built without the CUDA bn_train kernels")
+    x, w, b, g = _inputs((4, 32, 9, 7), layout, dtype)
+    dev = [t.cuda() for t in (x, w, b, g)]
+    y, mean, var = torch.ops.resfused.bn_train_act(*dev[:3], EPS, True)
+    gx, gw, gb = torch.ops.resfused.bn_train_act_backward(dev[3], *dev[:3], mean, var, EPS, True)
+    ref = _forward_backward(lambda *a: _bn(*a, True), g.double(), x.double(), w.double(), b.double())
+    base = _forward_backward(lambda *a: _bn(*a, True), g, x, w.to(dtype), b.to(dtype)) if dtype in LOWP else (None,) * 4
+    for name, ours, expected, eager in zip(("y", "grad_x", "grad_weight", "grad_bias"), (y, gx, gw, gb), ref, base):
+        elementwise = name in ("y", "grad_x")
+        assert_matches_reference(ours.cpu(), expected, dtype if elementwise else torch.float32,
+                                 eager if elementwise else None, name)
