@@ -23,6 +23,7 @@ from resfused.execution import FoldedRunner, TrainingRunner
 
 __all__ = ["BasicBlock", "PreActBasicBlock", "Bottleneck", "ResNeXtBottleneck", "ConvBNAct"]
 
+
 class FusedModule(nn.Module):
     """Plan caching and input checks shared by every fused module.
 
