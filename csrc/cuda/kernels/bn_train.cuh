@@ -4,6 +4,7 @@
 #pragma once
 
 #include "cuda/kernels/bn_train_config.cuh"
+#include "cuda/kernels/channel_slots.cuh"
 
 namespace resfused::cuda {
 
@@ -30,30 +31,6 @@ RESFUSED_DEVICE acc_t<T> bn_channel_shift(const BnTrainArgs<T>& a, int64_t c) {
   return to_acc(a.x[a.inner == 1 ? c : c * a.inner]);
 }
 
-// Walks the elements of one reduction slot: channels-last, thread = channel and slot = block row
-// (rows slot, slot+slots, ...); NC(spatial), block = plane and thread t takes elements t, t+256,
-// ... of it (slot = image * 256 + t). Calls init(c) once, then f(i) per element; returns false
-// for an idle thread. The launch shape is scale_shift_backward_config's.
-template <class T, class Init, class F>
-RESFUSED_DEVICE bool bn_slot_walk(const BnTrainArgs<T>& a, int64_t& c, int64_t& slot, Init init, F f) {
-  if (a.inner == 1) {
-    c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-    slot = blockIdx.y;
-    if (c >= a.C) return false;
-    init(c);
-    const int64_t rows = a.n / a.C;
-    for (int64_t r = slot; r < rows; r += a.slots) f(r * a.C + c);
-  } else {
-    const int64_t plane = blockIdx.x;
-    c = plane % a.C;
-    slot = (plane / a.C) * blockDim.x + threadIdx.x;
-    init(c);
-    const int64_t base = plane * a.inner;
-    for (int64_t i = threadIdx.x; i < a.inner; i += blockDim.x) f(base + i);
-  }
-  return true;
-}
-
 template <class T>
 struct BnStatsPartialKernel {
   using Params = BnTrainArgs<T>;
@@ -63,16 +40,14 @@ struct BnStatsPartialKernel {
     using A = acc_t<T>;
     A s1 = 0, s2 = 0, k = 0;
     int64_t c = 0, slot = 0;
-    const bool active = bn_slot_walk(
+    const bool active = slot_walk(
         a, c, slot, [&](int64_t ch) { k = bn_channel_shift(a, ch); },
         [&](int64_t i) {
           const A d = to_acc(a.x[i]) - k;
           s1 += d;
           s2 += d * d;
         });
-    if (!active) return;
-    a.partial[(slot * 2 + 0) * a.C + c] = s1;
-    a.partial[(slot * 2 + 1) * a.C + c] = s2;
+    if (active) store_slot_pair(a.partial, slot, a.C, c, s1, s2);
   }
 };
 
@@ -85,11 +60,8 @@ struct BnStatsFinalizeKernel {
     using A = acc_t<T>;
     const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
     if (c >= a.C) return;
-    double s1 = 0, s2 = 0;
-    for (int64_t k = 0; k < a.slots; ++k) {  // in slot order: deterministic
-      s1 += static_cast<double>(a.partial[(k * 2 + 0) * a.C + c]);
-      s2 += static_cast<double>(a.partial[(k * 2 + 1) * a.C + c]);
-    }
+    const double s1 = sum_slots<double>(a.partial, a.slots, a.C, 0, c);
+    const double s2 = sum_slots<double>(a.partial, a.slots, a.C, 1, c);
     const double M = static_cast<double>(a.n / a.C);
     double var = (s2 - s1 * s1 / M) / M;
     if (var < 0) var = 0;  // rounding can go below 0; NaN stays NaN
@@ -117,7 +89,7 @@ struct BnBackwardPartialKernel {
     using A = acc_t<T>;
     A sum_gxc = 0, sum_g = 0, m = 0, s = 0, b = 0;
     int64_t c = 0, slot = 0;
-    const bool active = bn_slot_walk(
+    const bool active = slot_walk(
         a, c, slot,
         [&](int64_t ch) {
           m = a.mean[ch];
@@ -130,9 +102,7 @@ struct BnBackwardPartialKernel {
           sum_gxc += g * (xv - m);
           sum_g += g;
         });
-    if (!active) return;
-    a.partial[(slot * 2 + 0) * a.C + c] = sum_gxc;
-    a.partial[(slot * 2 + 1) * a.C + c] = sum_g;
+    if (active) store_slot_pair(a.partial, slot, a.C, c, sum_gxc, sum_g);
   }
 };
 
@@ -145,11 +115,8 @@ struct BnBackwardFinalizeKernel {
     using A = acc_t<T>;
     const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
     if (c >= a.C) return;
-    double sgxc = 0, sg = 0;
-    for (int64_t k = 0; k < a.slots; ++k) {
-      sgxc += static_cast<double>(a.partial[(k * 2 + 0) * a.C + c]);
-      sg += static_cast<double>(a.partial[(k * 2 + 1) * a.C + c]);
-    }
+    const double sgxc = sum_slots<double>(a.partial, a.slots, a.C, 0, c);
+    const double sg = sum_slots<double>(a.partial, a.slots, a.C, 1, c);
     const A s = bn_scale(a.var[c], a.weight[c], a.eps), b = static_cast<A>(a.bias[c]);
     const double M = static_cast<double>(a.n / a.C);
     const double invstd = 1.0 / ::sqrt(static_cast<double>(a.var[c]) + a.eps);

@@ -7,6 +7,7 @@
 // Arithmetic in acc_t<T> (float, or double for double); one rounding at each store.
 #pragma once
 
+#include "cuda/kernels/channel_slots.cuh"
 #include "cuda/kernels/tails_config.cuh"
 
 namespace resfused::cuda {
@@ -117,23 +118,10 @@ struct ScaleShiftBackwardPartialKernel {
   static RESFUSED_DEVICE void run(const Params& a, gptr<float>) {
     using A = acc_t<T>;
     A sum_gx = 0, sum_g = 0;
-    int64_t c, slot;
-    if (a.inner == 1) {  // channels-last: thread = channel, block row = slot (coalesced over c)
-      c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-      slot = blockIdx.y;
-      if (c >= a.C) return;
-      const int64_t rows = a.n / a.C;
-      for (int64_t r = slot; r < rows; r += a.slots) scale_shift_backward_element(a, r * a.C + c, c, sum_gx, sum_g);
-    } else {  // NC(spatial): block = plane, threads stride over it (coalesced over i)
-      const int64_t plane = blockIdx.x;
-      c = plane % a.C;
-      slot = (plane / a.C) * blockDim.x + threadIdx.x;
-      const int64_t base = plane * a.inner;
-      for (int64_t i = threadIdx.x; i < a.inner; i += blockDim.x)
-        scale_shift_backward_element(a, base + i, c, sum_gx, sum_g);
-    }
-    a.partial[(slot * 2 + 0) * a.C + c] = sum_gx;
-    a.partial[(slot * 2 + 1) * a.C + c] = sum_g;
+    int64_t c = 0, slot = 0;
+    const bool active = slot_walk(
+        a, c, slot, [](int64_t) {}, [&](int64_t i) { scale_shift_backward_element(a, i, c, sum_gx, sum_g); });
+    if (active) store_slot_pair(a.partial, slot, a.C, c, sum_gx, sum_g);
   }
 };
 
@@ -146,9 +134,7 @@ struct ScaleShiftBackwardFinalizeKernel {
     const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // j = which * C + c
     if (j >= 2 * a.C) return;
     const int64_t which = j / a.C, c = j - which * a.C;
-    acc_t<T> s = 0;
-    for (int64_t k = 0; k < a.slots; ++k) s += a.partial[(k * 2 + which) * a.C + c];
-    a.totals[j] = s;
+    a.totals[j] = sum_slots<acc_t<T>>(a.partial, a.slots, a.C, which, c);
   }
 };
 
