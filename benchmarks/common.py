@@ -101,49 +101,70 @@ class Result:
 # --------------------------------------------------------------------------------- timing
 
 
-def _per_call(timer: tbench.Timer, number: int) -> float:
-    return timer.timeit(number).mean  # Measurement.mean is already per call
+class InProcessRunner:
+    """Times a zero-argument callable in this process (benchmarks.isolation runs one per worker)."""
+
+    def __init__(self, fn: Callable[[], object], threads: int):
+        self.fn = fn
+        self.timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+
+    def warm_up(self, seconds: float) -> float:
+        """At least two calls and `seconds`; returns the fastest call after the first (which
+        builds plans, prepacked weights and oneDNN primitives). The fastest, not the last: on a
+        loaded machine one preempted call would otherwise shrink the calls per round."""
+        calls, t0, fastest = 0, time.perf_counter(), math.inf
+        while calls < 2 or time.perf_counter() - t0 < seconds:
+            t1 = time.perf_counter()
+            self.fn()
+            if calls > 0:
+                fastest = min(fastest, time.perf_counter() - t1)
+            calls += 1
+        return fastest
+
+    def time(self, number: int) -> float:
+        return self.timer.timeit(number).mean  # Measurement.mean is already per call
 
 
 def measure_side_by_side(
     fns: dict[str, Callable[[], object]],
     *,
     threads: int,
+    **rounds,
+) -> dict[str, Timing]:
+    """Median per-call time of each zero-argument callable, timed in this process in interleaved
+    rounds (see interleaved_rounds for the keyword arguments)."""
+    return interleaved_rounds({n: InProcessRunner(fn, threads) for n, fn in fns.items()}, **rounds)
+
+
+def interleaved_rounds(
+    runners: dict,
+    *,
     block_s: float = 0.05,
     min_time_s: float = 0.3,
     min_rounds: int = 5,
     max_rounds: int = 40,
     warmup_s: float = 0.1,
 ) -> dict[str, Timing]:
-    """Median per-call time of each zero-argument callable, timed in interleaved rounds.
+    """Median per-call time of each runner (`warm_up(seconds) -> fastest call`, `time(number) ->
+    seconds per call`: an InProcessRunner, or an isolation.Worker in its own process).
 
-    Warm-up: at least two calls and `warmup_s` seconds per variant (plans, prepacked weights and
-    oneDNN primitives get built on the first calls). Each round then times `number` calls of every
-    variant, `number` chosen so a round lasts about `block_s`; rounds continue until the slowest
-    variant has run `min_time_s` (between `min_rounds` and `max_rounds`).
+    Warm-up: at least two calls and `warmup_s` seconds per variant. Each round then times `number`
+    calls of every variant, `number` chosen so a round lasts about `block_s`; rounds continue until
+    the slowest variant has run `min_time_s` (between `min_rounds` and `max_rounds`), in an order
+    rotated every round so no variant always runs right after another.
     """
-    timers, numbers, per_call = {}, {}, {}
-    for name, fn in fns.items():
-        calls, t0, fastest = 0, time.perf_counter(), math.inf
-        while calls < 2 or time.perf_counter() - t0 < warmup_s:
-            t1 = time.perf_counter()
-            fn()
-            if calls > 0:  # the first call builds plans and primitives: not a per-call estimate
-                fastest = min(fastest, time.perf_counter() - t1)
-            calls += 1
-        # The fastest warm-up call, not the last: on a loaded machine one preempted call would
-        # otherwise shrink `number` (and the round count) for this variant.
-        per_call[name] = fastest
-        numbers[name] = max(1, round(block_s / max(fastest, 1e-9)))
-        timers[name] = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
-    slowest = max(numbers[n] * per_call[n] for n in fns)
+    numbers, per_call = {}, {}
+    for name, runner in runners.items():
+        per_call[name] = runner.warm_up(warmup_s)
+        numbers[name] = max(1, round(block_s / max(per_call[name], 1e-9)))
+    slowest = max(numbers[n] * per_call[n] for n in runners)
     rounds = int(min(max_rounds, max(min_rounds, math.ceil(min_time_s / max(slowest, 1e-9)))))
-    names = list(fns)
+    names = list(runners)
     samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for i in range(len(names)):
             name = names[(i + r) % len(names)]
-            samples[name].append(_per_call(timers[name], numbers[name]))
+            samples[name].append(runners[name].time(numbers[name]))
     return {n: Timing.from_samples(samples[n], numbers[n]) for n in names}
 
 

@@ -1,7 +1,8 @@
 """The CPU benchmark: fused blocks and converted models against eager PyTorch (and torch.compile).
 
-Every case is timed in one process with a fixed thread count, its variants interleaved (see
-common.measure_side_by_side):
+Every case is timed with a fixed thread count, each variant in a worker process of its own (its
+heap is its own: see benchmarks/isolation.py for why that matters) and the variants' rounds
+interleaved (common.interleaved_rounds):
 
     fused        the resfused module, channels_last input (the fused kernels' native layout:
                  oneDNN and the grouped kernel work in NHWC, so no layout conversion happens)
@@ -19,12 +20,13 @@ the end of the same run (the better of the two), in the same dtype and thread co
 from __future__ import annotations
 
 import collections
-import copy
 import dataclasses
+import functools
 import importlib
 import os
 import sys
 import time
+import zlib
 
 import torch
 import torch.nn as nn
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 
 from benchmarks import common
 from benchmarks.common import DTYPES, Result
+from benchmarks.isolation import WorkerPool
 
 CL = torch.channels_last
 
@@ -163,53 +166,107 @@ def _kernels_used(fused: nn.Module, x: torch.Tensor) -> dict[str, int]:
 _SANE = {"fp32": 1e-3, "bf16": 1e-1}
 
 
-def bench_case(kind, name, config, eager, fused, x_nchw, dtype_name, threads, plan: TimingPlan,
-               *, fused_nchw=True, compiled=None, compile_time_s=None, fuse_time_s=None) -> Result:
-    """Time the fused module against the eager baselines on one input; returns one Result row."""
-    x_cl = x_nchw.contiguous(memory_format=CL)
-    eager_cl = copy.deepcopy(eager).to(memory_format=CL)
-    fns = {"fused": _inference_call(fused, x_cl)}
-    if fused_nchw:
-        fns["fused_nchw"] = _inference_call(fused, x_nchw)
-    fns["eager_nchw"] = _inference_call(eager, x_nchw)
-    fns["eager_cl"] = _inference_call(eager_cl, x_cl)
-    if compiled is not None:
-        fns["compile"] = _inference_call(compiled, x_nchw)
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One row: a block (`spec` a BlockCase) or a model (`spec` = (torchvision name, resolution))."""
 
-    row = Result(kind, name, config, x_nchw.shape[0], dtype_name, list(x_nchw.shape), common.count_flops(eager, x_nchw))
-    with torch.inference_mode():
-        row.max_rel_diff = _rel_diff(fused(x_cl), eager(x_nchw))
-    row.kernels = _kernels_used(fused, x_cl)
-    if row.max_rel_diff > _SANE[dtype_name]:
-        row.notes.append(f"fused output differs from eager by {row.max_rel_diff:.1e} (relative), above {_SANE[dtype_name]:.0e}")
-    if "conv/reference" in row.kernels:
-        row.notes.append("some convs fell back to the reference kernel")
-    row.times = common.measure_side_by_side(
-        fns, threads=threads, block_s=plan.block_s, min_time_s=plan.min_time_s,
-        min_rounds=plan.min_rounds, warmup_s=plan.warmup_s,
-    )
-    row.compile_time_s, row.fuse_time_s = compile_time_s, fuse_time_s
-    return row
+    kind: str
+    spec: object
+    dtype: str
+    batch: int
+
+    @property
+    def name(self) -> str:
+        return self.spec.cls if self.kind == "block" else self.spec[0]
+
+    @property
+    def config(self) -> str:
+        return self.spec.config if self.kind == "block" else f"{self.spec[1]}x{self.spec[1]}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} {self.config} b{self.batch} {self.dtype}"
+
+    @property
+    def input_shape(self) -> list[int]:
+        if self.kind == "block":
+            return [self.batch, self.spec.args[0], self.spec.hw, self.spec.hw]
+        return [self.batch, 3, self.spec[1], self.spec[1]]
+
+    @property
+    def seed(self) -> int:
+        return zlib.crc32(self.label.encode())  # the same weights and input in every worker
 
 
-def _build_block(case: BlockCase, dtype: torch.dtype, gen: torch.Generator):
+def make_variant(variant: str, case: Case):
+    """Build one variant of `case` in this (worker) process: returns (call, info), the recipe of
+    isolation.Worker.build. info: the output (for the sanity check) and, by variant, the FLOP
+    count (eager_nchw), fuse time, kernels and fuse summary (fused), compile time (compile)."""
     import resfused
 
-    ref = getattr(resfused.reference, case.cls)(*case.args, **dict(case.kwargs))
-    _randomize_bn(ref, gen)
-    ref = ref.eval().to(dtype)
-    fused = getattr(resfused, case.cls)(*case.args, **dict(case.kwargs)).eval().to(dtype)
-    fused.load_state_dict(ref.state_dict())
-    return ref, fused
+    dtype = DTYPES[case.dtype]
+    torch.manual_seed(case.seed)
+    gen = torch.Generator().manual_seed(case.seed)
+    if case.kind == "block":
+        eager = getattr(resfused.reference, case.spec.cls)(*case.spec.args, **dict(case.spec.kwargs))
+    else:
+        import torchvision
+
+        eager = getattr(torchvision.models, case.spec[0])(weights=None)
+    _randomize_bn(eager, gen)
+    eager = eager.eval().to(dtype)
+    x = torch.randn(*case.input_shape, generator=gen).to(dtype)
+    x_cl = x.contiguous(memory_format=CL)
+
+    info: dict = {}
+    if variant in ("fused", "fused_nchw"):
+        t0 = time.perf_counter()
+        if case.kind == "block":
+            module = getattr(resfused, case.spec.cls)(*case.spec.args, **dict(case.spec.kwargs)).eval().to(dtype)
+            module.load_state_dict(eager.state_dict())
+        else:
+            module = resfused.fuse(eager)
+            info["fuse_summary"] = str(module.resfused_report).splitlines()[0]
+        x_in = x_cl if variant == "fused" else x
+        with torch.inference_mode():
+            module(x_in)
+        info["fuse_time_s"] = time.perf_counter() - t0
+        info["kernels"] = _kernels_used(module, x_in)
+    elif variant == "eager_nchw":
+        module, x_in = eager, x
+        info["flops"] = common.count_flops(eager, x)
+    elif variant == "eager_cl":
+        module, x_in = eager.to(memory_format=CL), x_cl
+    elif variant == "compile":
+        module, info["compile_time_s"] = _compile(eager, x)
+        x_in = x
+    else:
+        raise ValueError(f"make_variant: unknown variant {variant!r}")
+    with torch.inference_mode():
+        info["output"] = module(x_in).float()
+    return _inference_call(module, x_in), info
 
 
-def _build_model(name: str, dtype: torch.dtype, gen: torch.Generator) -> nn.Module:
-    import torchvision
-
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, name)(weights=None)
-    _randomize_bn(model, gen)
-    return model.eval().to(dtype)
+def bench_case(pool, case: Case, variants: list[str], plan: TimingPlan) -> Result:
+    """Time the variants of one case, each in its own worker process (benchmarks.isolation),
+    in interleaved rounds; returns one Result row."""
+    infos = {v: pool[v].build(functools.partial(make_variant, v, case)) for v in variants}
+    fused, eager = infos["fused"], infos["eager_nchw"]
+    row = Result(case.kind, case.name, case.config, case.batch, case.dtype, case.input_shape, eager["flops"])
+    row.max_rel_diff = _rel_diff(fused["output"], eager["output"])
+    row.kernels = fused["kernels"]
+    if row.max_rel_diff > _SANE[case.dtype]:
+        row.notes.append(f"fused output differs from eager by {row.max_rel_diff:.1e} (relative), above {_SANE[case.dtype]:.0e}")
+    if "conv/reference" in row.kernels:
+        row.notes.append("some convs fell back to the reference kernel")
+    row.times = common.interleaved_rounds(
+        {v: pool[v] for v in variants}, block_s=plan.block_s, min_time_s=plan.min_time_s,
+        min_rounds=plan.min_rounds, warmup_s=plan.warmup_s,
+    )
+    if case.kind == "model":
+        row.fuse_time_s, row.fuse_summary = fused["fuse_time_s"], fused["fuse_summary"]
+        row.compile_time_s = infos.get("compile", {}).get("compile_time_s")
+    return row
 
 
 def _compile(model: nn.Module, x: torch.Tensor):
@@ -256,27 +313,18 @@ def run_cpu_benchmark(args) -> dict:
             continue
         dtypes.append(d)
     batches = args.batch or ([1] if args.quick else [1, 8])
-    gen = torch.Generator().manual_seed(0)
 
-    jobs = []  # (kind, label, dtype_name, batch, payload)
+    jobs: list[Case] = []
     if not args.models_only:
-        for case in block_cases(args.quick):
+        for spec in block_cases(args.quick):
             for d in dtypes:
                 for b in batches:
-                    label = f"{case.cls} {case.config} b{b} {d}"
-                    if _selected(label, args.filter):
-                        jobs.append(("block", label, d, b, case))
+                    jobs.append(Case("block", spec, d, b))
     if not args.blocks_only:
-        fuse = _fuse_or_none(skipped)
         models = ("resnet18",) if args.quick else MODELS
         res = 64 if args.quick else 224
-        if fuse is not None:
-            for name in models:
-                for d in dtypes:
-                    for b in batches:
-                        label = f"{name} {res}x{res} b{b} {d}"
-                        if _selected(label, args.filter):
-                            jobs.append(("model", label, d, b, (name, res, fuse)))
+        jobs += [Case("model", (name, res), d, b) for name in models for d in dtypes for b in batches]
+    jobs = [c for c in jobs if _selected(c.label, args.filter)]
 
     peaks = {}
     for d in dtypes:
@@ -285,37 +333,20 @@ def run_cpu_benchmark(args) -> dict:
 
     results: list[Result] = []
     bar = _progress(len(jobs), enabled=not args.no_progress)
-    for kind, label, d, b, payload in jobs:
-        bar.set_description(label)
-        dtype = DTYPES[d]
-        plan = TimingPlan.for_kind(kind, args.quick)
-        if kind == "block":
-            ref, fused = _build_block(payload, dtype, gen)
-            c = payload.args[0]
-            x = torch.randn(b, c, payload.hw, payload.hw, generator=gen).to(dtype)
-            row = bench_case("block", payload.cls, payload.config, ref, fused, x, d, args.threads, plan,
-                             fused_nchw=args.block_nchw)
-        else:
-            name, res, fuse = payload
-            model = _build_model(name, dtype, gen)
-            x = torch.randn(b, 3, res, res, generator=gen).to(dtype)
-            t0 = time.perf_counter()
-            fused = fuse(model)
-            with torch.inference_mode():
-                fused(x.contiguous(memory_format=CL))
-            fuse_time = time.perf_counter() - t0
-            compiled, compile_time = (None, None)
-            if args.compile:
-                compiled, compile_time = _compile(copy.deepcopy(model), x)
-            row = bench_case("model", name, f"{res}x{res}", model, fused, x, d, args.threads, plan,
-                             fused_nchw=not args.no_fused_nchw, compiled=compiled,
-                             compile_time_s=compile_time, fuse_time_s=fuse_time)
-            report = getattr(fused, "resfused_report", None)
-            row.fuse_summary = str(report).splitlines()[0] if report is not None else None
-        for n in row.notes:
-            bar.write(f"[bench] {row.label}: {n}")
-        results.append(row)
-        bar.update(1)
+    with WorkerPool(args.threads) as pool:
+        for case in jobs:
+            bar.set_description(case.label)
+            variants = ["fused"]
+            if (case.kind == "model" and not args.no_fused_nchw) or (case.kind == "block" and args.block_nchw):
+                variants.append("fused_nchw")
+            variants += ["eager_nchw", "eager_cl"]
+            if case.kind == "model" and args.compile:
+                variants.append("compile")
+            row = bench_case(pool, case, variants, TimingPlan.for_kind(case.kind, args.quick))
+            for n in row.notes:
+                bar.write(f"[bench] {row.label}: {n}")
+            results.append(row)
+            bar.update(1)
     bar.close()
     # The peak again at the end, keeping the better of the two: on a shared machine a burst of
     # load during one measurement would otherwise understate the peak (and inflate "% peak").
@@ -338,17 +369,6 @@ def _best_peaks(a: dict, b: dict) -> dict:
         best[k.replace("gflops", "gflops_runs")] = [a[k], b[k]]
     best["peak_gflops"] = max(best["gemm_gflops"], best["conv_gflops"])
     return best
-
-
-def _fuse_or_none(skipped: list[dict]):
-    import resfused
-
-    fuse = getattr(resfused, "fuse", None)
-    if fuse is None:
-        msg = "model rows skipped: resfused.fuse does not exist yet (resfused/convert.py has not landed)"
-        print(f"[bench] {msg}")
-        skipped.append({"what": "models", "why": msg})
-    return fuse
 
 
 def _grouped_rows(batches: list[int], dtypes: list[str], skipped: list[dict]) -> list[dict]:

@@ -23,6 +23,7 @@ Adding a block type means adding one rule here (DESIGN.md §2).
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import re
@@ -143,7 +144,18 @@ def _visit(module: nn.Module, path: str, report: FuseReport, fresh: set[int]) ->
         new = _visit(child, f"{path}.{child_name}" if path else child_name, report, fresh)
         if new is not child:
             setattr(module, child_name, new)
-    return module
+    return _as_stage(module)
+
+
+def _as_stage(module: nn.Module) -> nn.Module:
+    """A plain nn.Sequential holding two or more fused residual blocks becomes a ResidualStage
+    (same children and keys), which lets chained blocks write over their scratch inputs."""
+    if type(module) is not nn.Sequential or module._forward_hooks or module._forward_pre_hooks:
+        return module
+    fused = [m for m in module if isinstance(m, blocks.FusedModule) and not isinstance(m, blocks.ConvBNAct)]
+    if len(fused) < 2:
+        return module
+    return blocks.ResidualStage(collections.OrderedDict(module._modules)).train(module.training)
 
 
 _BLOCK_NAME = re.compile(r"(Block|Bottleneck|Basic)$")

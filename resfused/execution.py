@@ -9,9 +9,11 @@ runner decides how each call executes:
     TrainingRunner  train mode: ATen conv (its own backward), then batch-statistics BN+ReLU in one
                     fused kernel with a fused backward (ops.batch_norm_act), then the add+ReLU tail
 
-`conv_bn(x, conv, bn, relu, residual, pre_bn)` computes
+`conv_bn(x, conv, bn, relu, residual, pre_bn, residual_is_scratch)` computes
     act( bn(conv(pre(x))) [+ residual] ),   pre(x) = relu(pre_bn(x)) when pre_bn is given,
 with act = ReLU when `relu`; `pre_act(x, bn)` is relu(bn(x)) on its own (materialized).
+`residual_is_scratch` says no one reads `residual` afterwards: the folded runner lets the kernel
+write the output into its storage; the training runner ignores it (autograd keeps the tensors).
 """
 
 from __future__ import annotations
@@ -43,9 +45,10 @@ class FoldedRunner:
             self._folded[bn] = folding.bn_scale_shift(bn, self.dtype, self.differentiable)
         return self._folded[bn]
 
-    def conv_bn(self, x, conv, bn, relu=False, residual=None, pre_bn=None):
+    def conv_bn(self, x, conv, bn, relu=False, residual=None, pre_bn=None, residual_is_scratch=False):
         prologue = None if pre_bn is None else self._scale_shift(pre_bn)
-        return conv_bias_act(x, self._conv(conv, bn), residual=residual, relu=relu, prologue=prologue)
+        return conv_bias_act(x, self._conv(conv, bn), residual=residual, relu=relu, prologue=prologue,
+                             residual_is_scratch=residual_is_scratch)
 
     def pre_act(self, x, bn):
         return scale_shift_act(x, *self._scale_shift(bn), relu=True)
@@ -54,7 +57,7 @@ class FoldedRunner:
 class TrainingRunner:
     """Train mode: batch statistics, running-statistics updates, autograd through every step."""
 
-    def conv_bn(self, x, conv, bn, relu=False, residual=None, pre_bn=None):
+    def conv_bn(self, x, conv, bn, relu=False, residual=None, pre_bn=None, residual_is_scratch=False):
         if pre_bn is not None:
             x = self.pre_act(x, pre_bn)
         y = conv(x)

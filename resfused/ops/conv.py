@@ -11,8 +11,10 @@ the prologue get it applied first by the scale_shift_act tail.
 
 Adding a kernel: write an adapter module (a class with `name`, `fuses_prologue`, `supports`,
 `run`; `differentiable = True` if autograd flows through `run`, `traceable = False` if
-torch.compile cannot trace it) and list it in
-`_kernel_table` below. Nothing else changes.
+torch.compile cannot trace it; optionally `run_into_residual`, the same computation with the
+output written over the residual's storage, used when the caller says the residual is scratch
+and `can_run_into_residual(x, residual)` agrees)
+and list it in `_kernel_table` below. Nothing else changes.
 """
 
 from __future__ import annotations
@@ -171,12 +173,21 @@ def conv_bias_act(
     residual: torch.Tensor | None = None,
     relu: bool = False,
     prologue: Prologue | None = None,
+    residual_is_scratch: bool = False,
 ) -> torch.Tensor:
-    """act(conv(pro(x), W') + b' [+ residual]); see the module docstring."""
+    """act(conv(pro(x), W') + b' [+ residual]); see the module docstring.
+
+    residual_is_scratch: no one reads `residual` after this call, so a kernel that can may write
+    the result over it (and return it) instead of allocating; ignored when autograd records.
+    """
     check_inputs(x, p, residual, prologue)
     kernel = select_kernel(x, p, residual, prologue)
     if prologue is not None and not kernel.fuses_prologue:
         x = tails.scale_shift_act(x, *prologue, relu=True)
         prologue = None
+    if (residual_is_scratch and residual is not None and hasattr(kernel, "run_into_residual")
+            and not _needs_autograd(x, p, residual, prologue) and kernel.can_run_into_residual(x, residual)):
+        record("conv", f"{kernel.name}(into residual)")
+        return kernel.run_into_residual(x, p, residual, relu, prologue)
     record("conv", kernel.name)
     return kernel.run(x, p, residual, relu, prologue)

@@ -1,0 +1,143 @@
+"""ResidualStage (blocks writing their last conv over a scratch shortcut) and the CPU buffer
+cache: results match the float64 reference, the caller's tensors are never overwritten, hooks
+and autograd turn the in-place path off, and cached buffers are reused only once freed."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import resfused
+from harness import assert_matches_reference, compare_modules, randomize_bn
+from resfused import reference as R
+from resfused.ops import buffer_cache
+
+INTO = "onednn(into residual)"
+
+
+def _stage(block_cls, specs):
+    ref = randomize_bn(nn.Sequential(*[block_cls(*s) for s in specs])).eval()
+    return resfused.fuse(ref), ref
+
+
+def _conv_kernels(fn):
+    with resfused.ops.trace_kernels() as ran:
+        out = fn()
+    return out, [k for op, k in ran if op == "conv"]
+
+
+@pytest.mark.parametrize("block_cls, specs", [
+    (R.BasicBlock, [(16, 16), (16, 16), (16, 32, 2), (32, 32)]),
+    (R.PreActBasicBlock, [(16, 16), (16, 16), (16, 32, 2), (32, 32)]),
+    (R.Bottleneck, [(64, 16), (64, 16), (64, 32, 2), (128, 32)]),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stage_matches_reference_and_leaves_input_alone(block_cls, specs, dtype):
+    fused, ref = _stage(block_cls, specs)
+    assert type(fused) is resfused.ResidualStage
+    assert list(fused.state_dict()) == list(ref.state_dict())
+    x = torch.randn(2, specs[0][0], 10, 10).to(dtype).contiguous(memory_format=torch.channels_last)
+    before = x.clone()
+    _, kernels = _conv_kernels(lambda: compare_modules(fused.to(dtype), ref, x, f"stage of {block_cls.__name__}"))
+    assert torch.equal(x, before), "the stage overwrote its caller's input"
+    if dtype in resfused.ops.conv_onednn.SUPPORTED_DTYPES:
+        # block 0: identity of the caller's input (not scratch); 1: scratch input; 2: projection; 3: scratch
+        assert kernels.count(INTO) == 3, kernels
+
+
+def test_forward_hook_sees_an_output_that_is_not_overwritten():
+    fused, ref = _stage(R.BasicBlock, [(8, 8)] * 3)
+    seen = []
+    fused[1].register_forward_hook(lambda m, i, o: seen.append(o.clone()) or seen.append(o))
+    x = torch.randn(1, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        fused(x)
+        expected = ref[1](ref[0](x))
+    copy_at_hook, held = seen
+    assert torch.equal(held, copy_at_hook), "block 2 wrote over the output that block 1's hook holds"
+    assert_matches_reference(held, expected.double(), what="hooked block output")
+
+
+def test_hooks_and_autograd_use_the_allocating_path():
+    fused, _ = _stage(R.BasicBlock, [(8, 8)] * 3)
+    x = torch.randn(1, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        _, kernels = _conv_kernels(lambda: fused(x))
+    assert kernels.count(INTO) == 2, kernels  # blocks 1 and 2 get scratch inputs
+    handle = fused[1].register_forward_pre_hook(lambda m, i: None)
+    with torch.no_grad():
+        _, kernels = _conv_kernels(lambda: fused(x))
+    assert INTO not in kernels, kernels  # block 1 runs through __call__; its output may be held
+    handle.remove()
+    x.requires_grad_(True)
+    out, kernels = _conv_kernels(lambda: fused(x))
+    assert INTO not in kernels and "onednn" not in kernels, kernels
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_single_blocks_and_mixed_sequentials_are_not_stages():
+    one, _ = _stage(R.BasicBlock, [(8, 8)])
+    assert type(one) is nn.Sequential
+    mixed = resfused.fuse(nn.Sequential(R.BasicBlock(8, 8), nn.ReLU(), R.BasicBlock(8, 8)).eval())
+    assert type(mixed) is resfused.ResidualStage  # two fused blocks; the ReLU resets scratch
+    x = torch.randn(1, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        _, kernels = _conv_kernels(lambda: mixed(x))
+    assert INTO not in kernels, kernels
+
+
+needs_cache = pytest.mark.skipif(not buffer_cache._AVAILABLE, reason="resfused._C not built")
+
+
+@needs_cache
+def test_buffer_cache_reuses_freed_buffers_only():
+    block = resfused.Bottleneck(256, 64).eval()
+    x = torch.randn(2, 256, 32, 32).contiguous(memory_format=torch.channels_last)  # 2 MiB activations
+    buffer_cache.clear()
+    with torch.no_grad():
+        first = block(x)
+        kept = first.clone()
+        s0 = buffer_cache.stats()
+        second = block(x)
+        s1 = buffer_cache.stats()
+    assert s1.hits > s0.hits, (s0, s1)
+    assert first.data_ptr() != second.data_ptr()
+    assert torch.equal(first, kept), "a live output's buffer was handed out again"
+    assert torch.equal(first, second)
+    del first, second
+    assert buffer_cache.stats().idle_bytes > 0
+    buffer_cache.clear()
+    assert buffer_cache.stats().idle_bytes == 0
+
+
+@needs_cache
+def test_buffer_cache_scope_only_caches_inside():
+    buffer_cache.clear()
+    before = buffer_cache.stats()
+    torch.empty(1 << 20)  # outside any scope: the previous allocator
+    assert buffer_cache.stats().misses == before.misses
+    with buffer_cache.scope():
+        torch.empty(1 << 20)
+        torch.empty(1000)  # below 256 KiB: not cached
+    after = buffer_cache.stats()
+    assert after.misses == before.misses + 1 and after.idle_bytes == 4 << 20
+
+
+def _run_python(code: str, **env):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+@needs_cache
+def test_buffer_cache_limit_from_environment():
+    code = ("import torch, resfused\nfrom resfused.ops import buffer_cache as c\n"
+            "with c.scope(): torch.empty(1 << 20)\nprint(c.stats().idle_bytes, c.stats().limit_bytes)")
+    off = _run_python(code, RESFUSED_BUFFER_CACHE_MB="0")
+    assert off.returncode == 0, off.stderr
+    assert off.stdout.split() == ["0", "0"]
+    bad = _run_python(code, RESFUSED_BUFFER_CACHE_MB="lots")
+    assert bad.returncode != 0 and "RESFUSED_BUFFER_CACHE_MB must be a non-negative integer" in bad.stderr
