@@ -333,16 +333,11 @@ def run_cpu_benchmark(args) -> dict:
 
     results: list[Result] = []
     bar = _progress(len(jobs), enabled=not args.no_progress)
-    with WorkerPool(args.threads) as pool:
+    with WorkerPool(args.threads, preload=("resfused", "torchvision", "benchmarks.cpu")) as pool:
+        pool.start(sorted({v for case in jobs for v in _variants(case, args)}))
         for case in jobs:
             bar.set_description(case.label)
-            variants = ["fused"]
-            if (case.kind == "model" and not args.no_fused_nchw) or (case.kind == "block" and args.block_nchw):
-                variants.append("fused_nchw")
-            variants += ["eager_nchw", "eager_cl"]
-            if case.kind == "model" and args.compile:
-                variants.append("compile")
-            row = bench_case(pool, case, variants, TimingPlan.for_kind(case.kind, args.quick))
+            row = bench_case(pool, case, _variants(case, args), TimingPlan.for_kind(case.kind, args.quick))
             for n in row.notes:
                 bar.write(f"[bench] {row.label}: {n}")
             results.append(row)
@@ -360,6 +355,16 @@ def run_cpu_benchmark(args) -> dict:
         grouped = _grouped_rows(batches, dtypes, skipped)
     meta["loadavg_end"] = list(os.getloadavg())
     return {"meta": meta, "results": results, "skipped": skipped, "grouped": grouped, "peaks": peaks}
+
+
+def _variants(case: Case, args) -> list[str]:
+    variants = ["fused"]
+    if (case.kind == "model" and not args.no_fused_nchw) or (case.kind == "block" and args.block_nchw):
+        variants.append("fused_nchw")
+    variants += ["eager_nchw", "eager_cl"]
+    if case.kind == "model" and args.compile:
+        variants.append("compile")
+    return variants
 
 
 def _best_peaks(a: dict, b: dict) -> dict:

@@ -17,6 +17,7 @@ one) returning (call, info): `call` is what gets timed, `info` a picklable dict 
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing
 import traceback
 
@@ -25,9 +26,12 @@ import torch
 from benchmarks.common import InProcessRunner
 
 
-def _serve(conn, threads: int) -> None:
+def _serve(conn, threads: int, preload: tuple[str, ...]) -> None:
     """The worker's loop: build a variant, warm it up, time it, until told to stop."""
     torch.set_num_threads(threads)
+    for module in preload:  # the slow imports, while the other workers start too
+        importlib.import_module(module)
+    conn.send(("ok", "ready"))
     runner = None
     while True:
         op, arg = conn.recv()
@@ -55,19 +59,29 @@ class Worker:
     """A spawned process holding one variant; `warm_up` / `time` follow the runner protocol of
     common.interleaved_rounds."""
 
-    def __init__(self, name: str, threads: int):
+    def __init__(self, name: str, threads: int, preload: tuple[str, ...] = ()):
         ctx = multiprocessing.get_context("spawn")  # fork after OpenMP has started is unsafe
         self.name = name
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, threads), daemon=True, name=f"bench-{name}")
+        self._proc = ctx.Process(target=_serve, args=(child, threads, preload), daemon=True, name=f"bench-{name}")
         self._proc.start()
+        self._ready = False
 
-    def _ask(self, op: str, arg=None):
-        self._conn.send((op, arg))
+    def _reply(self, op: str):
         status, value = self._conn.recv()
         if status == "error":
             raise RuntimeError(f"benchmark worker {self.name!r} failed on {op!r}:\n{value}")
         return value
+
+    def wait_ready(self) -> None:
+        if not self._ready:
+            self._reply("start")
+            self._ready = True
+
+    def _ask(self, op: str, arg=None):
+        self.wait_ready()
+        self._conn.send((op, arg))
+        return self._reply(op)
 
     def build(self, recipe) -> dict:
         return self._ask("build", recipe)
@@ -90,15 +104,23 @@ class Worker:
 
 
 class WorkerPool:
-    """Workers by variant name, started on first use and kept for the whole run."""
+    """Workers by variant name, kept for the whole run. `start(names)` starts several at once
+    (their imports overlap); a name not started yet is started on first use."""
 
-    def __init__(self, threads: int):
-        self.threads = threads
+    def __init__(self, threads: int, preload: tuple[str, ...] = ()):
+        self.threads, self.preload = threads, preload
         self._workers: dict[str, Worker] = {}
+
+    def start(self, names) -> None:
+        for name in names:
+            if name not in self._workers:
+                self._workers[name] = Worker(name, self.threads, self.preload)
+        for name in names:
+            self._workers[name].wait_ready()
 
     def __getitem__(self, name: str) -> Worker:
         if name not in self._workers:
-            self._workers[name] = Worker(name, self.threads)
+            self.start([name])
         return self._workers[name]
 
     def close(self) -> None:

@@ -5,8 +5,10 @@ produces the expected rows, positive times, speedups computed as baseline / fuse
 that match the conv formula.
 """
 
+import functools
 import json
 import math
+import os
 import time
 
 import pytest
@@ -16,6 +18,7 @@ import torch.nn as nn
 import resfused
 from benchmarks import common
 from benchmarks.__main__ import main
+from benchmarks.isolation import WorkerPool
 
 pytest.importorskip("tabulate")
 pytest.importorskip("tqdm")
@@ -112,3 +115,22 @@ def test_side_by_side_timing_orders_variants():
     assert t["long"].median_s >= 0.004 and t["short"].median_s >= 0.001
     assert t["long"].median_s > t["short"].median_s
     assert t["short"].number >= t["long"].number >= 1  # about block_s per round (>= : a preempted warm-up call)
+
+
+def _sleep_recipe(seconds):
+    return (lambda: time.sleep(seconds)), {"pid": os.getpid()}
+
+
+def test_isolated_workers_time_in_processes_of_their_own():
+    with WorkerPool(threads=1) as pool:
+        pool.start(["short", "long"])
+        infos = {n: pool[n].build(functools.partial(_sleep_recipe, s)) for n, s in (("short", 0.001), ("long", 0.004))}
+        assert len({info["pid"] for info in infos.values()} | {os.getpid()}) == 3
+        t = common.interleaved_rounds({n: pool[n] for n in infos}, block_s=0.004, min_time_s=0.02, min_rounds=3, warmup_s=0.0)
+    assert t["long"].median_s >= 0.004 and t["short"].median_s >= 0.001
+    assert t["long"].median_s > t["short"].median_s
+
+
+def test_worker_errors_carry_the_traceback():
+    with WorkerPool(threads=1) as pool, pytest.raises(RuntimeError, match="(?s)worker 'bad' failed on 'build'.*ZeroDivisionError"):
+        pool["bad"].build(functools.partial(divmod, 1, 0))
