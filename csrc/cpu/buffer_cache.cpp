@@ -118,17 +118,18 @@ class ScopedCachingAllocator final : public c10::Allocator {
   }
 };
 
-void install_once() {
-  static std::once_flag once;
-  std::call_once(once, [] {
+// Wraps the CPU allocator once. If another allocator of higher priority is installed, ours is
+// not, and scopes simply change nothing (stats report installed = 0).
+bool install_once() {
+  static const bool installed = [] {
     State& s = state();
     s.fallback = c10::GetCPUAllocator();
     static ScopedCachingAllocator* allocator = new ScopedCachingAllocator();
     // Priority 0 is the default allocator's; SetCPUAllocator replaces an equal priority.
     c10::SetCPUAllocator(allocator, /*priority=*/0);
-    TORCH_CHECK(c10::GetCPUAllocator() == allocator,
-                "resfused: could not install the buffer cache (another CPU allocator has a higher priority)");
-  });
+    return c10::GetCPUAllocator() == allocator;
+  }();
+  return installed;
 }
 
 // Enter (true) or leave (false) a scope on this thread; returns the new depth.
@@ -141,14 +142,15 @@ int64_t buffer_cache_scope(bool enter) {
   return --scope_depth;
 }
 
-// [idle bytes, live cached bytes, hits, misses, limit bytes]
+// [idle bytes, live cached bytes, hits, misses, limit bytes, installed]
 std::vector<int64_t> buffer_cache_stats() {
+  const bool installed = install_once();
   State& s = state();
   std::lock_guard<std::mutex> guard(s.mu);
   size_t live = 0;
   for (const auto& kv : s.live) live += kv.second;
   return {static_cast<int64_t>(s.idle_bytes), static_cast<int64_t>(live), s.hits, s.misses,
-          static_cast<int64_t>(s.limit)};
+          static_cast<int64_t>(s.limit), installed};
 }
 
 // Frees every idle block; blocks in use return to the cache when their tensors die.

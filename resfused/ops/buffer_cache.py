@@ -30,6 +30,7 @@ class Stats:
     hits: int          # scoped allocations served from the cache
     misses: int        # scoped allocations that needed a new block
     limit_bytes: int   # RESFUSED_BUFFER_CACHE_MB
+    installed: bool    # False when another CPU allocator of higher priority is in place
 
 
 @contextlib.contextmanager
@@ -47,7 +48,10 @@ def scope():
 
 def stats() -> Stats | None:
     """The cache's counters, or None without the compiled extension."""
-    return Stats(*torch.ops.resfused.buffer_cache_stats()) if _AVAILABLE else None
+    if not _AVAILABLE:
+        return None
+    *counters, installed = torch.ops.resfused.buffer_cache_stats()
+    return Stats(*counters, installed=bool(installed))
 
 
 def clear() -> None:
