@@ -62,6 +62,7 @@ struct Args {
   int64_t rows;        // output rows per strip (see run_items_t)
   int stride, cpg;
   bool relu, bf16;
+  bool stream;         // write the output with non-temporal stores (float32, 64-byte aligned)
 };
 
 // The lane rotation of the header comment: which input channel of the group lane j sees in r_s.
@@ -90,6 +91,8 @@ struct Isa {
     return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
   }
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static void stream(float* p, V v) { _mm512_stream_ps(p, v); }  // p 64-byte aligned
+  static void stream(uint16_t* p, V v) { store(p, v); }
   static void store(uint16_t* p, V v) {  // round to nearest even; NaN -> 0x7FC0, as c10::BFloat16
     __m512i i = _mm512_castps_si512(v);
     __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(i, 16), _mm512_set1_epi32(1));
@@ -135,6 +138,8 @@ struct Isa {
     return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
   }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static void stream(float* p, V v) { _mm256_stream_ps(p, v); }  // p 32-byte aligned
+  static void stream(uint16_t* p, V v) { store(p, v); }
   static void store(uint16_t* p, V v) {
     __m256i i = _mm256_castps_si256(v);
     __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(i, 16), _mm256_set1_epi32(1));
@@ -303,8 +308,12 @@ at::Tensor grouped_conv3x3(const at::Tensor& x_in, const at::Tensor& weight, con
   const int64_t row_bytes = W * C * static_cast<int64_t>(x.element_size());
   const int64_t in_rows = std::max<int64_t>(3, (384 << 10) / std::max<int64_t>(row_bytes, 1));
   const int64_t rows = std::min(Ho, (in_rows - 3) / stride + 1);
+  // The output is written once and read by the next layer, not by this kernel: non-temporal stores
+  // skip the read-for-ownership of every output line (measured on 8x128x56x56, 4 channels/group,
+  // 2 threads: 4.9 -> 4.2 ms; a converted resnext50_32x4d at batch 8 was unchanged, 451 vs 448 ms).
+  const bool stream = x.scalar_type() == at::kFloat && reinterpret_cast<uintptr_t>(y.data_ptr()) % 64 == 0;
   const Args args{x.const_data_ptr(), wp.data(), bp.data(), y.data_ptr(), H, W, C, Ho, Wo, rows,
-                  static_cast<int>(stride), G, relu, x.scalar_type() == at::kBFloat16};
+                  static_cast<int>(stride), G, relu, x.scalar_type() == at::kBFloat16, stream};
   // Work items: (image, strip, block of V channels); one output row of a block is Wo*9*G vector FMAs.
   const int64_t items = N * ((Ho + rows - 1) / rows) * (C / V);
   const int64_t grain = std::max<int64_t>(1, 4096 / (rows * Wo * 9 * G));
@@ -393,8 +402,10 @@ __attribute__((flatten)) void row_tile(const T* x, const float* w, const float* 
   const V b = Isa::load(bias);
   static_for<P>([&](auto p_) {
     constexpr int p = decltype(p_)::value;
-    const V out = Isa::add(b, acc[p]);
-    Isa::store(y + p * a.C, a.relu ? Isa::relu(out) : out);
+    V out = Isa::add(b, acc[p]);
+    if (a.relu) out = Isa::relu(out);
+    if (a.stream) Isa::stream(y + p * a.C, out);
+    else Isa::store(y + p * a.C, out);
   });
 }
 
@@ -452,6 +463,8 @@ void run_items_g(const Args& a, int64_t begin, int64_t end) {
 }
 
 void run_items(const Args& a, int64_t begin, int64_t end) {
+  // Non-temporal stores are weakly ordered: fence them before the caller's threads join.
+  struct Fence { ~Fence() { _mm_sfence(); } } fence;
   switch (a.cpg) {
     case 4: return run_items_g<4>(a, begin, end);
     case 8: return run_items_g<8>(a, begin, end);
