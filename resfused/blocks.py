@@ -66,7 +66,7 @@ class FusedModule(nn.Module):
             for t in (*m._parameters.values(), *m._buffers.values()):
                 if t is not None:
                     state += (t.data_ptr(), t._version)
-            stack.extend(m._modules.values())
+            stack.extend(c for c in m._modules.values() if c is not None)  # `block.downsample = None`
         return tuple(state)
 
     def _folded_runner(self, x: torch.Tensor) -> FoldedRunner:

@@ -141,3 +141,12 @@ def test_buffer_cache_limit_from_environment():
     assert off.stdout.split() == ["0", "0"]
     bad = _run_python(code, RESFUSED_BUFFER_CACHE_MB="lots")
     assert bad.returncode != 0 and "RESFUSED_BUFFER_CACHE_MB must be a non-negative integer" in bad.stderr
+
+
+def test_plan_key_survives_a_submodule_set_to_none():
+    # Assigning None to a registered child leaves None in Module._modules.
+    ref = randomize_bn(R.BasicBlock(8, 8)).eval()
+    fused = resfused.BasicBlock.from_reference(ref)
+    fused.extra = nn.Identity()
+    fused.extra = None
+    compare_modules(fused, ref, torch.randn(1, 8, 5, 5))
