@@ -85,7 +85,7 @@ class FusedModule(nn.Module):
             raise ValueError(f"resfused.{name}: expected a 4-D input (N, C, H, W), got {shape}")
         if x.shape[1] != self.in_channels:
             raise ValueError(f"resfused.{name}: expected {self.in_channels} input channels, got input of shape {tuple(x.shape)}")
-        weight = next(self.parameters())
+        weight = self._entry_conv().weight
         if x.dtype != weight.dtype:
             raise TypeError(f"resfused.{name}: input dtype {x.dtype} does not match the block's parameters ({weight.dtype})")
         if x.device != weight.device:
@@ -123,7 +123,12 @@ class FusedModule(nn.Module):
 
     @property
     def in_channels(self) -> int:
-        return self.conv1.in_channels if hasattr(self, "conv1") else self.conv.in_channels
+        return self._entry_conv().in_channels
+
+    def _entry_conv(self) -> nn.Conv2d:
+        # Read from the module dict: hasattr / next(parameters()) cost more than the check itself.
+        children = self._modules
+        return children["conv1"] if "conv1" in children else children["conv"]
 
 
 class BasicBlock(FusedModule, reference.BasicBlock):
