@@ -5,7 +5,9 @@ Timing (DESIGN.md §6): the machines are shared and noisy, so the variants of on
 eager NCHW, eager channels_last, ...) are timed *interleaved*: after a warm-up, each round times
 every variant once (in a rotated order, so no variant always runs right after another), and the
 median over rounds is reported. A burst of load from a neighbour then hits all variants alike
-and the ratios stay meaningful even when absolute times drift.
+and the ratios stay meaningful even when absolute times drift. `interleaved_rounds` takes runners:
+InProcessRunner here, or benchmarks.isolation.Worker, which keeps each variant in a process of its
+own (the CPU and training benchmarks do: a shared heap skews the comparison, see isolation.py).
 """
 
 from __future__ import annotations
