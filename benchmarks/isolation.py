@@ -78,9 +78,12 @@ class Worker:
             self._reply("start")
             self._ready = True
 
-    def _ask(self, op: str, arg=None):
+    def send(self, op: str, arg=None) -> None:
         self.wait_ready()
         self._conn.send((op, arg))
+
+    def _ask(self, op: str, arg=None):
+        self.send(op, arg)
         return self._reply(op)
 
     def build(self, recipe) -> dict:
@@ -117,6 +120,12 @@ class WorkerPool:
                 self._workers[name] = Worker(name, self.threads, self.preload)
         for name in names:
             self._workers[name].wait_ready()
+
+    def build_all(self, recipes: dict) -> dict[str, dict]:
+        """Build several variants at once, each in its worker; returns their infos by name."""
+        for name, recipe in recipes.items():
+            self[name].send("build", recipe)
+        return {name: self[name]._reply("build") for name in recipes}
 
     def __getitem__(self, name: str) -> Worker:
         if name not in self._workers:
