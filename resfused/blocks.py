@@ -95,7 +95,7 @@ class FusedModule(nn.Module):
         return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with buffer_cache.inference_scope():
+        with buffer_cache.scope_for(self):
             return self._forward(x, x_is_scratch=False)
 
     def _forward(self, x: torch.Tensor, x_is_scratch: bool) -> torch.Tensor:
@@ -207,7 +207,7 @@ class ResidualStage(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         global_hooks = _global_module_hooks()
         x_is_scratch = False  # the stage's own input belongs to the caller
-        with buffer_cache.inference_scope():
+        with buffer_cache.scope_for(self):
             for block in self:
                 if global_hooks or _has_hooks(block) or not isinstance(block, FusedModule):
                     x, x_is_scratch = block(x), False

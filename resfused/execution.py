@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from resfused import folding
 from resfused.ops import add_relu, conv_bias_act, scale_shift_act
+from resfused.ops import conv_train
 from resfused.ops.batchnorm import batch_norm_act
 from resfused.ops.conv import ConvParams
 
@@ -60,7 +61,7 @@ class TrainingRunner:
     def conv_bn(self, x, conv, bn, relu=False, residual=None, pre_bn=None, residual_is_scratch=False):
         if pre_bn is not None:
             x = self.pre_act(x, pre_bn)
-        y = conv(x)
+        y = conv_train.conv2d(x, conv)
         if bn is not None:
             y = batch_norm_act(y, bn, relu=relu and residual is None)
         elif relu and residual is None:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch._prims_common import suggest_memory_format
 
 from resfused import _native, backend, folding
-from resfused.ops import checks, tails
+from resfused.ops import buffer_cache, checks, tails
 from resfused.ops.dispatch import record
 
 
@@ -86,7 +86,9 @@ def _register() -> None:
     def backward(ctx, grad_y, _grad_mean, _grad_var):
         x, weight, bias, mean, var = ctx.saved_tensors
         grad_y = grad_y.contiguous(memory_format=suggest_memory_format(x))
-        return (*torch.ops.resfused.bn_train_act_backward(grad_y, x, weight, bias, mean, var, ctx.eps, ctx.relu), None, None)
+        with buffer_cache.scope():  # see ops/conv_train.py
+            grads = torch.ops.resfused.bn_train_act_backward(grad_y, x, weight, bias, mean, var, ctx.eps, ctx.relu)
+        return (*grads, None, None)
 
     torch.library.register_autograd("resfused::bn_train_act", backward, setup_context=setup)
 

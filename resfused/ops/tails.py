@@ -15,7 +15,7 @@ import torch
 from torch._prims_common import suggest_memory_format
 
 from resfused import _native, backend
-from resfused.ops import checks
+from resfused.ops import buffer_cache, checks
 from resfused.ops.dispatch import record
 
 
@@ -79,7 +79,8 @@ def _register() -> None:
 
     def add_relu_backward(ctx, grad):
         (out,) = ctx.saved_tensors
-        g = torch.ops.resfused.add_relu_backward(grad.contiguous(memory_format=suggest_memory_format(out)), out)
+        with buffer_cache.scope():  # see ops/conv_train.py
+            g = torch.ops.resfused.add_relu_backward(grad.contiguous(memory_format=suggest_memory_format(out)), out)
         return g, g  # autograd never accumulates in place into a shared gradient
 
     torch.library.register_autograd("resfused::add_relu", add_relu_backward, setup_context=add_relu_setup)
