@@ -24,31 +24,18 @@ VARIANTS = ("fused", "eager_nchw", "eager_cl", "compile")
 
 
 def _measure(variant: str, model_name: str, batch: int, calls: int, threads: int) -> tuple[float, float]:
-    import torchvision
-
-    import resfused
+    # The variant is built exactly as the main benchmark builds it (randomized BN, same input).
+    from benchmarks.cpu import Case, make_variant
 
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, model_name)(weights=None).eval()
-    x = torch.randn(batch, 3, 224, 224)
-    if variant == "fused":
-        model, x = resfused.fuse(model), x.contiguous(memory_format=torch.channels_last)
-    elif variant == "eager_cl":
-        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    elif variant == "compile":
-        import torch._inductor.config as inductor_config
-
-        inductor_config.freezing = True
-        model = torch.compile(model)
-    with torch.inference_mode():
-        model(x), model(x)
-        faults0, times = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, []
-        for _ in range(calls):
-            t0 = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t0)
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
+    call, _ = make_variant(variant, Case("model", (model_name, 224), "fp32", batch))
+    call(), call()
+    faults0, times = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
     return faults / calls, statistics.median(times) * 1e3
 
 

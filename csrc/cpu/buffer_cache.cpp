@@ -94,16 +94,17 @@ class ScopedCachingAllocator final : public c10::Allocator {
     {
       std::lock_guard<std::mutex> guard(s.mu);
       auto it = s.idle.find(nbytes);
-      if (it != s.idle.end() && !it->second.empty()) {
+      if (it != s.idle.end() && !it->second.empty()) {  // a hit: taken and marked live in one lock
         ptr = it->second.back();
         it->second.pop_back();
         s.idle_bytes -= nbytes;
+        s.live.emplace(ptr, nbytes);
         ++s.hits;
-      } else {
-        ++s.misses;
+        return {ptr, ptr, &release, c10::Device(c10::DeviceType::CPU)};
       }
+      ++s.misses;
     }
-    if (ptr == nullptr) ptr = c10::alloc_cpu(nbytes);
+    ptr = c10::alloc_cpu(nbytes);  // outside the lock: it may fault or mmap
     {
       std::lock_guard<std::mutex> guard(s.mu);
       s.live.emplace(ptr, nbytes);

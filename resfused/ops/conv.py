@@ -151,11 +151,10 @@ def _needs_autograd(x, p: ConvParams, residual, prologue) -> bool:
     return any(t is not None and t.requires_grad for t in tensors)
 
 
-def select_kernel(x, p: ConvParams, residual=None, prologue=None):
+def select_kernel(x, p: ConvParams, residual, prologue, needs_grad: bool):
     """The first kernel of the backend's list that supports the call; when autograd must flow
-    through it, only kernels with a backward (`differentiable = True`) qualify, and under
-    torch.compile / torch.export only kernels it can trace (`traceable`, default True)."""
-    needs_grad = _needs_autograd(x, p, residual, prologue)
+    through it (`needs_grad`), only kernels with a backward (`differentiable = True`) qualify, and
+    under torch.compile / torch.export only kernels it can trace (`traceable`, default True)."""
     compiling = torch.compiler.is_compiling()
     for kernel in kernels_for(backend.resolve(x.device)):
         if needs_grad and not getattr(kernel, "differentiable", False):
@@ -181,12 +180,13 @@ def conv_bias_act(
     the result over it (and return it) instead of allocating; ignored when autograd records.
     """
     check_inputs(x, p, residual, prologue)
-    kernel = select_kernel(x, p, residual, prologue)
+    needs_grad = _needs_autograd(x, p, residual, prologue)
+    kernel = select_kernel(x, p, residual, prologue, needs_grad)
     if prologue is not None and not kernel.fuses_prologue:
         x = tails.scale_shift_act(x, *prologue, relu=True)
         prologue = None
-    if (residual_is_scratch and residual is not None and hasattr(kernel, "run_into_residual")
-            and not _needs_autograd(x, p, residual, prologue) and kernel.can_run_into_residual(x, residual)):
+    if (residual_is_scratch and residual is not None and not needs_grad and hasattr(kernel, "run_into_residual")
+            and kernel.can_run_into_residual(x, residual)):
         record("conv", f"{kernel.name}(into residual)")
         return kernel.run_into_residual(x, p, residual, relu, prologue)
     record("conv", kernel.name)
