@@ -64,6 +64,12 @@ cpu_baseline = "none"
 if platform.machine() in ("x86_64", "AMD64") and os.environ.get("RESFUSED_CPU_BASELINE", "avx2") == "avx2":
     cpu_baseline = "avx2"
     cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+# at::parallel_for is a header template: it runs on ATen's OpenMP thread pool only where the
+# including file is compiled with OpenMP, and is silently serial otherwise (measured: every kernel
+# here ran on one thread at torch.set_num_threads(2)). The extension links the libgomp that torch
+# already loaded (same soname), so torch.set_num_threads governs both.
+openmp_flags = ["-fopenmp"] if platform.system() == "Linux" else []
+cxx_flags += openmp_flags
 # Read by resfused._native before it imports _C (a generated file, not tracked by git).
 with open(os.path.join(ROOT, "resfused", "_build_config.py"), "w") as f:
     f.write(f'"""Written by setup.py."""\nCPU_BASELINE = "{cpu_baseline}"\n')
@@ -80,6 +86,7 @@ if build_cuda:
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=[("RESFUSED_WITH_CUDA", "1"), ("RESFUSED_CUDA_ARCHS", f'"{archs}"')],
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=openmp_flags,
     )
     print(f"resfused: building C++ CPU kernels ({len(cpu_sources)} files) and CUDA kernels "
           f"({len(cuda_sources)} files) for TORCH_CUDA_ARCH_LIST={archs}")
@@ -89,6 +96,7 @@ else:
         cpu_sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=openmp_flags,
     )
     print(f"resfused: building C++ CPU kernels ({len(cpu_sources)} files); CUDA kernels skipped: {why_not}")
 
