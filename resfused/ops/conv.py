@@ -104,11 +104,12 @@ def _kernel_table() -> dict[str, list]:
     from resfused.ops.conv_library import LibraryConvWithTail
     from resfused.ops.conv_onednn import OneDNNConv
     from resfused.ops.conv_triton import TritonConv
+    from resfused.ops.conv_winograd import WinogradConv
 
     library = LibraryConvWithTail()
     grouped = GroupedConv3x3()
     return {
-        "cpu": [grouped, OneDNNConv(), library],
+        "cpu": [grouped, WinogradConv(), OneDNNConv(), library],
         "gpu": [grouped, TritonConv(), library],
         "cuda": [grouped, library],
         "triton": [TritonConv()],

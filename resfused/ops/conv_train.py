@@ -1,5 +1,6 @@
-"""Training-mode convolution: ATen's convolution forward and backward, with the backward's large
-buffers (grad_input, grad_weight) served by the buffer cache (ops/buffer_cache.py).
+"""Training-mode convolution: ATen's convolution forward and backward, or Winograd F(4x4, 3x3)
+(ops/winograd.py) on the 3x3 shapes where that measured faster, with the backward's large buffers
+(grad_input, grad_weight) served by the buffer cache (ops/buffer_cache.py).
 
 The fused blocks' training forward runs inside a buffer-cache scope, so the activations it saves
 return to the cache when the backward frees them; the backward's own allocations must come from
@@ -13,7 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from resfused.ops import buffer_cache
+from resfused import _native
+from resfused.ops import buffer_cache, conv_winograd, winograd
+from resfused.ops.dispatch import record
 
 
 class _Conv2d(torch.autograd.Function):
@@ -35,6 +38,25 @@ class _Conv2d(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None
 
 
+def _winograd_trains_faster(x: torch.Tensor, conv: nn.Conv2d) -> bool:
+    """Where F(4x4, 3x3) measured faster than ATen for forward + both gradients (batch 8, 2 threads,
+    float32; `python -m benchmarks.winograd_cpu --train`): 64 ch @56x56 1.22x, 128 @28x28 1.45x;
+    256 @14x14 0.97x and 512 @7x7 0.36x (the weight transforms, redone every step, dominate)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and conv_winograd.geometry_ok(conv.weight.shape, conv.stride, conv.padding, conv.dilation, conv.groups)
+        and conv.in_channels <= 128
+        and x.shape[2] * x.shape[3] >= 28 * 28
+        and not torch.compiler.is_compiling()
+        and _native.has_kernel("winograd_f43_input", "cpu")
+    )
+
+
 def conv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """conv(x) for a zero-padded nn.Conv2d, its backward inside a buffer-cache scope."""
+    """conv(x) for a zero-padded nn.Conv2d, its backward inside a buffer-cache scope; through
+    Winograd F(4x4, 3x3) (ops/winograd.py) where that trains faster."""
+    if _winograd_trains_faster(x, conv):
+        record("conv", "winograd_f43(train)")
+        return winograd.conv3x3_train(x, conv.weight, conv.bias)
     return _Conv2d.apply(x, conv.weight, conv.bias, list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)

@@ -1,0 +1,20 @@
+// Schemas of the Winograd F(4x4, 3x3) transforms: a 3x3, stride-1, padding-1 convolution done as
+// tile transforms around a batched GEMM. Kernels: cpu/winograd_f43.cpp. The matrices, the weight
+// transforms, the GEMMs and autograd: resfused/ops/winograd.py.
+//
+// Layouts. Activations are NCHW-shaped, channels_last in memory. The transformed domain is
+// [36, T, C] contiguous: for each of the 6x6 transform positions e, a [T, C] matrix over the
+// T = N * ceil(H/4) * ceil(W/4) output tiles of 4x4 pixels, so the GEMM is
+// M[e] = V[e] @ U[e] with U[e] the [C_in, C_out] transformed weights.
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(resfused, m) {
+  // V[e, t, c] = (B^T d_t B)[e] for the 6x6 input window d_t of tile t (zero padded by 1).
+  m.def("winograd_f43_input(Tensor x) -> Tensor");
+  // Z[e, t, c] = (A g_t A^T)[e] for the 4x4 window g_t of tile t (zero beyond the image):
+  // the transform of an output gradient, for the weight gradient.
+  m.def("winograd_f43_grad_output(Tensor grad) -> Tensor");
+  // y[n, c, 4ti + i, 4tj + j] = act((A^T M_t A)[i, j] + bias[c] [+ residual]) for the N x H x W
+  // output; `relu` applies after the residual add.
+  m.def("winograd_f43_output(Tensor m, int n, int h, int w, Tensor? bias, Tensor? residual, bool relu) -> Tensor");
+}

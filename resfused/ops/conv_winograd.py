@@ -1,0 +1,62 @@
+"""Inference 3x3 convs through Winograd F(4x4, 3x3) (ops/winograd.py): the transformed weights are
+built once (in float64, then rounded) and cached in ConvParams.packed; bias, residual add and ReLU
+run in the output transform.
+
+Where it is used: the shapes where it measured faster than oneDNN's direct conv with packed
+weights, bias and ReLU post-op (2 threads, float32, median of interleaved runs, one process;
+`python -m benchmarks.winograd_cpu`):
+
+    C_in -> C_out @ H x W      batch 1      batch 8
+    64 -> 64 @ 56x56           1.26x        1.27x
+    128 -> 128 @ 28x28         1.55x        1.81x
+    256 -> 256 @ 14x14         1.29x        1.49x
+    512 -> 512 @ 7x7           0.40x        1.03x     (36 x C_in x C_out transformed weights
+                                                       dominate: not used)
+
+so: float32, 3x3, stride 1, padding 1, no dilation or groups, at most 256 input channels and at
+least 14x14 pixels. float64 is exact enough but not faster than the reference; bf16 / fp16 would
+need the transforms in float32 and are left to oneDNN.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from resfused import _native
+from resfused.ops import winograd
+from resfused.ops.conv import ConvParams
+
+MAX_IN_CHANNELS = 256
+MIN_PIXELS = 14 * 14
+
+
+def geometry_ok(weight_shape, stride, padding, dilation, groups) -> bool:
+    """A 3x3, stride-1, padding-1, undilated, ungrouped conv: what F(4x4, 3x3) computes."""
+    return (
+        tuple(weight_shape[2:]) == (3, 3)
+        and tuple(stride) == (1, 1)
+        and tuple(padding) == (1, 1)
+        and tuple(dilation) == (1, 1)
+        and groups == 1
+    )
+
+
+class WinogradConv:
+    name = "winograd_f43"
+    fuses_prologue = False
+
+    def supports(self, x, p: ConvParams, residual, prologue) -> bool:
+        return (
+            x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and geometry_ok(p.weight.shape, p.stride, p.padding, p.dilation, p.groups)
+            and p.in_channels <= MAX_IN_CHANNELS
+            and x.shape[2] * x.shape[3] >= MIN_PIXELS
+            and _native.has_kernel("winograd_f43_input", "cpu")
+        )
+
+    def run(self, x, p: ConvParams, residual, relu, prologue):
+        u = p.packed.get(self.name)
+        if u is None:
+            u = p.packed[self.name] = winograd.transform_weight(p.weight, torch.float64)
+        return winograd.conv3x3(x, u, p.bias, residual, relu)

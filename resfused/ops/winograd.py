@@ -1,0 +1,163 @@
+"""Winograd F(4x4, 3x3): a 3x3, stride-1, padding-1, ungrouped convolution with 2.25 multiplies
+per output and input channel instead of 9.
+
+Per 4x4 output tile, with d the 6x6 input window around it (zero padded by 1):
+
+    Y = A^T [ (G w G^T) (.) (B^T d B) ] A          ((.): elementwise over the 6x6 positions e)
+
+Summed over input channels, the elementwise products become, for each of the 36 positions e, a
+GEMM over tiles and channels, so a conv is three steps:
+
+    forward       V = input(x)              [36, T, C_in]      (B^T d B, csrc/cpu/winograd_f43.cpp)
+                  M[e] = V[e] @ U[e]        [36, T, C_out]     (torch.bmm; U = weight transform)
+                  y = output(M) + bias ...  (A^T M A, then bias, residual, ReLU in the same pass)
+    grad input    the forward applied to grad with w'[ci, co] = w[co, ci] rotated by 180 degrees
+                  (the adjoint of a padding-1 3x3 correlation)
+    grad weight   Z = grad_output(grad)     [36, T, C_out]     (A g A^T: the adjoint of A^T . A)
+                  dU[e] = V[e]^T @ Z[e]     [36, C_in, C_out]
+                  dw = G^T dU G             (the adjoint of the weight transform)
+
+All three are exact in real arithmetic (Y is linear in U = G w G^T, so dL/dU = sum over tiles of
+V (.) Z, and dL/dw follows through G). The points 0, -1, 1, 1/2, -2 and infinity were chosen by
+measuring float32 error against a float64 direct conv: ~3e-6 of max|y| at 64..512 channels, about
+3x below the common 0, +-1, +-2 (DESIGN.md section 5 allows 1e-4). The matrices follow from the
+points by Toom-Cook interpolation; the C++ file holds B^T and A^T, this file G.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from resfused import _native
+from resfused.ops import buffer_cache
+
+# G's rows are the evaluations [1, p, p^2] of the filter polynomial at each point (the last row,
+# infinity, picks the leading coefficient), divided by the scale that made B^T's row integral.
+_G64 = torch.tensor(
+    [
+        [1 / 2, 0, 0],
+        [1 / 6, -1 / 6, 1 / 6],
+        [1 / 6, 1 / 6, 1 / 6],
+        [16 / 15, 8 / 15, 4 / 15],
+        [1 / 30, -1 / 15, 2 / 15],
+        [0, 0, 1 / 2],
+    ],
+    dtype=torch.float64,
+)
+POSITIONS = 36
+
+
+# (G (x) G)[a*6 + b, k*3 + l] = G[a, k] G[b, l]: the weight transform as one [36, 9] matrix, so
+# that transforming all C_out * C_in filters is one GEMM rather than millions of 6x3 products.
+_KRON64 = torch.kron(_G64, _G64)
+
+
+def _kron(like: torch.Tensor) -> torch.Tensor:
+    return _KRON64.to(like.device, like.dtype)
+
+
+def transform_weight(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """U[e] = (G w G^T)[e] as [36, C_in, C_out], computed in `dtype` (default: weight's)."""
+    c_out, c_in = weight.shape[:2]
+    w = weight.detach().to(dtype or weight.dtype).reshape(c_out * c_in, 9)
+    u = _kron(w) @ w.T  # [36, C_out * C_in]
+    return u.reshape(POSITIONS, c_out, c_in).transpose(1, 2).to(weight.dtype).contiguous()
+
+
+def transposed_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The weights whose forward conv is the grad-input of `weight`'s: w'[ci, co] = rot180(w[co, ci])."""
+    return weight.transpose(0, 1).flip(2, 3)
+
+
+def weight_grad(du: torch.Tensor, c_out: int, c_in: int) -> torch.Tensor:
+    """dw = G^T dU G for dU [36, C_in, C_out] -> [C_out, C_in, 3, 3] (in du's dtype)."""
+    dw = _kron(du).T @ du.transpose(1, 2).reshape(POSITIONS, c_out * c_in)  # [9, C_out * C_in]
+    return dw.T.reshape(c_out, c_in, 3, 3)
+
+
+# Images per pass of conv3x3: the transformed input of a pass, 36 * tiles * C_in floats, is kept
+# near this size so that it is still in cache when the GEMM and the output transform read it.
+# Measured at batch 8, 2 threads (64 ch @56x56, 128 @28, 256 @14): whole-batch passes ran at
+# 0.94x / 1.21x / 1.22x oneDNN, passes of ~4 MB at 1.27x / 1.81x / 1.49x.
+_PASS_BYTES = 4.5e6
+
+
+def images_per_pass(x: torch.Tensor) -> int:
+    n, c, h, w = x.shape
+    per_image = POSITIONS * ((h + 3) // 4) * ((w + 3) // 4) * c * x.element_size()
+    return max(1, min(n, int(_PASS_BYTES // per_image)))
+
+
+def _conv3x3_pass(x, u, bias, residual, relu):
+    n, _, h, w = x.shape
+    m = torch.bmm(torch.ops.resfused.winograd_f43_input(x), u)
+    return torch.ops.resfused.winograd_f43_output(m, n, h, w, bias, residual, relu)
+
+
+def conv3x3(x, u, bias=None, residual=None, relu: bool = False) -> torch.Tensor:
+    """act(conv3x3(x, w) + bias [+ residual]) with U = transform_weight(w); channels_last out.
+    Runs a few images at a time (images_per_pass)."""
+    k = images_per_pass(x)
+    if k >= x.shape[0]:
+        return _conv3x3_pass(x, u, bias, residual, relu)
+    parts = [
+        _conv3x3_pass(x[i : i + k], u, bias, None if residual is None else residual[i : i + k], relu)
+        for i in range(0, x.shape[0], k)
+    ]
+    return torch.cat(parts).contiguous(memory_format=torch.channels_last)
+
+
+class _Conv3x3(torch.autograd.Function):
+    """conv3x3(x, weight) + bias for training: the transformed input V is saved for the weight
+    gradient (2.25x the input's size), the backward allocates from the buffer cache."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        v = torch.ops.resfused.winograd_f43_input(x)
+        n, _, h, w = x.shape
+        y = torch.ops.resfused.winograd_f43_output(torch.bmm(v, transform_weight(weight)), n, h, w, bias, None, False)
+        ctx.save_for_backward(v if ctx.needs_input_grad[1] else None, weight)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        v, weight = ctx.saved_tensors
+        gx = gw = gb = None
+        with buffer_cache.scope():
+            if ctx.needs_input_grad[0]:
+                gx = conv3x3(grad, transform_weight(transposed_weight(weight)))
+            if ctx.needs_input_grad[1]:
+                z = torch.ops.resfused.winograd_f43_grad_output(grad)
+                gw = weight_grad(torch.bmm(v.transpose(1, 2), z), weight.shape[0], weight.shape[1])
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                gb = grad.sum((0, 2, 3))
+        return gx, gw, gb
+
+
+def conv3x3_train(x, weight, bias=None) -> torch.Tensor:
+    """conv3x3(x, weight) + bias with autograd (the weight transform is redone every call)."""
+    return _Conv3x3.apply(x, weight, bias)
+
+
+def _register_fakes() -> None:
+    def tiles(n, h, w):
+        return n * ((h + 3) // 4) * ((w + 3) // 4)
+
+    @torch.library.register_fake("resfused::winograd_f43_input")
+    def _(x):
+        n, c, h, w = x.shape
+        return x.new_empty((POSITIONS, tiles(n, h, w), c))
+
+    @torch.library.register_fake("resfused::winograd_f43_grad_output")
+    def _(grad):
+        n, c, h, w = grad.shape
+        return grad.new_empty((POSITIONS, tiles(n, h, w), c))
+
+    @torch.library.register_fake("resfused::winograd_f43_output")
+    def _(m, n, h, w, bias, residual, relu):
+        return m.new_empty((n, m.shape[2], h, w)).contiguous(memory_format=torch.channels_last)
+
+
+if _native.has_op("winograd_f43_input"):
+    _register_fakes()
