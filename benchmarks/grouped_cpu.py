@@ -55,7 +55,7 @@ SHAPES = [
 ]
 
 
-def _interleaved_medians(fns: dict, rounds: int, min_time_s: float = 0.05) -> dict[str, float]:
+def interleaved_medians(fns: dict, rounds: int, min_time_s: float = 0.05) -> dict[str, float]:
     """Median seconds per call of each fn, timing all of them once per round in rotated order."""
     timers, numbers = {}, {}
     for name, fn in fns.items():
@@ -77,7 +77,7 @@ def _peak_gflops(rounds: int) -> float:
     w = torch.randn(64, 64, 3, 3)
     packed = torch.ops.mkldnn._reorder_convolution_weight(w, [1, 1], [1, 1], [1, 1], 1, None)
     fn = lambda: torch.ops.mkldnn._convolution_pointwise(x, packed, None, [1, 1], [1, 1], [1, 1], 1, "none", [], None)  # noqa: E731
-    t = _interleaved_medians({"dense": fn}, rounds)["dense"]
+    t = interleaved_medians({"dense": fn}, rounds)["dense"]
     return 2 * 8 * 56 * 56 * 64 * 64 * 9 / t / 1e9
 
 
@@ -126,7 +126,7 @@ def run(batch_sizes=(1, 8), dtypes=("fp32", "bf16"), shapes=SHAPES, rounds: int 
                         continue
                     # The scalar fallback is for correctness only (it is 10-50x slower); not timed.
                     has_ours = path in ("avx512", "avx2")
-                    med = _interleaved_medians(_variants(shape, batch, dtype, has_ours), rounds)
+                    med = interleaved_medians(_variants(shape, batch, dtype, has_ours), rounds)
                     p = ConvParams(torch.empty(shape.channels, shape.cpg, 3, 3, dtype=dtype), None,
                                    (shape.stride,) * 2, (1, 1), (1, 1), shape.groups)
                     probe = torch.empty(batch, shape.channels, 1, 1, dtype=dtype)

@@ -9,8 +9,10 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(resfused, m) {
-  // V[e, t, c] = (B^T d_t B)[e] for the 6x6 input window d_t of tile t (zero padded by 1).
-  m.def("winograd_f43_input(Tensor x) -> Tensor");
+  // V[e, t, c] = (B^T d_t B)[e] for the 6x6 input window d_t of tile t (zero padded by 1), and
+  // a 0-dim bool tensor: whether every value of x was finite (Winograd spreads NaN/Inf further
+  // than a direct conv, so callers use a direct conv when it is false).
+  m.def("winograd_f43_input(Tensor x) -> (Tensor, Tensor)");
   // Z[e, t, c] = (A g_t A^T)[e] for the 4x4 window g_t of tile t (zero beyond the image):
   // the transform of an output gradient, for the weight gradient.
   m.def("winograd_f43_grad_output(Tensor grad) -> Tensor");

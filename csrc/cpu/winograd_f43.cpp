@@ -20,6 +20,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <tuple>
 #include <optional>
 #include <utility>
 
@@ -154,12 +156,16 @@ void check_input(const at::Tensor& x, const char* name, const char* op) {
               "' must be float32 or float64, got ", x.scalar_type());
 }
 
-// The transform of 6x6 input windows at stride 4, offset -1 (the conv's zero padding).
-at::Tensor winograd_f43_input(const at::Tensor& x_in) {
+// The transform of 6x6 input windows at stride 4, offset -1 (the conv's zero padding), and
+// whether every input value was finite. Callers use the direct conv when one is not: Winograd
+// spreads a NaN or Inf over every output of the tiles whose window holds it (up to 8x8 outputs,
+// where a direct 3x3 conv touches 3x3), so only finite inputs give the reference's result.
+std::tuple<at::Tensor, at::Tensor> winograd_f43_input(const at::Tensor& x_in) {
   check_input(x_in, "x", "winograd_f43_input");
   const auto x = channels_last(x_in);
   const auto g = Geometry::of(x.size(0), x.size(2), x.size(3), x.size(1));
   auto v = at::empty({kPositions, g.tiles(), g.c}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  std::atomic<bool> finite{true};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "resfused_winograd_f43_input", [&] {
     using Vec = at::vec::Vectorized<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -169,9 +175,13 @@ at::Tensor winograd_f43_input(const at::Tensor& x_in) {
       load_window<kAlpha>(xp, g, n, ti * kTile - 1, tj * kTile - 1, c0, count, d);
       transform2d<kBT, 6, 6>(d, out);
       store_positions(vp, g, t, c0, count, out);
+      // d - d is 0 for finite values and NaN for NaN / +-Inf; the sum stays 0 only if all are finite.
+      Vec probe(0);
+      for (int e = 0; e < kPositions; ++e) probe = probe + (d[e] - d[e]);
+      if (probe.has_inf_nan()) finite.store(false, std::memory_order_relaxed);
     });
   });
-  return v;
+  return {v, at::scalar_tensor(finite.load(), x.options().dtype(at::kBool))};
 }
 
 // The transform of 4x4 output-gradient tiles into the 6x6 domain: Z = A g A^T.

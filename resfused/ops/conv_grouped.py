@@ -6,21 +6,23 @@ Kernels: csrc/cpu/grouped_conv3x3.cpp (several groups per AVX-512/AVX2 vector, b
 epilogue) and, where built, csrc/cuda/grouped_conv3x3.cu. The op goes through the dispatcher, so
 this one adapter serves whichever device has a kernel. This file also registers its fake kernel.
 
-Where the CPU kernel wins. Re-measured on a quiet machine (load average ~1) at 2 threads, batch 8,
-median of interleaved rounds, against oneDNN's grouped conv with its ReLU post-op and weights
-packed for the input shape (`python -m benchmarks.grouped_cpu`; the one-off script that produced
-this table is quoted in the issue note):
+Where the CPU kernel wins. Re-measured after the kernels were built with OpenMP (before that,
+at::parallel_for in this extension ran on one thread, and every table here was single-threaded
+against oneDNN's two), 2 threads, batch 8, median of 7 interleaved rounds, against oneDNN's
+grouped conv with its ReLU post-op and packed weights (`python -m benchmarks.grouped_cpu`):
 
     channels/group  stride  shape (ResNeXt-50 32x4d)   float32          bfloat16
-    4               1       128ch 56x56                1.68x (4.2 ms)   0.57x
-    8               1       256ch 28x28                0.76x            -
-    8               2       256ch 56x56 -> 28x28       0.94x            -
-    16, 32          any     (oneDNN's GEMM tiles fit)  not used
+    4               1       128ch 56x56                3.60x (1.73 ms)  1.36x
+    8               1       256ch 28x28                1.37x            0.63x
+    16              1       512ch 14x14                0.90x            0.30x
+    8               2       256ch 56x56 -> 28x28       1.88x            0.63x
+    16              2       512ch 28x28 -> 14x14       1.03x            0.24x
+    32              any     (oneDNN's GEMM tiles fit)  not used
 
-An earlier table, measured per thread under heavy machine load, had put 8 channels/group and
-bf16 above 1x; they are below it, so only float32 at 4 channels/group stride 1 uses this kernel.
-oneDNN's bf16 grouped conv uses the AVX512-BF16 dot-product instruction (two MACs per lane),
-which this kernel (bf16 loads, fp32 FMAs) does not.
+so float32 at 4 and 8 channels/group and bfloat16 at 4 use this kernel (16 channels/group at
+stride 2 is within noise of oneDNN and is left to it). oneDNN's bf16 grouped conv uses the
+AVX512-BF16 dot-product instruction (two MACs per lane), which this kernel (bf16 loads, fp32
+FMAs) does not.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ from resfused.ops.conv import ConvParams
 # (dtype, channels per group, stride) where the CPU kernel's vector path beats oneDNN (table above).
 _CPU_WINS = {
     (torch.float32, 4, 1),
+    (torch.float32, 8, 1),
+    (torch.float32, 8, 2),
+    (torch.bfloat16, 4, 1),
 }
 
 # What the CUDA kernel (another helper's csrc/cuda/grouped_conv3x3.cu) is expected to cover.

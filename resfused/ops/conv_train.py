@@ -40,8 +40,9 @@ class _Conv2d(torch.autograd.Function):
 
 def _winograd_trains_faster(x: torch.Tensor, conv: nn.Conv2d) -> bool:
     """Where F(4x4, 3x3) measured faster than ATen for forward + both gradients (batch 8, 2 threads,
-    float32; `python -m benchmarks.winograd_cpu --train`): 64 ch @56x56 1.22x, 128 @28x28 1.45x;
-    256 @14x14 0.97x and 512 @7x7 0.36x (the weight transforms, redone every step, dominate)."""
+    float32, interleaved; `python -m benchmarks.winograd_cpu --train --batch 8`): 64 ch @56x56
+    1.06x, 128 @28x28 1.31x; 256 @14x14 0.85x and 512 @7x7 0.37x (the weight transforms, redone
+    every step, and the 36 x C_in x C_out transformed weights dominate there)."""
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
@@ -57,6 +58,8 @@ def conv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """conv(x) for a zero-padded nn.Conv2d, its backward inside a buffer-cache scope; through
     Winograd F(4x4, 3x3) (ops/winograd.py) where that trains faster."""
     if _winograd_trains_faster(x, conv):
-        record("conv", "winograd_f43(train)")
-        return winograd.conv3x3_train(x, conv.weight, conv.bias)
+        y = winograd.conv3x3_train(x, conv.weight, conv.bias)
+        if y is not None:  # None: x is not finite, the direct conv keeps the reference's NaN pattern
+            record("conv", "winograd_f43(train)")
+            return y
     return _Conv2d.apply(x, conv.weight, conv.bias, list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)

@@ -3,18 +3,19 @@ built once (in float64, then rounded) and cached in ConvParams.packed; bias, res
 run in the output transform.
 
 Where it is used: the shapes where it measured faster than oneDNN's direct conv with packed
-weights, bias and ReLU post-op (2 threads, float32, median of interleaved runs, one process;
+weights, bias and ReLU post-op (2 threads, float32, median of 7 interleaved rounds, one process;
 `python -m benchmarks.winograd_cpu`):
 
     C_in -> C_out @ H x W      batch 1      batch 8
-    64 -> 64 @ 56x56           1.26x        1.27x
-    128 -> 128 @ 28x28         1.55x        1.81x
-    256 -> 256 @ 14x14         1.29x        1.49x
-    512 -> 512 @ 7x7           0.40x        1.03x     (36 x C_in x C_out transformed weights
-                                                       dominate: not used)
+    64 -> 64 @ 56x56           1.32x        0.96x - 1.01x (run to run)
+    128 -> 128 @ 28x28         1.57x        1.40x
+    256 -> 256 @ 14x14         1.17x        1.18x
+    512 -> 512 @ 7x7           0.33x        1.17x     (36 x C_in x C_out transformed weights
+                                                       dominate at batch 1: not used)
 
 so: float32, 3x3, stride 1, padding 1, no dilation or groups, at most 256 input channels and at
-least 14x14 pixels. float64 is exact enough but not faster than the reference; bf16 / fp16 would
+least 14x14 pixels. An input holding NaN or Inf goes to oneDNN's direct conv instead (Winograd
+would spread it over whole tiles; see winograd.transform_input). float64 is exact enough but not faster than the reference; bf16 / fp16 would
 need the transforms in float32 and are left to oneDNN.
 """
 
@@ -25,6 +26,7 @@ import torch
 from resfused import _native
 from resfused.ops import winograd
 from resfused.ops.conv import ConvParams
+from resfused.ops.conv_onednn import OneDNNConv
 
 MAX_IN_CHANNELS = 256
 MIN_PIXELS = 14 * 14
@@ -55,8 +57,18 @@ class WinogradConv:
             and _native.has_kernel("winograd_f43_input", "cpu")
         )
 
+    # Not traced by torch.compile: a non-finite input switches to the direct conv (a data-dependent
+    # branch), and Inductor (with freezing) plans its own convs.
+    traceable = False
+
     def run(self, x, p: ConvParams, residual, relu, prologue):
         u = p.packed.get(self.name)
         if u is None:
             u = p.packed[self.name] = winograd.transform_weight(p.weight, torch.float64)
-        return winograd.conv3x3(x, u, p.bias, residual, relu)
+        y = winograd.conv3x3(x, u, p.bias, residual, relu)
+        if y is None:  # x holds a NaN or Inf: the direct conv gives the reference's NaN pattern
+            return _DIRECT.run(x, p, residual, relu, prologue)
+        return y
+
+
+_DIRECT = OneDNNConv()

@@ -77,9 +77,9 @@ def weight_grad(du: torch.Tensor, c_out: int, c_in: int) -> torch.Tensor:
 
 # Images per pass of conv3x3: the transformed input of a pass, 36 * tiles * C_in floats, is kept
 # near this size so that it is still in cache when the GEMM and the output transform read it.
-# Measured at batch 8, 2 threads (64 ch @56x56, 128 @28, 256 @14): whole-batch passes ran at
-# 0.94x / 1.21x / 1.22x oneDNN, passes of ~4 MB at 1.27x / 1.81x / 1.49x.
-_PASS_BYTES = 4.5e6
+# Measured at batch 8, 2 threads, interleaved in one process (ms, whole batch in one pass -> passes
+# of ~2.5 MB): 64 ch @56x56 10.19 -> 8.61, 128 @28x28 6.66 -> 5.63, 256 @14x14 6.24 -> 6.60.
+_PASS_BYTES = 2.5e6
 
 
 def images_per_pass(x: torch.Tensor) -> int:
@@ -88,32 +88,36 @@ def images_per_pass(x: torch.Tensor) -> int:
     return max(1, min(n, int(_PASS_BYTES // per_image)))
 
 
-def _conv3x3_pass(x, u, bias, residual, relu):
-    n, _, h, w = x.shape
-    m = torch.bmm(torch.ops.resfused.winograd_f43_input(x), u)
-    return torch.ops.resfused.winograd_f43_output(m, n, h, w, bias, residual, relu)
+def transform_input(x: torch.Tensor) -> torch.Tensor | None:
+    """V = B^T d B for every tile of x, or None when x holds a NaN or Inf: Winograd would spread it
+    over every output of the tiles whose window holds it (up to 8x8 outputs, where the direct conv
+    touches 3x3), so such inputs are left to the direct conv, which gives the reference's result."""
+    v, finite = torch.ops.resfused.winograd_f43_input(x)
+    return v if finite.item() else None
 
 
-def conv3x3(x, u, bias=None, residual=None, relu: bool = False) -> torch.Tensor:
-    """act(conv3x3(x, w) + bias [+ residual]) with U = transform_weight(w); channels_last out.
-    Runs a few images at a time (images_per_pass)."""
+def conv3x3(x, u, bias=None, residual=None, relu: bool = False) -> torch.Tensor | None:
+    """act(conv3x3(x, w) + bias [+ residual]) with U = transform_weight(w), channels_last; None
+    when x is not finite (see transform_input). Runs images_per_pass(x) images at a time."""
     k = images_per_pass(x)
-    if k >= x.shape[0]:
-        return _conv3x3_pass(x, u, bias, residual, relu)
-    parts = [
-        _conv3x3_pass(x[i : i + k], u, bias, None if residual is None else residual[i : i + k], relu)
-        for i in range(0, x.shape[0], k)
-    ]
-    return torch.cat(parts).contiguous(memory_format=torch.channels_last)
+    parts = []
+    for i in range(0, x.shape[0], k):
+        xi = x[i : i + k]
+        v = transform_input(xi)
+        if v is None:
+            return None
+        n, _, h, w = xi.shape
+        ri = None if residual is None else residual[i : i + k]
+        parts.append(torch.ops.resfused.winograd_f43_output(torch.bmm(v, u), n, h, w, bias, ri, relu))
+    return parts[0] if len(parts) == 1 else torch.cat(parts).contiguous(memory_format=torch.channels_last)
 
 
 class _Conv3x3(torch.autograd.Function):
-    """conv3x3(x, weight) + bias for training: the transformed input V is saved for the weight
-    gradient (2.25x the input's size), the backward allocates from the buffer cache."""
+    """conv3x3(x, weight) + bias for training, given V = transform_input(x): V is saved for the
+    weight gradient (2.25x the input's size); the backward allocates from the buffer cache."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
-        v = torch.ops.resfused.winograd_f43_input(x)
+    def forward(ctx, x, weight, bias, v):
         n, _, h, w = x.shape
         y = torch.ops.resfused.winograd_f43_output(torch.bmm(v, transform_weight(weight)), n, h, w, bias, None, False)
         ctx.save_for_backward(v if ctx.needs_input_grad[1] else None, weight)
@@ -127,17 +131,23 @@ class _Conv3x3(torch.autograd.Function):
         with buffer_cache.scope():
             if ctx.needs_input_grad[0]:
                 gx = conv3x3(grad, transform_weight(transposed_weight(weight)))
+                if gx is None:  # a non-finite gradient: the direct conv's grad-input
+                    n, _, h, w = grad.shape
+                    gx = torch.nn.grad.conv2d_input((n, weight.shape[1], h, w), weight, grad, padding=1)
             if ctx.needs_input_grad[1]:
+                # A NaN in grad reaches all of dw[c_out] here as it does in the direct conv.
                 z = torch.ops.resfused.winograd_f43_grad_output(grad)
                 gw = weight_grad(torch.bmm(v.transpose(1, 2), z), weight.shape[0], weight.shape[1])
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 gb = grad.sum((0, 2, 3))
-        return gx, gw, gb
+        return gx, gw, gb, None
 
 
-def conv3x3_train(x, weight, bias=None) -> torch.Tensor:
-    """conv3x3(x, weight) + bias with autograd (the weight transform is redone every call)."""
-    return _Conv3x3.apply(x, weight, bias)
+def conv3x3_train(x, weight, bias=None) -> torch.Tensor | None:
+    """conv3x3(x, weight) + bias with autograd (the weight transform is redone every call); None
+    when x is not finite (see transform_input)."""
+    v = transform_input(x.detach())
+    return None if v is None else _Conv3x3.apply(x, weight, bias, v)
 
 
 def _register_fakes() -> None:
@@ -147,7 +157,7 @@ def _register_fakes() -> None:
     @torch.library.register_fake("resfused::winograd_f43_input")
     def _(x):
         n, c, h, w = x.shape
-        return x.new_empty((POSITIONS, tiles(n, h, w), c))
+        return x.new_empty((POSITIONS, tiles(n, h, w), c)), x.new_empty((), dtype=torch.bool)
 
     @torch.library.register_fake("resfused::winograd_f43_grad_output")
     def _(grad):

@@ -1,0 +1,104 @@
+"""Micro-benchmark of the CPU Winograd F(4x4, 3x3) conv at the ResNet stage shapes (3x3, stride 1).
+
+    python -m benchmarks.winograd_cpu [--batch 1 8] [--train] [--rounds 7]
+
+Inference (default): act(conv3x3(x) + bias) through resfused's Winograd path (ops/winograd.py)
+against oneDNN's direct conv with packed weights and its ReLU post-op, float32, channels_last.
+--train: forward + backward (input and weight gradients) through the Winograd autograd function
+against ATen's conv (conv_train's other path). Variants are timed interleaved in one process at
+2 threads (median of rounds, benchmarks.grouped_cpu.interleaved_medians); before timing, each
+Winograd result is checked against the direct conv (a wrong fast kernel must not post a number).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from benchmarks.grouped_cpu import THREADS, interleaved_medians
+
+SHAPES = [(64, 56), (128, 28), (256, 14), (512, 7)]  # (channels, H = W): ResNet-18/50 3x3 convs
+
+
+def _check(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    diff = (ours.double() - ref.double()).abs().max().item() / max(ref.abs().max().item(), 1e-12)
+    if diff > 1e-4:
+        raise RuntimeError(f"winograd_cpu: {what} differs from the direct conv by {diff:.2e} (relative)")
+
+
+def _inference_variants(c: int, hw: int, batch: int) -> dict:
+    from resfused.ops import winograd
+    from resfused.ops.conv import ConvParams
+    from resfused.ops.conv_onednn import OneDNNConv
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, c, hw, hw, generator=g).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(c, c, 3, 3, generator=g) / (3 * c**0.5), torch.randn(c, generator=g)
+    p, onednn = ConvParams(w, b, (1, 1), (1, 1), (1, 1), 1), OneDNNConv()
+    u = winograd.transform_weight(w, torch.float64)
+    fns = {"direct": lambda: onednn.run(x, p, None, True, None), "winograd": lambda: winograd.conv3x3(x, u, b, None, True)}
+    _check(fns["winograd"](), fns["direct"](), f"inference {c}@{hw}")
+    return fns
+
+
+def _training_variants(c: int, hw: int, batch: int) -> dict:
+    from resfused.ops import buffer_cache, conv_train, winograd
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, c, hw, hw, generator=g).contiguous(memory_format=torch.channels_last).requires_grad_()
+    conv = torch.nn.Conv2d(c, c, 3, padding=1, bias=False).to(memory_format=torch.channels_last)
+    grad = torch.randn(batch, c, hw, hw, generator=g).contiguous(memory_format=torch.channels_last)
+
+    def step(forward):
+        def run():
+            x.grad = conv.weight.grad = None
+            with buffer_cache.scope():
+                y = forward()
+            y.backward(grad)
+            return x.grad, conv.weight.grad
+
+        return run
+
+    fns = {"direct": step(lambda: conv_train._Conv2d.apply(x, conv.weight, None, [1, 1], [1, 1], [1, 1], 1)),
+           "winograd": step(lambda: winograd.conv3x3_train(x, conv.weight))}
+    for ours, ref, what in zip(fns["winograd"](), fns["direct"](), ("grad input", "grad weight")):
+        _check(ours, ref, f"{what} {c}@{hw}")
+    return fns
+
+
+def run(batch_sizes=(1, 8), train: bool = False, rounds: int = 7, verbose: bool = False) -> list[dict]:
+    import resfused  # noqa: F401  (loads the kernels)
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        rows = []
+        for c, hw in SHAPES:
+            for batch in batch_sizes:
+                fns = (_training_variants if train else _inference_variants)(c, hw, batch)
+                med = interleaved_medians(fns, rounds)
+                row = {"shape": f"{c}->{c} @{hw}x{hw}", "batch": batch, "mode": "train" if train else "inference",
+                       "direct_ms": med["direct"] * 1e3, "winograd_ms": med["winograd"] * 1e3,
+                       "speedup": med["direct"] / med["winograd"]}
+                rows.append(row)
+                if verbose:
+                    print(f"{row['shape']:16s} b{batch:<2d} {row['mode']:9s} direct {row['direct_ms']:7.2f} ms  "
+                          f"winograd {row['winograd_ms']:7.2f} ms  {row['speedup']:.2f}x", flush=True)
+        return rows
+    finally:
+        torch.set_num_threads(previous)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--train", action="store_true", help="forward + backward against ATen's conv")
+    ap.add_argument("--rounds", type=int, default=7)
+    args = ap.parse_args(argv)
+    print(f"Winograd F(4x4, 3x3) vs direct conv, float32, {THREADS} threads, median of {args.rounds} interleaved rounds")
+    run(args.batch, args.train, args.rounds, verbose=True)
+
+
+if __name__ == "__main__":
+    main()
