@@ -48,6 +48,7 @@
 
 #include "common.h"
 #include "grouped_conv_checks.h"
+#include "cpu/static_for.h"
 #include "cpu/vec_io.h"
 
 namespace resfused::cpu::gc3 {
@@ -354,15 +355,7 @@ TORCH_LIBRARY_IMPL(resfused, CPU, m) {
 
 #else  // RESFUSED_GC3_ISA_PASS: the vector kernel, compiled once per ISA inside its namespace.
 
-// Compile-time loop: f(integral_constant<int, 0>), ..., f(integral_constant<int, N-1>).
-template <int... I, class F>
-__attribute__((always_inline)) inline void static_for_impl(std::integer_sequence<int, I...>, F&& f) {
-  (f(std::integral_constant<int, I>{}), ...);
-}
-template <int N, class F>
-__attribute__((always_inline)) inline void static_for(F&& f) {
-  static_for_impl(std::make_integer_sequence<int, N>{}, f);
-}
+// static_for: cpu/static_for.h (resfused::cpu, enclosing these namespaces), included above.
 
 // P output pixels (ow0 .. ow0+P-1) of row `oh`, one block of V channels. x points at (n, 0, 0, c0),
 // y at (n, oh, ow0, c0), w at the block's packed weights. Fully unrolled: the P accumulators stay

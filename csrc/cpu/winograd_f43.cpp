@@ -26,6 +26,7 @@
 #include <utility>
 
 #include "common.h"
+#include "cpu/static_for.h"
 
 namespace resfused::cpu {
 namespace {
@@ -59,16 +60,6 @@ constexpr Mat<6, 4> kA = transpose(kAT);
 constexpr int64_t kTile = 4;   // output pixels per tile side
 constexpr int64_t kAlpha = 6;  // input window / transformed tile side
 constexpr int64_t kPositions = kAlpha * kAlpha;
-
-template <int... I, class F>
-__attribute__((always_inline)) inline void static_for_impl(std::integer_sequence<int, I...>, F&& f) {
-  (f(std::integral_constant<int, I>{}), ...);
-}
-// f(integral_constant<int, 0>), ..., f(integral_constant<int, N - 1>): indices usable in constexpr.
-template <int N, class F>
-__attribute__((always_inline)) inline void static_for(F&& f) {
-  static_for_impl(std::make_integer_sequence<int, N>{}, f);
-}
 
 // out[r * os] = sum_k M[r][k] * in[k * is], with M's zeros and +-1s resolved at compile time.
 template <auto M, int R, int K, typename Vec>
