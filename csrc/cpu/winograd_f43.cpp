@@ -64,10 +64,10 @@ constexpr int64_t kPositions = kAlpha * kAlpha;
 // out[r * os] = sum_k M[r][k] * in[k * is], with M's zeros and +-1s resolved at compile time.
 template <auto M, int R, int K, typename Vec>
 __attribute__((always_inline)) inline void apply(const Vec* in, int is, Vec* out, int os) {
-  static_for<R>([&](auto r) {
+  static_for<R>([&](auto r) __attribute__((always_inline)) {
     Vec acc(0);
     bool started = false;  // constant after unrolling: the first term initializes acc
-    static_for<K>([&](auto k) {
+    static_for<K>([&](auto k) __attribute__((always_inline)) {
       constexpr float c = M.m[r][k];
       if constexpr (c != 0.f) {
         const Vec& v = in[k * is];
@@ -161,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor> winograd_f43_input(const at::Tensor& x_in) {
     using Vec = at::vec::Vectorized<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* vp = v.data_ptr<scalar_t>();
-    for_each_tile_vector<Vec>(g, [&](int64_t t, int64_t n, int64_t ti, int64_t tj, int64_t c0, int64_t count) {
+    for_each_tile_vector<Vec>(g, [&](int64_t t, int64_t n, int64_t ti, int64_t tj, int64_t c0, int64_t count) __attribute__((flatten)) {
       Vec d[kPositions], out[kPositions];
       load_window<kAlpha>(xp, g, n, ti * kTile - 1, tj * kTile - 1, c0, count, d);
       transform2d<kBT, 6, 6>(d, out);
@@ -185,7 +185,7 @@ at::Tensor winograd_f43_grad_output(const at::Tensor& grad_in) {
     using Vec = at::vec::Vectorized<scalar_t>;
     const scalar_t* gp = grad.const_data_ptr<scalar_t>();
     scalar_t* zp = z.data_ptr<scalar_t>();
-    for_each_tile_vector<Vec>(g, [&](int64_t t, int64_t n, int64_t ti, int64_t tj, int64_t c0, int64_t count) {
+    for_each_tile_vector<Vec>(g, [&](int64_t t, int64_t n, int64_t ti, int64_t tj, int64_t c0, int64_t count) __attribute__((flatten)) {
       Vec d[kTile * kTile], out[kPositions];
       load_window<kTile>(gp, g, n, ti * kTile, tj * kTile, c0, count, d);
       transform2d<kA, 6, 4>(d, out);
@@ -231,7 +231,7 @@ at::Tensor winograd_f43_output(const at::Tensor& m, int64_t n, int64_t h, int64_
     const scalar_t* rp = res.defined() ? res.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.data_ptr<scalar_t>();
     const int64_t stride = g.tiles() * g.c;
-    for_each_tile_vector<Vec>(g, [&](int64_t t, int64_t n_, int64_t ti, int64_t tj, int64_t c0, int64_t count) {
+    for_each_tile_vector<Vec>(g, [&](int64_t t, int64_t n_, int64_t ti, int64_t tj, int64_t c0, int64_t count) __attribute__((flatten)) {
       Vec in[kPositions], out[kTile * kTile];
       for (int e = 0; e < kPositions; ++e) in[e] = Vec::loadu(mp + e * stride + t * g.c + c0, count);
       transform2d<kAT, 4, 6>(in, out);
