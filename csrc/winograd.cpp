@@ -19,4 +19,7 @@ TORCH_LIBRARY_FRAGMENT(resfused, m) {
   // y[n, c, 4ti + i, 4tj + j] = act((A^T M_t A)[i, j] + bias[c] [+ residual]) for the N x H x W
   // output; `relu` applies after the residual add.
   m.def("winograd_f43_output(Tensor m, int n, int h, int w, Tensor? bias, Tensor? residual, bool relu) -> Tensor");
+  // The same written into `out` ([N, C, H, W], channels_last contiguous: e.g. a batch slice of a
+  // larger output, which conv3x3 fills a few images at a time).
+  m.def("winograd_f43_output_into(Tensor m, Tensor? bias, Tensor? residual, bool relu, Tensor(a!) out) -> ()");
 }

@@ -201,6 +201,11 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.resfused.winograd_f43_input, (x,))
     torch.library.opcheck(torch.ops.resfused.winograd_f43_grad_output, (r,))
     torch.library.opcheck(torch.ops.resfused.winograd_f43_output, (m, 2, 9, 6, b, r, True))
+    out = torch.empty(3, 7, 9, 6).contiguous(memory_format=torch.channels_last)[1:]  # a batch slice
+    torch.library.opcheck(torch.ops.resfused.winograd_f43_output_into, (m, b, r, True, out))
+    torch.ops.resfused.winograd_f43_output_into(m, b, r, True, out)
+    assert_matches_reference(out, torch.ops.resfused.winograd_f43_output(m.double(), 2, 9, 6, b.double(), r.double(), True),
+                             torch.float32, what="output_into")
 
 
 @pytest.mark.parametrize(

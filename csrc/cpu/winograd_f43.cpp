@@ -195,11 +195,12 @@ at::Tensor winograd_f43_grad_output(const at::Tensor& grad_in) {
   return z;
 }
 
-// Y = A^T M A per tile, then + bias, + residual, ReLU; pixels beyond H x W are dropped.
-at::Tensor winograd_f43_output(const at::Tensor& m, int64_t n, int64_t h, int64_t w,
-                               const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual_in,
-                               bool relu) {
+// Y = A^T M A per tile, then + bias, + residual, ReLU, written into y (N, C, H, W, channels_last
+// contiguous); pixels beyond H x W are dropped.
+void output_into(const at::Tensor& m, const at::Tensor& y, const std::optional<at::Tensor>& bias,
+                 const std::optional<at::Tensor>& residual_in, bool relu) {
   check_float_tensor(m, "m");
+  const int64_t n = y.size(0), h = y.size(2), w = y.size(3);
   TORCH_CHECK(n > 0 && h > 0 && w > 0, "resfused.winograd_f43_output: 'n', 'h', 'w' must be positive, got ", n, ", ",
               h, ", ", w);
   TORCH_CHECK(m.dim() == 3 && m.size(0) == kPositions, "resfused.winograd_f43_output: 'm' must have shape [36, T, C], got ",
@@ -210,7 +211,6 @@ at::Tensor winograd_f43_output(const at::Tensor& m, int64_t n, int64_t h, int64_
   TORCH_CHECK(m.scalar_type() == at::kFloat || m.scalar_type() == at::kDouble,
               "resfused.winograd_f43_output: 'm' must be float32 or float64, got ", m.scalar_type());
   const auto mc = m.contiguous();
-  auto y = at::empty({n, g.c, h, w}, m.options().memory_format(at::MemoryFormat::ChannelsLast));
   at::Tensor b, res;
   if (bias.has_value()) {
     b = bias->contiguous();
@@ -251,7 +251,29 @@ at::Tensor winograd_f43_output(const at::Tensor& m, int64_t n, int64_t h, int64_
       }
     });
   });
+}
+
+at::Tensor winograd_f43_output(const at::Tensor& m, int64_t n, int64_t h, int64_t w,
+                               const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                               bool relu) {
+  TORCH_CHECK(n > 0 && h > 0 && w > 0, "resfused.winograd_f43_output: 'n', 'h', 'w' must be positive, got ", n, ", ",
+              h, ", ", w);
+  TORCH_CHECK(m.dim() == 3, "resfused.winograd_f43_output: 'm' must have shape [36, T, C], got ", m.sizes());
+  auto y = at::empty({n, m.size(2), h, w}, m.options().memory_format(at::MemoryFormat::ChannelsLast));
+  output_into(m, y, bias, residual, relu);
   return y;
+}
+
+// winograd_f43_output writing into `out` (which may be a batch slice of a larger output).
+void winograd_f43_output_into(const at::Tensor& m, const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& residual, bool relu, const at::Tensor& out) {
+  TORCH_CHECK(m.dim() == 3, "resfused.winograd_f43_output_into: 'm' must have shape [36, T, C], got ", m.sizes());
+  TORCH_CHECK(out.dim() == 4 && out.size(1) == m.size(2),
+              "resfused.winograd_f43_output_into: 'out' must have shape [N, ", m.size(2), ", H, W], got ", out.sizes());
+  TORCH_CHECK(out.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "resfused.winograd_f43_output_into: 'out' must be channels_last contiguous");
+  check_same_dtype(m, "m", out, "out");
+  output_into(m, out, bias, residual, relu);
 }
 
 }  // namespace
@@ -261,4 +283,5 @@ TORCH_LIBRARY_IMPL(resfused, CPU, m) {
   m.impl("winograd_f43_input", &resfused::cpu::winograd_f43_input);
   m.impl("winograd_f43_grad_output", &resfused::cpu::winograd_f43_grad_output);
   m.impl("winograd_f43_output", &resfused::cpu::winograd_f43_output);
+  m.impl("winograd_f43_output_into", &resfused::cpu::winograd_f43_output_into);
 }

@@ -98,18 +98,19 @@ def transform_input(x: torch.Tensor) -> torch.Tensor | None:
 
 def conv3x3(x, u, bias=None, residual=None, relu: bool = False) -> torch.Tensor | None:
     """act(conv3x3(x, w) + bias [+ residual]) with U = transform_weight(w), channels_last; None
-    when x is not finite (see transform_input). Runs images_per_pass(x) images at a time."""
+    when x is not finite (see transform_input). Runs images_per_pass(x) images at a time, each
+    pass writing its slice of the output."""
+    n, _, h, w = x.shape
+    y = torch.empty((n, u.shape[2], h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     k = images_per_pass(x)
-    parts = []
-    for i in range(0, x.shape[0], k):
-        xi = x[i : i + k]
-        v = transform_input(xi)
+    for i in range(0, n, k):
+        v = transform_input(x[i : i + k])
         if v is None:
             return None
-        n, _, h, w = xi.shape
         ri = None if residual is None else residual[i : i + k]
-        parts.append(torch.ops.resfused.winograd_f43_output(torch.bmm(v, u), n, h, w, bias, ri, relu))
-    return parts[0] if len(parts) == 1 else torch.cat(parts).contiguous(memory_format=torch.channels_last)
+        m = torch.bmm(v, u)
+        torch.ops.resfused.winograd_f43_output_into(m, bias, ri, relu, y[i : i + k])
+    return y
 
 
 class _Conv3x3(torch.autograd.Function):
@@ -167,6 +168,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("resfused::winograd_f43_output")
     def _(m, n, h, w, bias, residual, relu):
         return m.new_empty((n, m.shape[2], h, w)).contiguous(memory_format=torch.channels_last)
+
+    @torch.library.register_fake("resfused::winograd_f43_output_into")
+    def _(m, bias, residual, relu, out):
+        return None
 
 
 if _native.has_op("winograd_f43_input"):
