@@ -8,21 +8,22 @@ this one adapter serves whichever device has a kernel. This file also registers 
 
 Where the CPU kernel wins. Re-measured after the kernels were built with OpenMP (before that,
 at::parallel_for in this extension ran on one thread, and every table here was single-threaded
-against oneDNN's two), 2 threads, batch 8, median of 7 interleaved rounds, against oneDNN's
-grouped conv with its ReLU post-op and packed weights (`python -m benchmarks.grouped_cpu`):
+against oneDNN's two), 2 threads, median of 7 interleaved rounds, against oneDNN's grouped conv
+with its ReLU post-op and packed weights (`python -m benchmarks.grouped_cpu`; float32 at batch 1
+and 8 from one `make bench` run, bfloat16 at batch 8 from another):
 
-    channels/group  stride  shape (ResNeXt-50 32x4d)   float32          bfloat16
-    4               1       128ch 56x56                3.60x (1.73 ms)  1.36x
-    8               1       256ch 28x28                1.37x            0.63x
-    16              1       512ch 14x14                0.90x            0.30x
-    8               2       256ch 56x56 -> 28x28       1.88x            0.63x
-    16              2       512ch 28x28 -> 14x14       1.03x            0.24x
+    channels/group  stride  shape (ResNeXt-50 32x4d)   float32 b1   float32 b8        bfloat16 b8
+    4               1       128ch 56x56                1.98x        3.36x (1.31 ms)   1.36x
+    8               1       256ch 28x28                0.77x        1.12x             0.63x
+    16              1       512ch 14x14                0.26x        0.58x             0.30x
+    8               2       256ch 56x56 -> 28x28       2.19x        2.43x             0.63x
+    16              2       512ch 28x28 -> 14x14       0.56x        1.29x             0.24x
     32              any     (oneDNN's GEMM tiles fit)  not used
 
-so float32 at 4 and 8 channels/group and bfloat16 at 4 use this kernel (16 channels/group at
-stride 2 is within noise of oneDNN and is left to it). oneDNN's bf16 grouped conv uses the
-AVX512-BF16 dot-product instruction (two MACs per lane), which this kernel (bf16 loads, fp32
-FMAs) does not.
+so float32 at 4 channels/group and at 8 with stride 2, and bfloat16 at 4, use this kernel; 8
+channels/group at stride 1 and 16 at stride 2 lose at batch 1 and are left to oneDNN. oneDNN's
+bf16 grouped conv uses the AVX512-BF16 dot-product instruction (two MACs per lane), which this
+kernel (bf16 loads, fp32 FMAs) does not.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from resfused.ops.conv import ConvParams
 # (dtype, channels per group, stride) where the CPU kernel's vector path beats oneDNN (table above).
 _CPU_WINS = {
     (torch.float32, 4, 1),
-    (torch.float32, 8, 1),
     (torch.float32, 8, 2),
     (torch.bfloat16, 4, 1),
 }
