@@ -56,6 +56,8 @@ def collect() -> dict:
         "cpu_isa": _cpu_isa(),
         "onednn_bf16": torch.ops.mkldnn._is_mkldnn_bf16_supported() if torch.backends.mkldnn.is_available() else False,
         "threads": torch.get_num_threads(),
+        # Threads a resfused C++ kernel's at::parallel_for reaches (1 means a build without OpenMP).
+        "kernel_threads": torch.ops.resfused.parallel_for_threads() if _native.has_op("parallel_for_threads") else None,
     }
 
 
@@ -79,6 +81,9 @@ def main() -> None:
     print(f"  selected backend: {info['selected_backend']}")
     print(f"  CPU: ATen capability {info['cpu_capability']}; ISA {info['cpu_isa']}; "
           f"oneDNN bf16 {'yes' if info['onednn_bf16'] else 'no'}; {info['threads']} threads")
+    if info["kernel_threads"] is not None:
+        note = "" if info["kernel_threads"] == info["threads"] else "  (fewer than torch's: built without OpenMP?)"
+        print(f"  resfused C++ kernels run on {info['kernel_threads']} of them{note}")
 
 
 if __name__ == "__main__":

@@ -80,3 +80,17 @@ def test_info_reports_backends():
     assert out.returncode == 0, out.stderr
     for needle in ("torch", "triton", "resfused._C", "backends:", "selected backend", "CPU: ATen capability"):
         assert needle in out.stdout
+
+
+@pytest.mark.skipif(not resfused._native.has_op("parallel_for_threads"), reason="resfused._C is not built")
+def test_cpu_kernels_run_on_every_torch_thread():
+    # at::parallel_for in a file built without OpenMP runs serially and silently; every resfused
+    # CPU kernel did until setup.py added -fopenmp. This catches that build regression.
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.ops.resfused.parallel_for_threads() == 2
+        torch.set_num_threads(1)
+        assert torch.ops.resfused.parallel_for_threads() == 1
+    finally:
+        torch.set_num_threads(previous)
