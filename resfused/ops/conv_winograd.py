@@ -4,19 +4,21 @@ run in the output transform.
 
 Where it is used: the shapes where it measured faster than oneDNN's direct conv with packed
 weights, bias and ReLU post-op (2 threads, float32, median of 7 interleaved rounds, one process;
-`python -m benchmarks.winograd_cpu`):
+`python -m benchmarks.winograd_cpu --batch 1 2 4 8`, ranges over 3-4 runs on a noisy machine):
 
-    C_in -> C_out @ H x W      batch 1      batch 8
-    64 -> 64 @ 56x56           1.32x        0.96x - 1.01x (run to run)
-    128 -> 128 @ 28x28         1.57x        1.40x
-    256 -> 256 @ 14x14         1.17x        1.18x
-    512 -> 512 @ 7x7           0.33x        1.17x     (36 x C_in x C_out transformed weights
-                                                       dominate at batch 1: not used)
+    C_in -> C_out @ H x W      batch 1          batch 8
+    64 -> 64 @ 56x56           1.36x - 1.63x    1.19x - 1.40x
+    128 -> 128 @ 28x28         2.07x - 2.13x    1.41x - 1.91x
+    256 -> 256 @ 14x14         1.04x - 1.51x    1.21x - 1.64x
+    512 -> 512 @ 7x7           0.29x - 0.48x    1.15x - 1.48x   (36 x 512 x 512 transformed weights,
+                                                                 37.7 MB, dominate at small batch:
+                                                                 not used)
 
 so: float32, 3x3, stride 1, padding 1, no dilation or groups, at most 256 input channels and at
 least 14x14 pixels. An input holding NaN or Inf goes to oneDNN's direct conv instead (Winograd
-would spread it over whole tiles; see winograd.transform_input). float64 is exact enough but not faster than the reference; bf16 / fp16 would
-need the transforms in float32 and are left to oneDNN.
+would spread it over whole tiles; see winograd.transform_input). float64 would be exact enough
+but is left to the reference; bf16 / fp16 would need the transforms in float32 and stay with
+oneDNN.
 """
 
 from __future__ import annotations
