@@ -134,3 +134,15 @@ def test_isolated_workers_time_in_processes_of_their_own():
 def test_worker_errors_carry_the_traceback():
     with WorkerPool(threads=1) as pool, pytest.raises(RuntimeError, match="(?s)worker 'bad' failed on 'build'.*ZeroDivisionError"):
         pool["bad"].build(functools.partial(divmod, 1, 0))
+
+
+@pytest.mark.skipif(not resfused._native.has_kernel("winograd_f43_input", "cpu"), reason="no CPU Winograd kernels")
+@pytest.mark.parametrize("train", [False, True])
+def test_winograd_micro_benchmark_runs_and_checks_results(monkeypatch, train):
+    from benchmarks import winograd_cpu
+
+    monkeypatch.setattr(winograd_cpu, "SHAPES", [(8, 9)])
+    rows = winograd_cpu.run(batch_sizes=(2,), train=train, rounds=1)
+    assert [(r["shape"], r["batch"], r["mode"]) for r in rows] == [("8->8 @9x9", 2, "train" if train else "inference")]
+    assert rows[0]["direct_ms"] > 0 and rows[0]["winograd_ms"] > 0
+    assert rows[0]["speedup"] == pytest.approx(rows[0]["direct_ms"] / rows[0]["winograd_ms"])
