@@ -170,6 +170,12 @@ def interleaved_rounds(
     return {n: Timing.from_samples(samples[n], numbers[n]) for n in names}
 
 
+def relative_difference(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max|actual - expected| / max|expected|: the sanity check before a fast result is timed."""
+    ref = expected.float()
+    return ((actual.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
 def median_call_s(fn: Callable[[], object], *, threads: int, min_time_s: float = 0.5) -> float:
     """Median per-call time of one callable (used for the peak GEMM / conv)."""
     return measure_side_by_side({"x": fn}, threads=threads, block_s=0.0, min_time_s=min_time_s, min_rounds=3)["x"].median_s

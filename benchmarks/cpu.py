@@ -148,11 +148,6 @@ def _inference_call(module: nn.Module, x: torch.Tensor):
     return call
 
 
-def _rel_diff(fused_out: torch.Tensor, eager_out: torch.Tensor) -> float:
-    ref = eager_out.float()
-    return ((fused_out.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-
-
 def _kernels_used(fused: nn.Module, x: torch.Tensor) -> dict[str, int]:
     from resfused.ops.dispatch import trace_kernels
 
@@ -257,7 +252,7 @@ def bench_case(pool, case: Case, variants: list[str], plan: TimingPlan) -> Resul
     infos.update(pool.build_all({v: functools.partial(make_variant, v, case) for v in variants if v not in timed_builds}))
     fused, eager = infos["fused"], infos["eager_nchw"]
     row = Result(case.kind, case.name, case.config, case.batch, case.dtype, case.input_shape, eager["flops"])
-    row.max_rel_diff = _rel_diff(fused["output"], eager["output"])
+    row.max_rel_diff = common.relative_difference(fused["output"], eager["output"])
     row.kernels = fused["kernels"]
     if row.max_rel_diff > _SANE[case.dtype]:
         row.notes.append(f"fused output differs from eager by {row.max_rel_diff:.1e} (relative), above {_SANE[case.dtype]:.0e}")

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils import benchmark as tbench
 
+from benchmarks.common import relative_difference
+
 THREADS = 2
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -55,7 +57,7 @@ SHAPES = [
 ]
 
 
-def interleaved_medians(fns: dict, rounds: int, min_time_s: float = 0.05) -> dict[str, float]:
+def _interleaved_medians(fns: dict, rounds: int, min_time_s: float = 0.05) -> dict[str, float]:
     """Median seconds per call of each fn, timing all of them once per round in rotated order."""
     timers, numbers = {}, {}
     for name, fn in fns.items():
@@ -77,7 +79,7 @@ def _peak_gflops(rounds: int) -> float:
     w = torch.randn(64, 64, 3, 3)
     packed = torch.ops.mkldnn._reorder_convolution_weight(w, [1, 1], [1, 1], [1, 1], 1, None)
     fn = lambda: torch.ops.mkldnn._convolution_pointwise(x, packed, None, [1, 1], [1, 1], [1, 1], 1, "none", [], None)  # noqa: E731
-    t = interleaved_medians({"dense": fn}, rounds)["dense"]
+    t = _interleaved_medians({"dense": fn}, rounds)["dense"]
     return 2 * 8 * 56 * 56 * 64 * 64 * 9 / t / 1e9
 
 
@@ -97,7 +99,7 @@ def _variants(shape: Shape, batch: int, dtype: torch.dtype, has_ours: bool) -> d
         fns["ours"] = lambda: torch.ops.resfused.grouped_conv3x3(x, w, b, s, True)
         # sanity: ours and oneDNN agree (a wrong fast kernel must not post a number)
         ref = fns["onednn"]().float()
-        diff = (fns["ours"]().float() - ref).abs().max().item() / max(ref.abs().max().item(), 1e-12)
+        diff = relative_difference(fns["ours"](), ref)
         if diff > (1e-4 if dtype == torch.float32 else 3e-2):
             raise RuntimeError(f"grouped_cpu: ours differs from oneDNN by {diff:.2e} (relative) on {shape.label()}")
     return fns
@@ -126,7 +128,7 @@ def run(batch_sizes=(1, 8), dtypes=("fp32", "bf16"), shapes=SHAPES, rounds: int 
                         continue
                     # The scalar fallback is for correctness only (it is 10-50x slower); not timed.
                     has_ours = path in ("avx512", "avx2")
-                    med = interleaved_medians(_variants(shape, batch, dtype, has_ours), rounds)
+                    med = _interleaved_medians(_variants(shape, batch, dtype, has_ours), rounds)
                     p = ConvParams(torch.empty(shape.channels, shape.cpg, 3, 3, dtype=dtype), None,
                                    (shape.stride,) * 2, (1, 1), (1, 1), shape.groups)
                     probe = torch.empty(batch, shape.channels, 1, 1, dtype=dtype)

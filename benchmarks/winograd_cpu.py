@@ -6,7 +6,7 @@ Inference (default): act(conv3x3(x) + bias) through resfused's Winograd path (op
 against oneDNN's direct conv with packed weights and its ReLU post-op, float32, channels_last.
 --train: forward + backward (input and weight gradients) through the Winograd autograd function
 against ATen's conv (conv_train's other path). Variants are timed interleaved in one process at
-2 threads (median of rounds, benchmarks.grouped_cpu.interleaved_medians); before timing, each
+2 threads (median of rounds, benchmarks.common.measure_side_by_side); before timing, each
 Winograd result is checked against the direct conv (a wrong fast kernel must not post a number).
 """
 
@@ -16,13 +16,15 @@ import argparse
 
 import torch
 
-from benchmarks.grouped_cpu import THREADS, interleaved_medians
+from benchmarks.common import measure_side_by_side, relative_difference
+
+THREADS = 2
 
 SHAPES = [(64, 56), (128, 28), (256, 14), (512, 7)]  # (channels, H = W): ResNet-18/50 3x3 convs
 
 
 def _check(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
-    diff = (ours.double() - ref.double()).abs().max().item() / max(ref.abs().max().item(), 1e-12)
+    diff = relative_difference(ours, ref)
     if diff > 1e-4:
         raise RuntimeError(f"winograd_cpu: {what} differs from the direct conv by {diff:.2e} (relative)")
 
@@ -77,7 +79,7 @@ def run(batch_sizes=(1, 8), train: bool = False, rounds: int = 7, verbose: bool 
         for c, hw in SHAPES:
             for batch in batch_sizes:
                 fns = (_training_variants if train else _inference_variants)(c, hw, batch)
-                med = interleaved_medians(fns, rounds)
+                med = {k: t.median_s for k, t in measure_side_by_side(fns, threads=THREADS, min_rounds=rounds).items()}
                 row = {"shape": f"{c}->{c} @{hw}x{hw}", "batch": batch, "mode": "train" if train else "inference",
                        "direct_ms": med["direct"] * 1e3, "winograd_ms": med["winograd"] * 1e3,
                        "speedup": med["direct"] / med["winograd"]}
@@ -94,9 +96,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--train", action="store_true", help="forward + backward against ATen's conv")
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=7, help="at least this many interleaved rounds")
     args = ap.parse_args(argv)
-    print(f"Winograd F(4x4, 3x3) vs direct conv, float32, {THREADS} threads, median of {args.rounds} interleaved rounds")
+    print(f"Winograd F(4x4, 3x3) vs direct conv, float32, {THREADS} threads, median of >= {args.rounds} interleaved rounds")
     run(args.batch, args.train, args.rounds, verbose=True)
 
 

@@ -5,7 +5,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <atomic>
 
 namespace resfused::cpu {

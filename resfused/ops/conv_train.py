@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from resfused import _native
-from resfused.ops import buffer_cache, conv_winograd, winograd
+from resfused.ops import buffer_cache, winograd
 from resfused.ops.dispatch import record
 
 
@@ -46,7 +46,7 @@ def _winograd_trains_faster(x: torch.Tensor, conv: nn.Conv2d) -> bool:
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
-        and conv_winograd.geometry_ok(conv.weight.shape, conv.stride, conv.padding, conv.dilation, conv.groups)
+        and winograd.geometry_ok(conv.weight.shape, conv.stride, conv.padding, conv.dilation, conv.groups)
         and conv.in_channels <= 128
         and x.shape[2] * x.shape[3] >= 28 * 28
         and not torch.compiler.is_compiling()

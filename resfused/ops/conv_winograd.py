@@ -34,17 +34,6 @@ MAX_IN_CHANNELS = 256
 MIN_PIXELS = 14 * 14
 
 
-def geometry_ok(weight_shape, stride, padding, dilation, groups) -> bool:
-    """A 3x3, stride-1, padding-1, undilated, ungrouped conv: what F(4x4, 3x3) computes."""
-    return (
-        tuple(weight_shape[2:]) == (3, 3)
-        and tuple(stride) == (1, 1)
-        and tuple(padding) == (1, 1)
-        and tuple(dilation) == (1, 1)
-        and groups == 1
-    )
-
-
 class WinogradConv:
     name = "winograd_f43"
     fuses_prologue = False
@@ -53,7 +42,7 @@ class WinogradConv:
         return (
             x.device.type == "cpu"
             and x.dtype == torch.float32
-            and geometry_ok(p.weight.shape, p.stride, p.padding, p.dilation, p.groups)
+            and winograd.geometry_ok(p.weight.shape, p.stride, p.padding, p.dilation, p.groups)
             and p.in_channels <= MAX_IN_CHANNELS
             and x.shape[2] * x.shape[3] >= MIN_PIXELS
             and _native.has_kernel("winograd_f43_input", "cpu")

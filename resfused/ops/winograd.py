@@ -47,6 +47,22 @@ _G64 = torch.tensor(
 POSITIONS = 36
 
 
+def geometry_ok(weight_shape, stride, padding, dilation, groups) -> bool:
+    """A 3x3, stride-1, padding-1, undilated, ungrouped conv: what F(4x4, 3x3) computes."""
+    return (
+        tuple(weight_shape[2:]) == (3, 3)
+        and tuple(stride) == (1, 1)
+        and tuple(padding) == (1, 1)
+        and tuple(dilation) == (1, 1)
+        and groups == 1
+    )
+
+
+def tiles(n: int, h: int, w: int) -> int:
+    """T: the 4x4 output tiles of an N x H x W output (the rows of each transformed matrix)."""
+    return n * ((h + 3) // 4) * ((w + 3) // 4)
+
+
 # (G (x) G)[a*6 + b, k*3 + l] = G[a, k] G[b, l]: the weight transform as one [36, 9] matrix, so
 # that transforming all C_out * C_in filters is one GEMM rather than millions of 6x3 products.
 _KRON64 = torch.kron(_G64, _G64)
@@ -89,7 +105,7 @@ _PASS_BYTES = 2.5e6
 
 def images_per_pass(x: torch.Tensor) -> int:
     n, c, h, w = x.shape
-    per_image = POSITIONS * ((h + 3) // 4) * ((w + 3) // 4) * c * x.element_size()
+    per_image = POSITIONS * tiles(1, h, w) * c * x.element_size()
     return max(1, min(n, int(_PASS_BYTES // per_image)))
 
 
@@ -157,9 +173,6 @@ def conv3x3_train(x, weight, bias=None) -> torch.Tensor | None:
 
 
 def _register_fakes() -> None:
-    def tiles(n, h, w):
-        return n * ((h + 3) // 4) * ((w + 3) // 4)
-
     @torch.library.register_fake("resfused::winograd_f43_input")
     def _(x):
         n, c, h, w = x.shape
