@@ -38,7 +38,7 @@ def _inference_variants(c: int, hw: int, batch: int) -> dict:
     x = torch.randn(batch, c, hw, hw, generator=g).contiguous(memory_format=torch.channels_last)
     w, b = torch.randn(c, c, 3, 3, generator=g) / (3 * c**0.5), torch.randn(c, generator=g)
     p, onednn = ConvParams(w, b, (1, 1), (1, 1), (1, 1), 1), OneDNNConv()
-    u = winograd.transform_weight(w, torch.float64)
+    u = winograd.TransformedWeight(w, torch.float64)
     fns = {"direct": lambda: onednn.run(x, p, None, True, None), "winograd": lambda: winograd.conv3x3(x, u, b, None, True)}
     _check(fns["winograd"](), fns["direct"](), f"inference {c}@{hw}")
     return fns

@@ -3,17 +3,18 @@
 // transforms, the GEMMs and autograd: resfused/ops/winograd.py.
 //
 // Layouts. Activations are NCHW-shaped, channels_last in memory. The transformed domain is
-// [36, T, C] contiguous: for each of the 6x6 transform positions e, a [T, C] matrix over the
-// T = N * ceil(H/4) * ceil(W/4) output tiles of 4x4 pixels, so the GEMM is
-// M[e] = V[e] @ U[e] with U[e] the [C_in, C_out] transformed weights.
+// [T, 36, C] contiguous: for each of the T = N * ceil(H/4) * ceil(W/4) output tiles of 4x4
+// pixels, its 6x6 transform positions e, each a run of C channels. The GEMMs between the
+// transforms, M[:, e] = V[:, e] @ U[e] with U[e] the [C_in, C_out] transformed weights, are then
+// one grouped 1x1 convolution (36 groups) over a 1 x T image of 36 * C channels, channels_last.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(resfused, m) {
-  // V[e, t, c] = (B^T d_t B)[e] for the 6x6 input window d_t of tile t (zero padded by 1), and
+  // V[t, e, c] = (B^T d_t B)[e] for the 6x6 input window d_t of tile t (zero padded by 1), and
   // a 0-dim bool tensor: whether every value of x was finite (Winograd spreads NaN/Inf further
   // than a direct conv, so callers use a direct conv when it is false).
   m.def("winograd_f43_input(Tensor x) -> (Tensor, Tensor)");
-  // Z[e, t, c] = (A g_t A^T)[e] for the 4x4 window g_t of tile t (zero beyond the image):
+  // Z[t, e, c] = (A g_t A^T)[e] for the 4x4 window g_t of tile t (zero beyond the image):
   // the transform of an output gradient, for the weight gradient.
   m.def("winograd_f43_grad_output(Tensor grad) -> Tensor");
   // y[n, c, 4ti + i, 4tj + j] = act((A^T M_t A)[i, j] + bias[c] [+ residual]) for the N x H x W

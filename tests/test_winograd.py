@@ -44,7 +44,7 @@ def test_conv3x3_matches_float64_direct_conv(shape, epilogue):
     bias = b if "bias" in epilogue else None
     residual = r if "residual" in epilogue else None
     relu = "relu" in epilogue
-    y = winograd.conv3x3(x, winograd.transform_weight(wt, torch.float64), bias, residual, relu)
+    y = winograd.conv3x3(x, winograd.TransformedWeight(wt, torch.float64), bias, residual, relu)
     ref = F.conv2d(x.double(), wt.double(), None if bias is None else bias.double(), padding=1)
     if residual is not None:
         ref = ref + residual.double()
@@ -56,7 +56,7 @@ def test_conv3x3_matches_float64_direct_conv(shape, epilogue):
 
 def test_passes_of_a_few_images_match_one_pass(monkeypatch):
     x, wt, b, r = _data(5, 8, 8, 12, 12)
-    u = winograd.transform_weight(wt)
+    u = winograd.TransformedWeight(wt)
     whole = winograd.conv3x3(x, u, b, r, True)
     per_image = 36 * 3 * 3 * 8 * 4
     monkeypatch.setattr(winograd, "_PASS_BYTES", 2 * per_image)  # passes of 2, 2, 1 images
@@ -68,9 +68,9 @@ def test_weight_transform_round_trip_is_the_adjoint():
     # <transform_weight(w), dU> == <w, weight_grad(dU)>: weight_grad is the exact adjoint.
     g = torch.Generator().manual_seed(1)
     w = torch.randn(3, 4, 3, 3, generator=g, dtype=torch.float64)
-    du = torch.randn(36, 4, 3, generator=g, dtype=torch.float64)
-    lhs = (winograd.transform_weight(w) * du).sum()
-    rhs = (w * winograd.weight_grad(du, 3, 4)).sum()
+    du = torch.randn(36, 3, 4, generator=g, dtype=torch.float64)
+    lhs = (winograd.transform_weight(w).view(36, 3, 4) * du).sum()
+    rhs = (w * winograd.weight_grad(du)).sum()
     assert torch.allclose(lhs, rhs, rtol=1e-12, atol=0)
 
 
@@ -119,7 +119,7 @@ def test_non_finite_input_is_reported_and_left_to_the_direct_conv():
     x[0, 3, 5, 6] = float("nan")
     _, finite = torch.ops.resfused.winograd_f43_input(x)
     assert not finite.item()
-    assert winograd.conv3x3(x, winograd.transform_weight(wt), b) is None
+    assert winograd.conv3x3(x, winograd.TransformedWeight(wt), b) is None
     x[0, 3, 5, 6] = float("inf")
     assert winograd.transform_input(x) is None
     # The adapter falls back to the direct conv: the reference's NaN / Inf pattern, exactly.
@@ -142,7 +142,9 @@ def test_adapter_selection():
     x = lambda c, hw, dtype=torch.float32: torch.empty(2, c, hw, hw, dtype=dtype)  # noqa: E731
     assert adapter.supports(x(64, 56), p(64), None, False)
     assert adapter.supports(x(256, 14), p(256), None, False)
-    assert not adapter.supports(x(512, 7), p(512), None, False)  # 36 x 512 x 512 weights: slower
+    assert adapter.supports(x(512, 7), p(512), None, False)  # batch 2: 8 tiles
+    assert not adapter.supports(x(512, 7)[:1], p(512), None, False)  # 36 x 512 x 512 weights for 4 tiles: slower
+    assert not adapter.supports(x(1024, 14), p(1024), None, False)  # not measured
     assert not adapter.supports(x(64, 8), p(64), None, False)  # too few tiles
     assert not adapter.supports(x(64, 56, torch.bfloat16), p(64), None, False)
     assert not adapter.supports(x(64, 56), p(64, stride=2), None, False)
@@ -197,7 +199,7 @@ def test_training_conv_with_non_finite_input_keeps_the_reference_nan_pattern():
 def test_opcheck():
     x, wt, b, r = _data(2, 5, 7, 9, 6)
     v, _ = torch.ops.resfused.winograd_f43_input(x)
-    m = torch.bmm(v, winograd.transform_weight(wt))
+    m = winograd.TransformedWeight(wt).gemm(v)
     torch.library.opcheck(torch.ops.resfused.winograd_f43_input, (x,))
     torch.library.opcheck(torch.ops.resfused.winograd_f43_grad_output, (r,))
     torch.library.opcheck(torch.ops.resfused.winograd_f43_output, (m, 2, 9, 6, b, r, True))
@@ -213,11 +215,11 @@ def test_opcheck():
     [
         (lambda: torch.ops.resfused.winograd_f43_input(torch.randn(2, 3, 4)), "'x' must be 4-D"),
         (lambda: torch.ops.resfused.winograd_f43_input(torch.randn(1, 2, 4, 4).bfloat16()), "float32 or float64"),
-        (lambda: torch.ops.resfused.winograd_f43_output(torch.randn(35, 1, 2), 1, 4, 4, None, None, False), r"\[36, T, C\]"),
-        (lambda: torch.ops.resfused.winograd_f43_output(torch.randn(36, 2, 2), 1, 4, 4, None, None, False), "has 2 tiles"),
-        (lambda: torch.ops.resfused.winograd_f43_output(torch.randn(36, 1, 2), 1, 4, 4, torch.randn(3), None, False),
+        (lambda: torch.ops.resfused.winograd_f43_output(torch.randn(1, 35, 2), 1, 4, 4, None, None, False), r"\[T, 36, C\]"),
+        (lambda: torch.ops.resfused.winograd_f43_output(torch.randn(2, 36, 2), 1, 4, 4, None, None, False), "has 2 tiles"),
+        (lambda: torch.ops.resfused.winograd_f43_output(torch.randn(1, 36, 2), 1, 4, 4, torch.randn(3), None, False),
          "'bias' must have shape"),
-        (lambda: torch.ops.resfused.winograd_f43_output(torch.randn(36, 1, 2), 1, 4, 4, None, torch.randn(1, 2, 4, 5), False),
+        (lambda: torch.ops.resfused.winograd_f43_output(torch.randn(1, 36, 2), 1, 4, 4, None, torch.randn(1, 2, 4, 5), False),
          "'residual' must have the output's shape"),
     ],
 )

@@ -9,8 +9,8 @@
 // G absorbs the inverse scales and is applied in float64 to the weights, once.
 //
 // Each kernel walks tiles in parallel, one vector of channels at a time (channels are innermost
-// in both the NHWC activations and the [36, T, C] transformed domain), so every load and store is
-// a contiguous run of channels. The 1-D transforms are unrolled at compile time from the
+// in both the NHWC activations and the [T, 36, C] transformed domain), so every load and store is
+// a contiguous run of channels, and a tile's 36 positions lie together. The 1-D transforms are unrolled at compile time from the
 // matrices below, skipping zero coefficients and multiplications by +-1.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -130,11 +130,13 @@ __attribute__((always_inline)) inline void load_window(const T* x, const Geometr
   }
 }
 
+// Tile t's position e in the [T, 36, C] transformed domain.
+inline int64_t position_offset(const Geometry& g, int64_t t, int e, int64_t c0) { return (t * kPositions + e) * g.c + c0; }
+
 template <typename T, typename Vec = at::vec::Vectorized<T>>
 __attribute__((always_inline)) inline void store_positions(T* v, const Geometry& g, int64_t t, int64_t c0,
                                                            int64_t count, const Vec* out) {
-  const int64_t stride = g.tiles() * g.c;
-  for (int e = 0; e < kPositions; ++e) out[e].store(v + e * stride + t * g.c + c0, count);
+  for (int e = 0; e < kPositions; ++e) out[e].store(v + position_offset(g, t, e, c0), count);
 }
 
 at::Tensor channels_last(const at::Tensor& x) { return x.contiguous(at::MemoryFormat::ChannelsLast); }
@@ -155,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor> winograd_f43_input(const at::Tensor& x_in) {
   check_input(x_in, "x", "winograd_f43_input");
   const auto x = channels_last(x_in);
   const auto g = Geometry::of(x.size(0), x.size(2), x.size(3), x.size(1));
-  auto v = at::empty({kPositions, g.tiles(), g.c}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  auto v = at::empty({g.tiles(), kPositions, g.c}, x.options().memory_format(at::MemoryFormat::Contiguous));
   std::atomic<bool> finite{true};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "resfused_winograd_f43_input", [&] {
     using Vec = at::vec::Vectorized<scalar_t>;
@@ -180,7 +182,7 @@ at::Tensor winograd_f43_grad_output(const at::Tensor& grad_in) {
   check_input(grad_in, "grad", "winograd_f43_grad_output");
   const auto grad = channels_last(grad_in);
   const auto g = Geometry::of(grad.size(0), grad.size(2), grad.size(3), grad.size(1));
-  auto z = at::empty({kPositions, g.tiles(), g.c}, grad.options().memory_format(at::MemoryFormat::Contiguous));
+  auto z = at::empty({g.tiles(), kPositions, g.c}, grad.options().memory_format(at::MemoryFormat::Contiguous));
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "resfused_winograd_f43_grad_output", [&] {
     using Vec = at::vec::Vectorized<scalar_t>;
     const scalar_t* gp = grad.const_data_ptr<scalar_t>();
@@ -203,10 +205,10 @@ void output_into(const at::Tensor& m, const at::Tensor& y, const std::optional<a
   const int64_t n = y.size(0), h = y.size(2), w = y.size(3);
   TORCH_CHECK(n > 0 && h > 0 && w > 0, "resfused.winograd_f43_output: 'n', 'h', 'w' must be positive, got ", n, ", ",
               h, ", ", w);
-  TORCH_CHECK(m.dim() == 3 && m.size(0) == kPositions, "resfused.winograd_f43_output: 'm' must have shape [36, T, C], got ",
+  TORCH_CHECK(m.dim() == 3 && m.size(1) == kPositions, "resfused.winograd_f43_output: 'm' must have shape [T, 36, C], got ",
               m.sizes());
   const auto g = Geometry::of(n, h, w, m.size(2));
-  TORCH_CHECK(m.size(1) == g.tiles(), "resfused.winograd_f43_output: 'm' has ", m.size(1), " tiles but an output of ", n,
+  TORCH_CHECK(m.size(0) == g.tiles(), "resfused.winograd_f43_output: 'm' has ", m.size(0), " tiles but an output of ", n,
               "x", h, "x", w, " has ", g.tiles());
   TORCH_CHECK(m.scalar_type() == at::kFloat || m.scalar_type() == at::kDouble,
               "resfused.winograd_f43_output: 'm' must be float32 or float64, got ", m.scalar_type());
@@ -230,10 +232,9 @@ void output_into(const at::Tensor& m, const at::Tensor& y, const std::optional<a
     const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* rp = res.defined() ? res.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.data_ptr<scalar_t>();
-    const int64_t stride = g.tiles() * g.c;
     for_each_tile_vector<Vec>(g, [&](int64_t t, int64_t n_, int64_t ti, int64_t tj, int64_t c0, int64_t count) __attribute__((flatten)) {
       Vec in[kPositions], out[kTile * kTile];
-      for (int e = 0; e < kPositions; ++e) in[e] = Vec::loadu(mp + e * stride + t * g.c + c0, count);
+      for (int e = 0; e < kPositions; ++e) in[e] = Vec::loadu(mp + position_offset(g, t, e, c0), count);
       transform2d<kAT, 4, 6>(in, out);
       const Vec bv = bp ? Vec::loadu(bp + c0, count) : Vec(0);
       for (int i = 0; i < kTile; ++i) {
@@ -258,7 +259,7 @@ at::Tensor winograd_f43_output(const at::Tensor& m, int64_t n, int64_t h, int64_
                                bool relu) {
   TORCH_CHECK(n > 0 && h > 0 && w > 0, "resfused.winograd_f43_output: 'n', 'h', 'w' must be positive, got ", n, ", ",
               h, ", ", w);
-  TORCH_CHECK(m.dim() == 3, "resfused.winograd_f43_output: 'm' must have shape [36, T, C], got ", m.sizes());
+  TORCH_CHECK(m.dim() == 3, "resfused.winograd_f43_output: 'm' must have shape [T, 36, C], got ", m.sizes());
   auto y = at::empty({n, m.size(2), h, w}, m.options().memory_format(at::MemoryFormat::ChannelsLast));
   output_into(m, y, bias, residual, relu);
   return y;
@@ -267,7 +268,7 @@ at::Tensor winograd_f43_output(const at::Tensor& m, int64_t n, int64_t h, int64_
 // winograd_f43_output writing into `out` (which may be a batch slice of a larger output).
 void winograd_f43_output_into(const at::Tensor& m, const std::optional<at::Tensor>& bias,
                               const std::optional<at::Tensor>& residual, bool relu, const at::Tensor& out) {
-  TORCH_CHECK(m.dim() == 3, "resfused.winograd_f43_output_into: 'm' must have shape [36, T, C], got ", m.sizes());
+  TORCH_CHECK(m.dim() == 3, "resfused.winograd_f43_output_into: 'm' must have shape [T, 36, C], got ", m.sizes());
   TORCH_CHECK(out.dim() == 4 && out.size(1) == m.size(2),
               "resfused.winograd_f43_output_into: 'out' must have shape [N, ", m.size(2), ", H, W], got ", out.sizes());
   TORCH_CHECK(out.is_contiguous(at::MemoryFormat::ChannelsLast),

@@ -1,24 +1,26 @@
 """Inference 3x3 convs through Winograd F(4x4, 3x3) (ops/winograd.py): the transformed weights are
-built once (in float64, then rounded) and cached in ConvParams.packed; bias, residual add and ReLU
-run in the output transform.
+built once (in float64, then rounded), packed for oneDNN and cached in ConvParams.packed; bias,
+residual add and ReLU run in the output transform.
 
 Where it is used: the shapes where it measured faster than oneDNN's direct conv with packed
-weights, bias and ReLU post-op (2 threads, float32, median of 7 interleaved rounds, one process;
-`python -m benchmarks.winograd_cpu --batch 1 2 4 8`, ranges over 3-4 runs on a noisy machine):
+weights, bias and ReLU post-op (2 threads, float32, median of >= 7 interleaved rounds, one
+process; `python -m benchmarks.winograd_cpu --batch 1 2 4 8`, ranges over 2-3 runs on a noisy
+machine), with the GEMMs as oneDNN grouped 1x1 convs:
 
-    C_in -> C_out @ H x W      batch 1          batch 8
-    64 -> 64 @ 56x56           1.36x - 1.63x    1.19x - 1.40x
-    128 -> 128 @ 28x28         2.07x - 2.13x    1.41x - 1.91x
-    256 -> 256 @ 14x14         1.04x - 1.51x    1.21x - 1.64x
-    512 -> 512 @ 7x7           0.29x - 0.48x    1.15x - 1.48x   (36 x 512 x 512 transformed weights,
-                                                                 37.7 MB, dominate at small batch:
-                                                                 not used)
+    C_in -> C_out @ H x W      batch 1          batch 2    batch 4    batch 8
+    64 -> 64 @ 56x56           1.83x - 1.85x    1.80x      1.61x      1.35x - 1.70x
+    128 -> 128 @ 28x28         1.73x - 2.18x    2.31x      2.15x      1.95x - 2.17x
+    256 -> 256 @ 14x14         1.55x - 1.78x                          1.88x
+    512 -> 512 @ 7x7           0.60x - 0.83x    1.19x      1.57x      1.66x - 1.80x
 
-so: float32, 3x3, stride 1, padding 1, no dilation or groups, at most 256 input channels and at
-least 14x14 pixels. An input holding NaN or Inf goes to oneDNN's direct conv instead (Winograd
-would spread it over whole tiles; see winograd.transform_input). float64 would be exact enough
-but is left to the reference; bf16 / fp16 would need the transforms in float32 and stay with
-oneDNN.
+(the first case timed in a fresh process reads slower, 0.7-0.9x at 64 @56x56 batch 1: the order
+was changed to check that it is the position, not the shape). At 512 channels the 36 x 512 x 512
+transformed weights (37.7 MB) are read once per pass, which a single image's 4 tiles do not
+repay. So: float32, 3x3, stride 1, padding 1, no dilation or groups, and either at most 256
+input channels at >= 14x14 pixels, or at most 512 with >= 8 tiles of 4x4 (batch >= 2 at 7x7).
+An input holding NaN or Inf goes to oneDNN's direct conv instead (Winograd would spread it over
+whole tiles; see winograd.transform_input). float64 would be exact enough but is left to the
+reference; bf16 / fp16 would need the transforms in float32 and stay with oneDNN.
 """
 
 from __future__ import annotations
@@ -30,8 +32,12 @@ from resfused.ops import winograd
 from resfused.ops.conv import ConvParams
 from resfused.ops.conv_onednn import OneDNNConv
 
-MAX_IN_CHANNELS = 256
-MIN_PIXELS = 14 * 14
+
+def faster_than_direct(n: int, c_in: int, h: int, w: int) -> bool:
+    """The measured rule above."""
+    if c_in <= 256:
+        return h * w >= 14 * 14
+    return c_in <= 512 and h * w >= 7 * 7 and winograd.tiles(n, h, w) >= 8
 
 
 class WinogradConv:
@@ -43,8 +49,7 @@ class WinogradConv:
             x.device.type == "cpu"
             and x.dtype == torch.float32
             and winograd.geometry_ok(p.weight.shape, p.stride, p.padding, p.dilation, p.groups)
-            and p.in_channels <= MAX_IN_CHANNELS
-            and x.shape[2] * x.shape[3] >= MIN_PIXELS
+            and faster_than_direct(x.shape[0], p.in_channels, x.shape[2], x.shape[3])
             and _native.has_kernel("winograd_f43_input", "cpu")
         )
 
@@ -55,7 +60,7 @@ class WinogradConv:
     def run(self, x, p: ConvParams, residual, relu, prologue):
         u = p.packed.get(self.name)
         if u is None:
-            u = p.packed[self.name] = winograd.transform_weight(p.weight, torch.float64)
+            u = p.packed[self.name] = winograd.TransformedWeight(p.weight, torch.float64)
         y = winograd.conv3x3(x, u, p.bias, residual, relu)
         if y is None:  # x holds a NaN or Inf: the direct conv gives the reference's NaN pattern
             return _DIRECT.run(x, p, residual, relu, prologue)
