@@ -4,17 +4,17 @@ residual add and ReLU run in the output transform.
 
 Where it is used: the shapes where it measured faster than oneDNN's direct conv with packed
 weights, bias and ReLU post-op (2 threads, float32, median of >= 7 interleaved rounds, one
-process; `python -m benchmarks.winograd_cpu --batch 1 2 4 8`, ranges over 2-3 runs on a noisy
-machine), with the GEMMs as oneDNN grouped 1x1 convs:
+process, both inside a buffer-cache scope as in a fused module; `python -m
+benchmarks.winograd_cpu --batch 1 2 8`, two runs on a noisy machine), with the GEMMs as oneDNN
+grouped 1x1 convs:
 
-    C_in -> C_out @ H x W      batch 1          batch 2    batch 4    batch 8
-    64 -> 64 @ 56x56           1.83x - 1.85x    1.80x      1.61x      1.35x - 1.70x
-    128 -> 128 @ 28x28         1.73x - 2.18x    2.31x      2.15x      1.95x - 2.17x
-    256 -> 256 @ 14x14         1.55x - 1.78x                          1.88x
-    512 -> 512 @ 7x7           0.60x - 0.83x    1.19x      1.57x      1.66x - 1.80x
+    C_in -> C_out @ H x W      batch 1          batch 2          batch 8
+    64 -> 64 @ 56x56           1.64x - 1.86x    1.52x - 1.79x    1.58x - 1.74x
+    128 -> 128 @ 28x28         1.99x - 2.19x    2.14x - 2.38x    2.01x - 2.29x
+    256 -> 256 @ 14x14         1.70x - 1.88x    1.82x - 1.96x    1.80x - 1.84x
+    512 -> 512 @ 7x7           0.78x - 0.95x    1.31x - 1.38x    1.83x - 1.84x
 
-(the first case timed in a fresh process reads slower, 0.7-0.9x at 64 @56x56 batch 1: the order
-was changed to check that it is the position, not the shape). At 512 channels the 36 x 512 x 512
+At 512 channels the 36 x 512 x 512
 transformed weights (37.7 MB) are read once per pass, which a single image's 4 tiles do not
 repay. So: float32, 3x3, stride 1, padding 1, no dilation or groups, and either at most 256
 input channels at >= 14x14 pixels, or at most 512 with >= 8 tiles of 4x4 (batch >= 2 at 7x7).

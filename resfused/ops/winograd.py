@@ -143,8 +143,9 @@ class TransformedWeight:
 
 # Images per pass of conv3x3: the transformed input of a pass, 36 * tiles * C_in floats, is kept
 # near this size so that it is still in cache when the GEMM and the output transform read it.
-# Measured at batch 8, 2 threads, interleaved in one process (ms, whole batch in one pass -> passes
-# of ~2.5 MB): 64 ch @56x56 10.19 -> 8.61, 128 @28x28 6.66 -> 5.63, 256 @14x14 6.24 -> 6.60.
+# Measured at batch 8, 2 threads, interleaved in one process (ms per conv, two runs): 128 ch
+# @28x28 in passes of 1 image 3.8-4.1, 2 images (this size) 3.5-3.6, 4 images 7.4-7.8; 256 @14x14
+# 2 images 4.1-4.8, 4 (this size) 4.0-4.1, 8 3.9-4.2; 512 @7x7 4 images 5.4-5.6, 8 (this) 4.5-4.7.
 _PASS_BYTES = 2.5e6
 
 
