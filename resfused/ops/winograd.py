@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from resfused import _native
-from resfused.ops import buffer_cache
+from resfused.ops import buffer_cache, packing
 
 # G's rows are the evaluations [1, p, p^2] of the filter polynomial at each point (the last row,
 # infinity, picks the leading coefficient), divided by the scale that made B^T's row integral.
@@ -107,27 +107,13 @@ def _as_image(v: torch.Tensor) -> torch.Tensor:
 
 
 class TransformedWeight:
-    """U for one conv and its GEMMs. oneDNN chooses the packed layout from the input shape, and the
-    choice matters (256 channels: a layout packed for T = 16 ran T = 128 at half speed), so packed
-    copies are made per GEMM height T; two at most are kept (a full pass and a ragged last one)."""
-
-    _KEEP = 2
+    """U for one conv and its GEMMs, U packed for oneDNN per GEMM height T (ops/packing.py; at 256
+    channels a copy packed for T = 16 ran T = 128 at half speed)."""
 
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype | None = None):
         self.u = transform_weight(weight, dtype)
         self.c_out = weight.shape[0]
-        self._packed: dict[int, torch.Tensor] = {}
-
-    def _packed_for(self, t: int) -> torch.Tensor:
-        packed = self._packed.get(t)
-        if packed is None:
-            if len(self._packed) >= self._KEEP:
-                self._packed.pop(next(iter(self._packed)))
-            packed = torch.ops.mkldnn._reorder_convolution_weight(
-                self.u, [0, 0], [1, 1], [1, 1], POSITIONS, [1, self.u.shape[1] * POSITIONS, 1, t]
-            )
-            self._packed[t] = packed
-        return packed
+        self.packed = packing.onednn_conv_weight(self.u, (0, 0), (1, 1), (1, 1), POSITIONS)
 
     def gemm(self, v: torch.Tensor) -> torch.Tensor:
         """M[:, e] = V[:, e] @ U[e]: [T, 36, C_in] -> [T, 36, C_out]."""
@@ -135,8 +121,9 @@ class TransformedWeight:
         if v.dtype != torch.float32 or not _ONEDNN:  # float64 (tests, gradcheck): oneDNN has no float64 conv
             u = self.u.view(POSITIONS, self.c_out, -1)
             return torch.bmm(v.transpose(0, 1), u.transpose(1, 2)).transpose(0, 1).contiguous()
+        image = _as_image(v)
         m = torch.ops.mkldnn._convolution_pointwise(
-            _as_image(v), self._packed_for(t), None, [0, 0], [1, 1], [1, 1], POSITIONS, "none", [], None
+            image, self.packed(tuple(image.shape)), None, [0, 0], [1, 1], [1, 1], POSITIONS, "none", [], None
         )
         return m.permute(0, 2, 3, 1).reshape(t, POSITIONS, self.c_out)
 

@@ -1,0 +1,54 @@
+"""Packed oneDNN weights per input shape (resfused/ops/packing.py) and the kernels that use them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from harness import assert_matches_reference
+from resfused.ops import packing, winograd
+from resfused.ops.conv import ConvParams
+from resfused.ops.conv_onednn import SUPPORTED_DTYPES, OneDNNConv
+
+
+def test_packs_once_per_shape_and_keeps_the_most_recently_used():
+    made = []
+    cache = packing.PackedByShape(lambda shape: made.append(shape) or torch.tensor(len(made)), keep=2)
+    assert cache((1,)).item() == 1 and cache((1,)).item() == 1  # a hit packs nothing
+    assert cache((2,)).item() == 2
+    assert cache((1,)).item() == 1  # (1,) is now the most recently used...
+    assert cache((3,)).item() == 3  # ...so (2,) is the one dropped
+    assert cache.shapes() == [(1,), (3,)]
+    assert cache((2,)).item() == 4  # packed again
+    assert made == [(1,), (2,), (3,), (2,)]
+
+
+needs_onednn = pytest.mark.skipif(torch.float32 not in SUPPORTED_DTYPES, reason="torch built without oneDNN")
+
+
+@needs_onednn
+def test_onednn_conv_packs_per_batch_size_and_stays_correct():
+    # The 1x1 shape whose oneDNN layout differs between batch 1 and batch 8 (see ops/packing.py).
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(1024, 256, 1, 1, generator=g) / 16, torch.randn(1024, generator=g)
+    p, conv = ConvParams(w, b, (1, 1), (0, 0), (1, 1), 1), OneDNNConv()
+    for n in (1, 8, 1):
+        x = torch.randn(n, 256, 14, 14, generator=g).contiguous(memory_format=torch.channels_last)
+        r = torch.randn(n, 1024, 14, 14, generator=g).contiguous(memory_format=torch.channels_last)
+        y = conv.run(x, p, r, True, None)
+        assert_matches_reference(y, (F.conv2d(x.double(), w.double(), b.double()) + r.double()).relu(), torch.float32,
+                                 what=f"1x1 conv + add + ReLU at batch {n}")
+    assert p.packed[conv.name].shapes() == [(8, 256, 14, 14), (1, 256, 14, 14)]
+
+
+@needs_onednn
+def test_winograd_gemm_packs_per_pass_height():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 8, 3, 3, generator=g, dtype=torch.float64)
+    u = winograd.TransformedWeight(w.float())
+    for t in (5, 12, 5):
+        v = torch.randn(t, 36, 8, generator=g, dtype=torch.float64)
+        expected = torch.einsum("tec,eoc->teo", v, winograd.transform_weight(w).view(36, 16, 8))
+        assert_matches_reference(u.gemm(v.float()), expected, torch.float32, what=f"GEMM at T = {t}")
+    assert u.packed.shapes() == [(1, 288, 1, 12), (1, 288, 1, 5)]
