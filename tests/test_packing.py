@@ -33,13 +33,28 @@ def test_onednn_conv_packs_per_batch_size_and_stays_correct():
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(1024, 256, 1, 1, generator=g) / 16, torch.randn(1024, generator=g)
     p, conv = ConvParams(w, b, (1, 1), (0, 0), (1, 1), 1), OneDNNConv()
-    for n in (1, 8, 1):
+    for n in (1, 8, 1, 3):
         x = torch.randn(n, 256, 14, 14, generator=g).contiguous(memory_format=torch.channels_last)
         r = torch.randn(n, 1024, 14, 14, generator=g).contiguous(memory_format=torch.channels_last)
         y = conv.run(x, p, r, True, None)
         assert_matches_reference(y, (F.conv2d(x.double(), w.double(), b.double()) + r.double()).relu(), torch.float32,
                                  what=f"1x1 conv + add + ReLU at batch {n}")
-    assert p.packed[conv.name].shapes() == [(8, 256, 14, 14), (1, 256, 14, 14)]
+    # Batch 1 and larger batches have copies of their own; 3 and 8 share one.
+    assert p.packed[conv.name].shapes() == [(1, 256, 14, 14), (2, 256, 14, 14)]
+
+
+@needs_onednn
+def test_winograd_conv_packs_per_power_of_two_images_per_pass(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 8, 3, 3, generator=g)
+    u = winograd.TransformedWeight(w)
+    monkeypatch.setattr(winograd, "_PASS_BYTES", 4 * 36 * 4 * 8 * 4)  # 4 images of 4 tiles per pass
+    for n in (1, 3, 2, 6, 4):
+        x = torch.randn(n, 8, 8, 8, generator=g)
+        assert_matches_reference(winograd.conv3x3(x, u), F.conv2d(x.double(), w.double(), padding=1), torch.float32,
+                                 what=f"conv3x3 at batch {n}")
+    # batch 1 -> 1 image per pass, 3 and 2 -> 2, 6 and 4 -> 4 (the ragged last passes included).
+    assert u.packed.shapes() == [(1, 288, 1, 4), (1, 288, 1, 8), (1, 288, 1, 16)]
 
 
 @needs_onednn

@@ -42,11 +42,11 @@ class OneDNNConv:
         # oneDNN picks the blocked weight layout for an input shape; without one (input_size=None)
         # it picks a layout that its 1x1 kernels then reorder on every call (measured: a 1x1
         # 1024->512 conv at 14x14 took 15.2 ms instead of 1.06 ms at batch 1, 21.5 vs 8.1 ms at
-        # batch 8). The layout can depend on the batch size too (ops/packing.py).
+        # batch 8). It can depend on whether the batch is 1 too (ops/packing.py).
         packed = p.packed.get(self.name)
         if packed is None:
             packed = p.packed[self.name] = packing.onednn_conv_weight(p.weight, p.padding, p.stride, p.dilation, p.groups)
-        return packed(tuple(x.shape))
+        return packed(packing.conv_layout_shape(tuple(x.shape)))
 
     def _args(self, x, p: ConvParams) -> tuple:
         return (self._packed(p, x), p.bias, list(p.padding), list(p.stride), list(p.dilation), p.groups)

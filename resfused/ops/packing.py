@@ -2,10 +2,12 @@
 
 oneDNN picks a conv's blocked weight layout from the whole input shape, batch included, and a
 copy packed for one shape can run another far slower. Measured (2 threads, float32, 1x1 conv
-256 -> 1024 at 14x14 with the residual-add and ReLU post-ops): packed for batch 8 and run at
-batch 1, 7.8 ms instead of 0.49; packed for batch 1 and run at batch 8, 11.5 ms instead of 3.95.
-(Other 1x1 shapes of ResNet-50 ran the same either way.) So copies are keyed by the exact shape;
-four are kept per conv, enough for two batch sizes and, in Winograd, their last partial passes.
+256 -> 1024 at 14x14 with bias and ReLU, ms): packed for batch 8 and run at batch 1, 7.95
+instead of 0.54; packed for batch 1 and run at batch 8, 12.7 instead of 3.8. Copies packed for
+batch 2, 3, 4, 8 or 16 ran every batch from 2 to 16 alike, and 1024 -> 256 at 14x14 and
+2048 -> 512 at 7x7 ran alike whatever the copy. So a conv keeps a copy for batch 1 and one for
+larger batches (`conv_layout_shape`); the Winograd GEMMs key theirs by height (ops/winograd.py).
+Four copies at most are kept per conv, the least recently used dropped first.
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ class PackedByShape:
     def shapes(self) -> list[tuple[int, ...]]:
         """The shapes with a packed copy, the most recently used last."""
         return list(self._copies)
+
+
+def conv_layout_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The input shape whose packed copy serves a conv input of `shape`: batch 1 or, standing for
+    every larger batch, 2 (see above)."""
+    return (min(shape[0], 2),) + tuple(shape[1:])
 
 
 def onednn_conv_weight(weight: torch.Tensor, padding, stride, dilation, groups: int) -> PackedByShape:

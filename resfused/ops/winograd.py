@@ -107,24 +107,30 @@ def _as_image(v: torch.Tensor) -> torch.Tensor:
 
 
 class TransformedWeight:
-    """U for one conv and its GEMMs, U packed for oneDNN per GEMM height T (ops/packing.py; at 256
-    channels a copy packed for T = 16 ran T = 128 at half speed)."""
+    """U for one conv and its GEMMs, with U packed for oneDNN per GEMM height (ops/packing.py).
+
+    oneDNN's packed layout depends on the height T, and a copy packed for one T can run another
+    far slower (measured, ms per GEMM: 256 channels, T = 16 with a copy packed for T = 128 0.80
+    instead of 0.40, T = 128 with one packed for T = 16 3.96 instead of 3.47; 128 channels, T = 98
+    packed for T = 49 0.83 instead of 0.58). conv3x3 asks for a copy per power-of-two count of
+    images per pass, so a model served at varying batch sizes keeps at most log2(pass size) + 1
+    copies per conv (4 at 512 channels, 7x7) instead of repacking."""
 
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype | None = None):
         self.u = transform_weight(weight, dtype)
         self.c_out = weight.shape[0]
         self.packed = packing.onednn_conv_weight(self.u, (0, 0), (1, 1), (1, 1), POSITIONS)
 
-    def gemm(self, v: torch.Tensor) -> torch.Tensor:
-        """M[:, e] = V[:, e] @ U[e]: [T, 36, C_in] -> [T, 36, C_out]."""
+    def gemm(self, v: torch.Tensor, packed_height: int | None = None) -> torch.Tensor:
+        """M[:, e] = V[:, e] @ U[e]: [T, 36, C_in] -> [T, 36, C_out], with U packed for a GEMM of
+        `packed_height` rows (default T)."""
         t = v.shape[0]
         if v.dtype != torch.float32 or not _ONEDNN:  # float64 (tests, gradcheck): oneDNN has no float64 conv
             u = self.u.view(POSITIONS, self.c_out, -1)
             return torch.bmm(v.transpose(0, 1), u.transpose(1, 2)).transpose(0, 1).contiguous()
         image = _as_image(v)
-        m = torch.ops.mkldnn._convolution_pointwise(
-            image, self.packed(tuple(image.shape)), None, [0, 0], [1, 1], [1, 1], POSITIONS, "none", [], None
-        )
+        packed = self.packed((1, image.shape[1], 1, packed_height or t))
+        m = torch.ops.mkldnn._convolution_pointwise(image, packed, None, [0, 0], [1, 1], [1, 1], POSITIONS, "none", [], None)
         return m.permute(0, 2, 3, 1).reshape(t, POSITIONS, self.c_out)
 
 
@@ -137,7 +143,7 @@ _PASS_BYTES = 2.5e6
 
 
 def images_per_pass(x: torch.Tensor) -> int:
-    """How many images conv3x3 transforms at a time (see _PASS_BYTES)."""
+    """How many images conv3x3 transforms at a time (see _PASS_BYTES), at most x's batch."""
     n, c, h, w = x.shape
     per_image = POSITIONS * tiles(1, h, w) * c * x.element_size()
     return max(1, min(n, int(_PASS_BYTES // per_image)))
@@ -158,12 +164,13 @@ def conv3x3(x, u: TransformedWeight, bias=None, residual=None, relu: bool = Fals
     n, _, h, w = x.shape
     y = torch.empty((n, u.c_out, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     k = images_per_pass(x)
+    packed_height = (1 << (k.bit_length() - 1)) * tiles(1, h, w)  # see TransformedWeight
     for i in range(0, n, k):
         v = transform_input(x[i : i + k])
         if v is None:
             return None
         ri = None if residual is None else residual[i : i + k]
-        m = u.gemm(v)
+        m = u.gemm(v, packed_height)
         torch.ops.resfused.winograd_f43_output_into(m, bias, ri, relu, y[i : i + k])
     return y
 
