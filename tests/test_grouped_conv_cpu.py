@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 import resfused
-import resfused.ops.conv_grouped  # noqa: F401  (registers the fake kernel)
 from resfused import _native
+from resfused.ops import conv_grouped  # (also registers the fake kernel)
+from resfused.ops.conv import ConvParams
 from tests.harness import assert_matches_reference
 
 pytestmark = pytest.mark.skipif(
@@ -154,6 +155,17 @@ def test_adapter_selected_for_resnext_block():
     with torch.no_grad():
         expected = ref.double()(x.double())
     assert_matches_reference(y, expected, torch.float32, what="ResNeXtBottleneck")
+
+
+@pytest.mark.skipif(conv_grouped.cpu_path(8) == "scalar", reason="no vector path for 8/16 channels per group here")
+@pytest.mark.parametrize("cpg,stride,min_batch", [(4, 1, 1), (8, 2, 1), (8, 1, 4), (16, 2, 8), (16, 1, None)])
+def test_adapter_selection_by_batch(cpg, stride, min_batch):
+    adapter = conv_grouped.GroupedConv3x3()
+    p = ConvParams(torch.empty(256, cpg, 3, 3), None, (stride,) * 2, (1, 1), (1, 1), 256 // cpg)
+    for n in (1, 2, 4, 8):
+        x = torch.empty(n, 256, 14, 14).contiguous(memory_format=torch.channels_last)
+        wanted = min_batch is not None and n >= min_batch and (cpg < 16 or conv_grouped.cpu_path(16) != "scalar")
+        assert adapter.supports(x, p, None, False) == wanted, (n, cpg, stride)
 
 
 # The other two paths of this machine, in fresh processes (the capability is read once).

@@ -20,10 +20,12 @@ and 8 from one `make bench` run, bfloat16 at batch 8 from another):
     16              2       512ch 28x28 -> 14x14       0.56x        1.29x             0.24x
     32              any     (oneDNN's GEMM tiles fit)  not used
 
-so float32 at 4 channels/group and at 8 with stride 2, and bfloat16 at 4, use this kernel; 8
-channels/group at stride 1 and 16 at stride 2 lose at batch 1 and are left to oneDNN. oneDNN's
-bf16 grouped conv uses the AVX512-BF16 dot-product instruction (two MACs per lane), which this
-kernel (bf16 loads, fp32 FMAs) does not.
+so float32 at 4 channels/group and at 8 with stride 2, and bfloat16 at 4, use this kernel. Where
+it wins only at larger batches, float32 (`python -m benchmarks.grouped_cpu --batch 2 4 8 --dtype
+fp32`, one run): 8 channels/group at stride 1 0.92x at batch 2, 1.13x at 4, 1.27x at 8; 16 at
+stride 2 0.65x, 0.86x, 1.19x; so those two run here from batch 4 and 8 on. oneDNN's bf16 grouped
+conv uses the AVX512-BF16 dot-product instruction (two MACs per lane), which this kernel (bf16
+loads, fp32 FMAs) does not.
 """
 
 from __future__ import annotations
@@ -34,11 +36,14 @@ from resfused import _native
 from resfused.ops import tails
 from resfused.ops.conv import ConvParams
 
-# (dtype, channels per group, stride) where the CPU kernel's vector path beats oneDNN (table above).
+# (dtype, channels per group, stride) -> the smallest batch from which the CPU kernel's vector
+# path beats oneDNN (table above).
 _CPU_WINS = {
-    (torch.float32, 4, 1),
-    (torch.float32, 8, 2),
-    (torch.bfloat16, 4, 1),
+    (torch.float32, 4, 1): 1,
+    (torch.float32, 8, 2): 1,
+    (torch.float32, 8, 1): 4,
+    (torch.float32, 16, 2): 8,
+    (torch.bfloat16, 4, 1): 1,
 }
 
 # What the CUDA kernel (another helper's csrc/cuda/grouped_conv3x3.cu) is expected to cover.
@@ -91,7 +96,7 @@ class GroupedConv3x3:
                 width > 0
                 and p.out_channels == p.in_channels
                 and p.in_channels % width == 0
-                and (x.dtype, cpg, p.stride[0]) in _CPU_WINS
+                and x.shape[0] >= _CPU_WINS.get((x.dtype, cpg, p.stride[0]), float("inf"))
             )
         if x.device.type == "cuda":
             return cpg in _CUDA_CHANNELS_PER_GROUP and x.dtype in _CUDA_DTYPES
