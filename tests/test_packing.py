@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,6 +24,27 @@ def test_packs_once_per_shape_and_keeps_the_most_recently_used():
     assert cache.shapes() == [(1,), (3,)]
     assert cache((2,)).item() == 4  # packed again
     assert made == [(1,), (2,), (3,), (2,)]
+
+
+def test_concurrent_callers_each_get_their_shapes_copy():
+    cache = packing.PackedByShape(lambda shape: torch.tensor(shape[0]), keep=4)
+    errors = []
+
+    def worker(offset):
+        try:
+            for i in range(300):
+                s = (i + offset) % 6  # six shapes through four slots: constant eviction
+                assert cache((s,)).item() == s
+        except Exception as e:  # noqa: BLE001  (reported below, not swallowed)
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(cache.shapes()) == 4
 
 
 needs_onednn = pytest.mark.skipif(torch.float32 not in SUPPORTED_DTYPES, reason="torch built without oneDNN")

@@ -12,31 +12,36 @@ Four copies at most are kept per conv, the least recently used dropped first.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import torch
 
 
 class PackedByShape:
-    """pack(shape) for the shapes asked for, the `keep` most recently used kept."""
+    """pack(shape) for the shapes asked for, the `keep` most recently used kept. Safe to call
+    from several threads (a model served by a thread pool): one lock around the bookkeeping."""
 
     def __init__(self, pack: Callable[[tuple[int, ...]], torch.Tensor], keep: int = 4):
         self._pack = pack
         self._keep = keep
         self._copies: dict[tuple[int, ...], torch.Tensor] = {}  # in order of use, the most recent last
+        self._lock = threading.Lock()
 
     def __call__(self, shape: tuple[int, ...]) -> torch.Tensor:
-        packed = self._copies.pop(shape, None)
-        if packed is None:
-            if len(self._copies) >= self._keep:
-                self._copies.pop(next(iter(self._copies)))
-            packed = self._pack(shape)
-        self._copies[shape] = packed
-        return packed
+        with self._lock:
+            packed = self._copies.pop(shape, None)
+            if packed is None:
+                if len(self._copies) >= self._keep:
+                    self._copies.pop(next(iter(self._copies)))
+                packed = self._pack(shape)
+            self._copies[shape] = packed
+            return packed
 
     def shapes(self) -> list[tuple[int, ...]]:
         """The shapes with a packed copy, the most recently used last."""
-        return list(self._copies)
+        with self._lock:
+            return list(self._copies)
 
 
 def conv_layout_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
