@@ -23,7 +23,7 @@ instead (Winograd would spread it over whole tiles; see winograd.transform_input
 float64 would be exact enough but is left to the reference. bf16 stays with oneDNN: with the
 transformed input and weights rounded to bf16 (what a bf16 GEMM needs), F(4x4, 3x3) measured
 8-9x the error of eager bf16 against float64 (1.75e-2 .. 2.2e-2 of max|y| where eager has
-2.2e-3 .. 2.7e-3, at the four ResNet stage shapes), beyond DESIGN.md section 5's 2x.
+2.2e-3 .. 2.7e-3, at 64 @56x56, 128 @28x28, 256 @14x14), beyond DESIGN.md section 5's 2x.
 """
 
 from __future__ import annotations
