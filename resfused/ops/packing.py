@@ -50,10 +50,15 @@ def conv_layout_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     return (min(shape[0], 2),) + tuple(shape[1:])
 
 
-def onednn_conv_weight(weight: torch.Tensor, padding, stride, dilation, groups: int) -> PackedByShape:
-    """`weight` (OIHW) packed for oneDNN's conv with these parameters, per input shape."""
+def onednn_conv_weight(
+    weight: torch.Tensor | Callable[[], torch.Tensor], padding, stride, dilation, groups: int
+) -> PackedByShape:
+    """`weight` (OIHW) packed for oneDNN's conv with these parameters, per input shape. `weight`
+    may be a function that derives it, called at each packing (the derived tensor is not kept:
+    Winograd's transformed weights would otherwise be held twice)."""
+    get = weight if callable(weight) else (lambda: weight)
     return PackedByShape(
         lambda shape: torch.ops.mkldnn._reorder_convolution_weight(
-            weight, list(padding), list(stride), list(dilation), groups, list(shape)
+            get(), list(padding), list(stride), list(dilation), groups, list(shape)
         )
     )

@@ -117,8 +117,10 @@ class TransformedWeight:
     copies per conv (4 at 512 channels, 7x7) instead of repacking."""
 
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype | None = None):
-        self.u = transform_weight(weight, dtype)
-        self.c_out = weight.shape[0]
+        # U itself is not kept, only its packed copies: U is derived again for each new copy
+        # (rare), which halves what a conv holds (ResNet-50: 132 MB of U beside its copies).
+        self.c_out, self.c_in = weight.shape[:2]
+        self.u = lambda: transform_weight(weight, dtype)
         self.packed = packing.onednn_conv_weight(self.u, (0, 0), (1, 1), (1, 1), POSITIONS)
 
     def gemm(self, v: torch.Tensor, packed_height: int | None = None) -> torch.Tensor:
@@ -126,10 +128,10 @@ class TransformedWeight:
         `packed_height` rows (default T)."""
         t = v.shape[0]
         if v.dtype != torch.float32 or not _ONEDNN:  # float64 (tests, gradcheck): oneDNN has no float64 conv
-            u = self.u.view(POSITIONS, self.c_out, -1)
+            u = self.u().view(POSITIONS, self.c_out, self.c_in)
             return torch.bmm(v.transpose(0, 1), u.transpose(1, 2)).transpose(0, 1).contiguous()
         image = _as_image(v)
-        packed = self.packed((1, image.shape[1], 1, packed_height or t))
+        packed = self.packed((1, POSITIONS * self.c_in, 1, packed_height or t))
         m = torch.ops.mkldnn._convolution_pointwise(image, packed, None, [0, 0], [1, 1], [1, 1], POSITIONS, "none", [], None)
         return m.permute(0, 2, 3, 1).reshape(t, POSITIONS, self.c_out)
 
