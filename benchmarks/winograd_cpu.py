@@ -17,7 +17,9 @@ import argparse
 import torch
 
 from benchmarks.common import measure_side_by_side, relative_difference
-from resfused.ops import buffer_cache
+from resfused.ops import buffer_cache, conv_train, winograd  # (importing resfused loads the kernels)
+from resfused.ops.conv import ConvParams
+from resfused.ops.conv_onednn import OneDNNConv
 
 THREADS = 2
 
@@ -43,10 +45,6 @@ def _scoped(fn):
 
 
 def _inference_variants(c: int, hw: int, batch: int) -> dict:
-    from resfused.ops import winograd
-    from resfused.ops.conv import ConvParams
-    from resfused.ops.conv_onednn import OneDNNConv
-
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, c, hw, hw, generator=g).contiguous(memory_format=torch.channels_last)
     w, b = torch.randn(c, c, 3, 3, generator=g) / (3 * c**0.5), torch.randn(c, generator=g)
@@ -59,8 +57,6 @@ def _inference_variants(c: int, hw: int, batch: int) -> dict:
 
 
 def _training_variants(c: int, hw: int, batch: int) -> dict:
-    from resfused.ops import conv_train, winograd
-
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, c, hw, hw, generator=g).contiguous(memory_format=torch.channels_last).requires_grad_()
     conv = torch.nn.Conv2d(c, c, 3, padding=1, bias=False).to(memory_format=torch.channels_last)
@@ -84,8 +80,6 @@ def _training_variants(c: int, hw: int, batch: int) -> dict:
 
 
 def run(batch_sizes=(1, 8), train: bool = False, rounds: int = 7, verbose: bool = False) -> list[dict]:
-    import resfused  # noqa: F401  (loads the kernels)
-
     previous = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:

@@ -59,6 +59,13 @@ class ConvParams:
         weight, bias = folding.fold_conv_bn_modules(conv, bn, dtype, differentiable)
         return cls(weight, bias, tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups)
 
+    def derived(self, key, make):
+        """packed[key], made by `make()` on first use (what a kernel derives from the weight)."""
+        value = self.packed.get(key)
+        if value is None:
+            value = self.packed[key] = make()
+        return value
+
     @property
     def in_channels(self) -> int:
         return self.weight.shape[1] * self.groups

@@ -43,9 +43,7 @@ class OneDNNConv:
         # it picks a layout that its 1x1 kernels then reorder on every call (measured: a 1x1
         # 1024->512 conv at 14x14 took 15.2 ms instead of 1.06 ms at batch 1, 21.5 vs 8.1 ms at
         # batch 8). It can depend on whether the batch is 1 too (ops/packing.py).
-        packed = p.packed.get(self.name)
-        if packed is None:
-            packed = p.packed[self.name] = packing.onednn_conv_weight(p.weight, p.padding, p.stride, p.dilation, p.groups)
+        packed = p.derived(self.name, lambda: packing.onednn_conv_weight(p.weight, p.padding, p.stride, p.dilation, p.groups))
         return packed(packing.conv_layout_shape(tuple(x.shape)))
 
     def _args(self, x, p: ConvParams) -> tuple:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from resfused import _native
 from resfused.ops import buffer_cache, winograd
 from resfused.ops.dispatch import record
 
@@ -45,13 +44,10 @@ def _winograd_trains_faster(x: torch.Tensor, conv: nn.Conv2d) -> bool:
     transforms, redone every step, and the 36 x C_in x C_out transformed weights dominate).
     Again after the forward GEMMs moved to oneDNN: 1.22x, 1.45x, 0.98x, 0.55x."""
     return (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and winograd.geometry_ok(conv.weight.shape, conv.stride, conv.padding, conv.dilation, conv.groups)
+        winograd.usable(x, conv.weight.shape, conv.stride, conv.padding, conv.dilation, conv.groups)
         and conv.in_channels <= 128
         and x.shape[2] * x.shape[3] >= 28 * 28
         and not torch.compiler.is_compiling()
-        and _native.has_kernel("winograd_f43_input", "cpu")
     )
 
 

@@ -124,10 +124,7 @@ class TritonConv:
         return True
 
     def _weight(self, p: ConvParams) -> torch.Tensor:
-        w = p.packed.get(self.name)
-        if w is None:
-            w = p.packed[self.name] = to_hwio(p.weight)
-        return w
+        return p.derived(self.name, lambda: to_hwio(p.weight))
 
     def run(self, x, p: ConvParams, residual, relu, prologue):
         scale, shift = prologue if prologue is not None else (None, None)

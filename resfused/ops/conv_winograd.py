@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import torch
 
-from resfused import _native
 from resfused.ops import winograd
 from resfused.ops.conv import ConvParams
 from resfused.ops.conv_onednn import OneDNNConv
@@ -48,22 +47,15 @@ class WinogradConv:
     fuses_prologue = False
 
     def supports(self, x, p: ConvParams, residual, prologue) -> bool:
-        return (
-            x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and winograd.geometry_ok(p.weight.shape, p.stride, p.padding, p.dilation, p.groups)
-            and faster_than_direct(x.shape[0], p.in_channels, x.shape[2], x.shape[3])
-            and _native.has_kernel("winograd_f43_input", "cpu")
-        )
+        usable = winograd.usable(x, p.weight.shape, p.stride, p.padding, p.dilation, p.groups)
+        return usable and faster_than_direct(x.shape[0], p.in_channels, x.shape[2], x.shape[3])
 
     # Not traced by torch.compile: a non-finite input switches to the direct conv (a data-dependent
     # branch), and Inductor (with freezing) plans its own convs.
     traceable = False
 
     def run(self, x, p: ConvParams, residual, relu, prologue):
-        u = p.packed.get(self.name)
-        if u is None:
-            u = p.packed[self.name] = winograd.TransformedWeight(p.weight, torch.float64)
+        u = p.derived(self.name, lambda: winograd.TransformedWeight(p.weight, torch.float64))
         y = winograd.conv3x3(x, u, p.bias, residual, relu)
         if y is None:  # x holds a NaN or Inf: the direct conv gives the reference's NaN pattern
             return _DIRECT.run(x, p, residual, relu, prologue)

@@ -62,6 +62,17 @@ def geometry_ok(weight_shape, stride, padding, dilation, groups) -> bool:
     )
 
 
+def usable(x: torch.Tensor, weight_shape, stride, padding, dilation, groups) -> bool:
+    """What every Winograd path needs, before its own measured size rule: a float32 CPU input, a
+    conv geometry_ok accepts, and the compiled transforms."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and geometry_ok(weight_shape, stride, padding, dilation, groups)
+        and _native.has_kernel("winograd_f43_input", "cpu")
+    )
+
+
 def tiles(n: int, h: int, w: int) -> int:
     """T: the 4x4 output tiles of an N x H x W output (the rows of each transformed matrix)."""
     return n * ((h + 3) // 4) * ((w + 3) // 4)
