@@ -146,3 +146,55 @@ def test_winograd_micro_benchmark_runs_and_checks_results(monkeypatch, train):
     assert [(r["shape"], r["batch"], r["mode"]) for r in rows] == [("8->8 @9x9", 2, "train" if train else "inference")]
     assert rows[0]["direct_ms"] > 0 and rows[0]["winograd_ms"] > 0
     assert rows[0]["speedup"] == pytest.approx(rows[0]["direct_ms"] / rows[0]["winograd_ms"])
+
+
+def test_floor_split_counts_every_conv_multiply_add():
+    """The profile split of a fused ResNet-18 at 32x32 (no Winograd at these sizes): its convs'
+    multiply-adds, read back from the profiler's shapes and arguments, are the model's (less the
+    fc layer), and every kind of time adds up to what the profiler recorded."""
+    import torchvision
+
+    from benchmarks import floor_cpu
+
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    fused = resfused.fuse(model)
+    with torch.inference_mode():
+        fused(x.contiguous(memory_format=torch.channels_last))
+        with torch.profiler.profile(record_shapes=True) as prof:
+            fused(x.contiguous(memory_format=torch.channels_last))
+    split = floor_cpu.split_profile(prof.events(), forwards=1)
+    conv_macs = sum(split[k]["macs"] for k in floor_cpu.CONV_KINDS)
+    fc_macs = 2 * 512 * 10
+    assert 2 * conv_macs == common.count_flops(model, x) - 2 * fc_macs
+    assert split["1x1 conv"]["calls"] == 3 and split["other conv"]["calls"] == 1  # downsamples, stem
+    assert split["3x3 conv (direct)"]["calls"] == 16 and split["Winograd GEMMs"]["calls"] == 0
+    total_ms = sum(e.self_cpu_time_total for e in prof.events()) / 1e3
+    assert sum(r["ms"] for r in split.values()) == pytest.approx(total_ms)
+
+
+def test_floor_is_the_convs_at_peak_plus_the_rest():
+    from benchmarks import floor_cpu
+
+    split = {k: {"ms": 0.0, "macs": 0, "calls": 0} for k in floor_cpu.CONV_KINDS + floor_cpu.OTHER_KINDS}
+    split["1x1 conv"].update(ms=9.0, macs=50 * 10**9, calls=1)  # 100 GFLOP: 1 s at 100 GFLOP/s
+    split["other ops"].update(ms=3.0, calls=2)
+    assert floor_cpu.floor_ms({"split": split, "peak_gflops": 100.0}) == pytest.approx(1003.0)
+
+
+@pytest.mark.skipif(not resfused._native.has_kernel("winograd_f43_input", "cpu"), reason="no CPU Winograd kernels")
+def test_floor_split_counts_the_winograd_gemms_it_runs():
+    """A 64-channel basic block at 16x16 runs both 3x3 convs through Winograd F(4x4, 3x3): 16
+    tiles, each a 36-position GEMM of 64 x 64 per conv."""
+    from benchmarks import floor_cpu
+
+    block = resfused.BasicBlock(64, 64).eval()
+    x = torch.randn(1, 64, 16, 16).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        block(x)
+        with torch.profiler.profile(record_shapes=True) as prof:
+            block(x)
+    split = floor_cpu.split_profile(prof.events(), forwards=1)
+    assert split["Winograd GEMMs"]["calls"] == 2 and split["3x3 conv (direct)"]["calls"] == 0
+    assert split["Winograd GEMMs"]["macs"] == 2 * 16 * 36 * 64 * 64
+    assert split["Winograd transforms"]["calls"] == 4  # an input and an output transform per conv
