@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import platform
@@ -23,7 +24,11 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-from torch.utils import benchmark as tbench
+
+# torch.utils.benchmark imports torch.utils.cpp_extension, which on a CUDA build of torch without
+# a GPU logs "No CUDA runtime is found" in every process: true, and irrelevant to a timing.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+from torch.utils import benchmark as tbench  # noqa: E402
 
 # Variant names, in table order. "fused" gets channels_last input (the fused kernels' native
 # layout); "fused_nchw" is the same fused module given the NCHW input a user may have.
