@@ -54,13 +54,15 @@ def _expected(x, weight, bias, residual, prologue, stride, padding, groups, relu
     return torch.relu(y) if relu else y
 
 
-def _check_conv(n, c_in, c_out, hw, k, stride, groups, epilogue, prologue, dtype, x_layout="nhwc"):
+def _check_conv(n, c_in, c_out, hw, k, stride, groups, epilogue, prologue, dtype, x_layout="nhwc", nan=False):
     has_bias, res_layout, relu = EPILOGUES[epilogue]
     pad = k // 2
     weight = torch.randn(c_out, c_in // groups, k, k) / (k * (c_in // groups) ** 0.5)
     bias = torch.randn(c_out) if has_bias else None
     p = ConvParams(weight.to(dtype), None if bias is None else bias.to(dtype), (stride, stride), (pad, pad), (1, 1), groups)
     x = torch.randn(n, c_in, *hw).to(dtype)
+    if nan:
+        x[0, 0, 1, 2] = float("nan")
     if x_layout == "nhwc":
         x = x.contiguous(memory_format=torch.channels_last)
     pro = (torch.rand(c_in) + 0.5, torch.randn(c_in) * 0.5) if prologue else None
@@ -117,6 +119,12 @@ def test_channels_per_group(c_in, c_out, groups):
 def test_nchw_input(k, stride):
     # An NCHW x is made channels_last by the op (the kernel needs unit channel stride).
     _check_conv(2, 16, 24, (6, 5), k, stride, 1, "bias_relu", True, torch.float32, x_layout="nchw")
+
+
+@pytest.mark.parametrize("epilogue,prologue", [("bias_relu", False), ("res_nhwc_relu", True)])
+def test_nan_propagates_through_relu(epilogue, prologue):
+    # torch.relu keeps NaN; Triton's default maximum would return the other operand, 0.
+    _check_conv(1, 8, 8, (5, 5), 3, 1, 1, epilogue, prologue, torch.float32, nan=True)
 
 
 def test_one_by_one_gemm_is_taken():

@@ -157,7 +157,7 @@ def conv2d_nhwc_kernel(
         if PROLOGUE:
             s = tl.load(scale_ptr + cin, mask=k_mask, other=0.0).to(tl.float32)
             b = tl.load(shift_ptr + cin, mask=k_mask, other=0.0).to(tl.float32)
-            a_act = tl.maximum(a.to(tl.float32) * s[None, :] + b[None, :], 0.0)
+            a_act = tl.maximum(a.to(tl.float32) * s[None, :] + b[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL)
             # Padding (and out-of-range rows/channels) must be 0 after the prologue, not relu(shift).
             a = tl.where(a_mask, a_act, 0.0).to(x_ptr.dtype.element_ty)
 
@@ -191,7 +191,8 @@ def conv2d_nhwc_kernel(
             r_ptrs = res_ptr + (r_rows[:, None] + (w_cols.to(tl.int64) * src)[None, :])
         acc = acc + tl.load(r_ptrs, mask=out_mask, other=0.0).to(tl.float32)
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        # NaN stays NaN, as in torch.relu (the default maximum returns the non-NaN operand, 0).
+        acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
     tl.store(y_ptr + tile_base + tile_offs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
