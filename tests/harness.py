@@ -3,6 +3,8 @@
     float32 (and float64): max|ours - ref| <= 1e-4 * max|ref|     (TF32 off)
     float16 / bfloat16:    max|ours - ref| <= 2 * max|eager - ref| + eps * max|ref|
 
+over the finite elements of ref; a NaN, +Inf or -Inf must sit where ref has the same.
+
 `ref` is the computation in float64; `eager` is the same computation done by eager PyTorch in
 the low-precision dtype. On failure the message says where and by how much the tensors differ.
 """
@@ -24,12 +26,12 @@ def describe_difference(actual: torch.Tensor, expected: torch.Tensor, limit: flo
         return f"shape mismatch: actual {tuple(a.shape)} vs expected {tuple(e.shape)}"
     if a.numel() == 0:
         return "empty tensors"
-    diff = (a - e).abs()
-    nan_mismatch = (a.isnan() != e.isnan())
-    if nan_mismatch.any():
-        idx = tuple(int(i) for i in nan_mismatch.nonzero()[0])
-        return f"NaN pattern differs: {int(nan_mismatch.sum())} elements, first at {idx}: actual {a[idx].item()} expected {e[idx].item()}"
-    diff = torch.where(a.isnan() & e.isnan(), torch.zeros_like(diff), diff)
+    mismatch = _non_finite_mismatch(a, e)
+    if mismatch.any():
+        idx = tuple(int(i) for i in mismatch.nonzero()[0])
+        return (f"NaN/Inf pattern differs: {int(mismatch.sum())} elements, first at {idx}: "
+                f"actual {a[idx].item()} expected {e[idx].item()}")
+    diff = torch.where(e.isfinite(), (a - e).abs(), torch.zeros_like(a))
     flat = int(diff.argmax())
     idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), a.shape))
     msg = (
@@ -41,9 +43,15 @@ def describe_difference(actual: torch.Tensor, expected: torch.Tensor, limit: flo
     return msg
 
 
+def _non_finite_mismatch(a: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """Where a NaN, +Inf or -Inf of one tensor is not the same in the other."""
+    return (a.isnan() != e.isnan()) | (a.isposinf() != e.isposinf()) | (a.isneginf() != e.isneginf())
+
+
 def _max_abs(t: torch.Tensor) -> float:
+    """max |t| over its finite elements (the scale of the tolerance; NaN/Inf must match exactly)."""
     t = t.detach().double()
-    t = t[~t.isnan()]
+    t = t[t.isfinite()]
     return float(t.abs().max()) if t.numel() else 0.0
 
 
@@ -64,8 +72,8 @@ def assert_matches_reference(actual, expected64, dtype=None, eager=None, what: s
     assert actual.shape == expected64.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected64.shape)}"
     limit = tolerance(expected64, dtype, eager)
     a, e = actual.detach().double().cpu(), expected64.detach().double().cpu()
-    assert torch.equal(a.isnan(), e.isnan()), f"{what}: " + describe_difference(a, e, limit)
-    finite = ~e.isnan()
+    assert not _non_finite_mismatch(a, e).any(), f"{what}: " + describe_difference(a, e, limit)
+    finite = e.isfinite()
     err = float((a[finite] - e[finite]).abs().max()) if finite.any() else 0.0
     assert err <= limit, f"{what}: " + describe_difference(a, e, limit)
 

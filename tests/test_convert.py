@@ -60,6 +60,21 @@ def test_torchvision_models_match_and_run_fused(name, shape, n_blocks, fused_cls
     assert len(ran) == sum(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
+def test_a_nan_in_the_input_reaches_the_output_as_in_the_original():
+    # oneDNN's ReLU maps NaN to 0 (ops/finite.py): unchecked, the stem alone would turn a corrupted
+    # image into plausible logits. Image 0 is clean and must stay on the fused path.
+    model = randomize_bn(torchvision.models.resnet18(weights=None)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    x[1, 0, 5, 5] = float("nan")
+    fused = resfused.fuse(model)
+    with torch.no_grad():
+        actual, expected = fused(x), _expected64(model, x)
+        clean = fused(x[:1])
+    assert actual[1].isnan().all() and not actual[0].isnan().any()
+    assert_matches_reference(actual, expected, torch.float32, what="resnet18 with a NaN")
+    assert_matches_reference(clean, expected[:1], torch.float32, what="resnet18, the clean image alone")
+
+
 def test_torchvision_state_dict_keys_are_kept_except_the_stem():
     model = torchvision.models.resnet18(weights=None).eval()
     fused = resfused.fuse(model)

@@ -14,7 +14,7 @@ import resfused
 from harness import assert_matches_reference, randomize_bn
 from resfused import _native
 from resfused import reference as R
-from resfused.ops import conv_train, winograd
+from resfused.ops import conv_bias_act, conv_train, trace_kernels, winograd
 from resfused.ops.conv import ConvParams
 from resfused.ops.conv_winograd import WinogradConv
 
@@ -122,13 +122,16 @@ def test_non_finite_input_is_reported_and_left_to_the_direct_conv():
     assert winograd.conv3x3(x, winograd.TransformedWeight(wt), b) is None
     x[0, 3, 5, 6] = float("inf")
     assert winograd.transform_input(x) is None
-    # The adapter falls back to the direct conv: the reference's NaN / Inf pattern, exactly.
-    x[0, 3, 5, 6] = float("nan")
+    # The adapter hands the call to the ATen conv and the fused tail: the reference's NaN / Inf
+    # pattern, exactly, ReLU included, and the trace names the kernel that ran.
+    x, wt, b, _ = _data(1, 8, 8, 16, 16)  # 16x16: large enough for the adapter to take it
     p = ConvParams(wt, b, (1, 1), (1, 1), (1, 1), 1)
-    # (Without ReLU: oneDNN's ReLU post-op maps NaN to 0 where torch.relu keeps it; see the
-    # issue notes. Winograd's own epilogue keeps NaN.)
-    y = WinogradConv().run(x, p, None, False, None)
-    ref = F.conv2d(x.double(), wt.double(), b.double(), padding=1)
+    assert WinogradConv().supports(x, p, None, False)
+    x[0, 3, 5, 6] = float("nan")
+    with trace_kernels() as ran:
+        y = conv_bias_act(x, p, relu=True)
+    assert ran == [("conv", "library+tail")]
+    ref = torch.relu(F.conv2d(x.double(), wt.double(), b.double(), padding=1))
     assert_matches_reference(y, ref, torch.float32, what="NaN input")
 
 

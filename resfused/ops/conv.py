@@ -11,7 +11,8 @@ the prologue get it applied first by the scale_shift_act tail.
 
 Adding a kernel: write an adapter module (a class with `name`, `fuses_prologue`, `supports`,
 `run`; `differentiable = True` if autograd flows through `run`, `traceable = False` if
-torch.compile cannot trace it; optionally `run_into_residual`, the same computation with the
+torch.compile cannot trace it, `relu_keeps_nan = False` if its ReLU maps NaN to 0 (it then gets
+ReLU calls only for inputs known to be finite, ops/finite.py); optionally `run_into_residual`, the same computation with the
 output written over the residual's storage, used when the caller says the residual is scratch
 and `can_run_into_residual(x, residual)` agrees)
 and list it in `_kernel_table` below. Nothing else changes.
@@ -26,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from resfused import backend, folding
-from resfused.ops import checks, tails
+from resfused.ops import checks, finite, tails
 from resfused.ops.dispatch import record
 
 Prologue = tuple[torch.Tensor, torch.Tensor]  # (scale, shift) of a BN, applied with ReLU
@@ -159,10 +160,11 @@ def _needs_autograd(x, p: ConvParams, residual, prologue) -> bool:
     return any(t is not None and t.requires_grad for t in tensors)
 
 
-def select_kernel(x, p: ConvParams, residual, prologue, needs_grad: bool):
+def select_kernel(x, p: ConvParams, residual, prologue, needs_grad: bool, relu: bool = False):
     """The first kernel of the backend's list that supports the call; when autograd must flow
-    through it (`needs_grad`), only kernels with a backward (`differentiable = True`) qualify, and
-    under torch.compile / torch.export only kernels it can trace (`traceable`, default True)."""
+    through it (`needs_grad`), only kernels with a backward (`differentiable = True`) qualify,
+    under torch.compile / torch.export only kernels it can trace (`traceable`, default True), and
+    for a ReLU on inputs not known to be finite only kernels whose ReLU keeps NaN."""
     compiling = torch.compiler.is_compiling()
     for kernel in kernels_for(backend.resolve(x.device)):
         if needs_grad and not getattr(kernel, "differentiable", False):
@@ -170,6 +172,8 @@ def select_kernel(x, p: ConvParams, residual, prologue, needs_grad: bool):
         if compiling and not getattr(kernel, "traceable", True):
             continue
         if kernel.supports(x, p, residual, prologue is not None):
+            if relu and not getattr(kernel, "relu_keeps_nan", True) and not finite.known_finite(x, residual):
+                continue
             return kernel
     return REFERENCE
 
@@ -189,7 +193,7 @@ def conv_bias_act(
     """
     check_inputs(x, p, residual, prologue)
     needs_grad = _needs_autograd(x, p, residual, prologue)
-    kernel = select_kernel(x, p, residual, prologue, needs_grad)
+    kernel = select_kernel(x, p, residual, prologue, needs_grad, relu)
     if prologue is not None and not kernel.fuses_prologue:
         x = tails.scale_shift_act(x, *prologue, relu=True)
         prologue = None

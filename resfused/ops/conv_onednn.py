@@ -34,6 +34,7 @@ class OneDNNConv:
     # Not traced by torch.compile: the binary post-op has no fake kernel, and Inductor (with
     # freezing) does this same oneDNN fusion itself on the traced ATen conv.
     traceable = False
+    relu_keeps_nan = False  # oneDNN's ReLU post-op is max(x, 0) returning 0 for NaN
 
     def supports(self, x, p: ConvParams, residual, prologue) -> bool:
         return x.device.type == "cpu" and x.dtype in SUPPORTED_DTYPES

@@ -17,8 +17,9 @@ grouped 1x1 convs:
 At 512 channels the 36 x 512 x 512 transformed weights (37.7 MB) are read once per pass, which
 a single image's 4 tiles do not repay. So: float32, 3x3, stride 1, padding 1, no dilation or
 groups, and either at most 256 input channels at >= 14x14 pixels, or at most 512 with >= 8
-tiles of 4x4 (batch >= 2 at 7x7). An input holding NaN or Inf goes to oneDNN's direct conv
-instead (Winograd would spread it over whole tiles; see winograd.transform_input).
+tiles of 4x4 (batch >= 2 at 7x7). An input holding NaN or Inf goes to the ATen conv and the
+fused tail instead (Winograd would spread it over whole tiles, see winograd.transform_input;
+oneDNN's ReLU would turn it into 0, see ops/finite.py).
 
 float64 would be exact enough but is left to the reference. bf16 stays with oneDNN: with the
 transformed input and weights rounded to bf16 (what a bf16 GEMM needs), F(4x4, 3x3) measured
@@ -36,7 +37,8 @@ import torch
 
 from resfused.ops import winograd
 from resfused.ops.conv import ConvParams
-from resfused.ops.conv_onednn import OneDNNConv
+from resfused.ops.conv_library import LibraryConvWithTail
+from resfused.ops.dispatch import record_handover
 
 
 def faster_than_direct(n: int, c_in: int, h: int, w: int) -> bool:
@@ -62,8 +64,9 @@ class WinogradConv:
         u = p.derived(self.name, lambda: winograd.TransformedWeight(p.weight, torch.float64))
         y = winograd.conv3x3(x, u, p.bias, residual, relu)
         if y is None:  # x holds a NaN or Inf: the direct conv gives the reference's NaN pattern
+            record_handover("conv", _DIRECT.name)
             return _DIRECT.run(x, p, residual, relu, prologue)
         return y
 
 
-_DIRECT = OneDNNConv()
+_DIRECT = LibraryConvWithTail()

@@ -19,6 +19,17 @@ def record(op: str, kernel: str) -> None:
         _log.append((op, kernel))
 
 
+def record_handover(op: str, kernel: str) -> None:
+    """The kernel recorded last for `op` handed the call to `kernel` (an adapter's fallback), so
+    the record names the kernel that really ran."""
+    if _log is None:
+        return
+    for i in range(len(_log) - 1, -1, -1):
+        if _log[i][0] == op:
+            _log[i] = (op, kernel)
+            return
+
+
 @contextlib.contextmanager
 def trace_kernels():
     global _log
