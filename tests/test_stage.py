@@ -174,3 +174,26 @@ def test_train_step_backward_reuses_cached_buffers():
     after = buffer_cache.stats()
     # the second step's forward and backward find blocks the first step freed
     assert after.hits - before.hits >= 10, (before, after)
+
+
+class _PutNaN(nn.Module):
+    """A module that is not a fused block and makes a NaN: the stage must stop vouching after it."""
+
+    def forward(self, x):
+        x = x.clone()
+        x[-1, 0, 2, 2] = float("nan")
+        return x
+
+
+@pytest.mark.parametrize("where", ["input", "between blocks"])
+def test_nan_reaches_the_output_as_in_the_reference(where):
+    ref_blocks = [randomize_bn(R.Bottleneck(64, 16)).eval() for _ in range(2)]
+    middle = [_PutNaN()] if where == "between blocks" else []
+    ref = nn.Sequential(ref_blocks[0], *middle, ref_blocks[1])
+    fused = resfused.ResidualStage(*[resfused.Bottleneck.from_reference(b) if isinstance(b, R.Bottleneck) else b
+                                     for b in ref]).eval()
+    x = torch.randn(2, 64, 8, 8).contiguous(memory_format=torch.channels_last)
+    if where == "input":
+        x[-1, 0, 2, 2] = float("nan")
+    y = compare_modules(fused, ref, x, f"NaN {where}")
+    assert y[-1].isnan().any() and not y[0].isnan().any()
