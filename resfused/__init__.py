@@ -3,12 +3,12 @@ blocks of ResNet / ResNeXt. See README.md."""
 
 from resfused import reference
 from resfused.backend import BackendUnavailable, get_backend, set_backend, use_backend
-from resfused.blocks import BasicBlock, Bottleneck, ConvBNAct, PreActBasicBlock, ResidualStage, ResNeXtBottleneck
+from resfused.blocks import BasicBlock, Bottleneck, ConvBNAct, PreActBasicBlock, ResidualStage, ResNeXtBottleneck, refresh
 from resfused.convert import fuse
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BasicBlock", "PreActBasicBlock", "Bottleneck", "ResNeXtBottleneck", "ConvBNAct", "ResidualStage", "fuse",
+    "BasicBlock", "PreActBasicBlock", "Bottleneck", "ResNeXtBottleneck", "ConvBNAct", "ResidualStage", "fuse", "refresh",
     "reference", "set_backend", "get_backend", "use_backend", "BackendUnavailable", "__version__",
 ]

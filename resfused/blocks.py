@@ -4,7 +4,8 @@ Each block writes its computation once, as `_program(x, run, x_is_scratch)`: cal
 execution.py) that runs it folded and fused in eval mode, or with fused batch-statistics
 BatchNorm in train mode. Eval mode caches the folded weights; they are rebuilt whenever a
 parameter or BN buffer changes (load_state_dict, in-place edits, `.to(dtype)`), detected
-through tensor version counters and storage pointers. When autograd must reach the parameters
+through tensor version counters and storage pointers, or a conv's geometry or a BN's eps does.
+Edits through `.data` bypass the version counter: call `resfused.refresh(model)` after them. When autograd must reach the parameters
 in eval mode (frozen-BN fine-tuning), the folding is differentiable and rebuilt every call.
 
     block = resfused.Bottleneck(256, 64).eval()
@@ -24,7 +25,7 @@ from resfused import reference
 from resfused.execution import FoldedRunner, TrainingRunner
 from resfused.ops import buffer_cache, finite
 
-__all__ = ["BasicBlock", "PreActBasicBlock", "Bottleneck", "ResNeXtBottleneck", "ConvBNAct", "ResidualStage"]
+__all__ = ["BasicBlock", "PreActBasicBlock", "Bottleneck", "ResNeXtBottleneck", "ConvBNAct", "ResidualStage", "refresh"]
 
 
 class FusedModule(nn.Module):
@@ -40,7 +41,21 @@ class FusedModule(nn.Module):
     @classmethod
     def from_reference(cls, block: nn.Module) -> "FusedModule":
         """A fused block that shares `block`'s submodules (parameters and buffers, not copies)
-        and plain attributes; `block` must have the reference block's structure."""
+        and plain attributes; `block` must be an instance of the matching reference block
+        (`resfused.reference.<same name>`). Other blocks (torchvision, timm): `resfused.fuse`."""
+        ref_cls = next((b for b in cls.__mro__[1:] if b.__module__ == reference.__name__), None)
+        if ref_cls is None:
+            raise TypeError(f"resfused.{cls.__name__} has no reference block to convert from; build it from its parts")
+        if type(block) is not ref_cls:
+            raise TypeError(f"resfused.{cls.__name__}.from_reference: 'block' must be a "
+                            f"resfused.reference.{ref_cls.__name__}, got {type(block).__module__}.{type(block).__qualname__}"
+                            "; resfused.fuse(model) converts torchvision and timm blocks")
+        return cls._from_children(block)
+
+    @classmethod
+    def _from_children(cls, block: nn.Module) -> "FusedModule":
+        """from_reference without the type check: `block` holds the children by name (fuse()
+        checks their structure before it calls this)."""
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
         for name, child in block.named_children():
@@ -68,6 +83,10 @@ class FusedModule(nn.Module):
             for t in (*m._parameters.values(), *m._buffers.values()):
                 if t is not None:
                     state += (t.data_ptr(), t._version)
+            if isinstance(m, nn.Conv2d):  # what the folded ConvParams copied besides tensors
+                state += (m.stride, m.padding, m.dilation, m.groups)
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+                state.append(m.eps)
             stack.extend(c for c in m._modules.values() if c is not None)  # `block.downsample = None`
         return tuple(state)
 
@@ -229,6 +248,15 @@ class ResidualStage(nn.Sequential):
                         x, x_is_scratch = block._forward(x, x_is_scratch), True
                 finite_input = finite_input and fused
         return x
+
+
+def refresh(module: nn.Module) -> nn.Module:
+    """Drop the folded and prepacked weights of every fused block in `module`, so the next forward
+    rebuilds them: for edits their version counters cannot see (through `.data`). Returns `module`."""
+    for m in module.modules():
+        if isinstance(m, FusedModule):
+            m._plan = m._plan_key = None
+    return module
 
 
 def _checks_finite(module: nn.Module, x: torch.Tensor) -> bool:

@@ -248,14 +248,14 @@ def _shortcut(ds, what: str = "downsample", bn_required: bool = True):
 
 
 def _fused(cls, module: nn.Module, **children) -> nn.Module:
-    """A fused `cls` built by `cls.from_reference` from exactly `children` (None allowed)."""
+    """A fused `cls` built from exactly `children` (None allowed), checked by the caller."""
     staging = nn.Module()
     for name, child in children.items():
         if child is not None:
             staging.add_module(name, child)
-    fused = cls.from_reference(staging)
+    fused = cls._from_children(staging)
     for name, child in children.items():
-        if child is None:  # from_reference copies registered children only; the forward reads these
+        if child is None:  # _from_children copies registered children only; the forward reads these
             setattr(fused, name, None)
     fused.train(module.training)
     return fused

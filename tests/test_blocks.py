@@ -83,6 +83,20 @@ def test_from_reference_shares_parameters():
     compare_modules(fused, ref, torch.randn(2, 32, 6, 6))
 
 
+@pytest.mark.parametrize("cls, block", [
+    (resfused.PreActBasicBlock, R.BasicBlock(16, 16)),  # same children, other math
+    (resfused.BasicBlock, R.Bottleneck(64, 16)),
+    (resfused.Bottleneck, R.ResNeXtBottleneck(64, 32, 1, 8, 8)),
+    (resfused.BasicBlock, torch.nn.Linear(3, 3)),
+])
+def test_from_reference_refuses_another_block(cls, block):
+    with pytest.raises(TypeError, match=rf"resfused.{cls.__name__}.from_reference: 'block' must be a "
+                                        rf"resfused.reference.{cls.__name__}, got .*{type(block).__name__}"):
+        cls.from_reference(block)
+    with pytest.raises(TypeError, match="ConvBNAct has no reference block"):
+        resfused.ConvBNAct.from_reference(block)
+
+
 def _check_fresh(fused, ref, x, what):
     with torch.no_grad():
         compare_modules(fused, ref, x, what)
@@ -102,6 +116,16 @@ def test_plan_is_rebuilt_when_parameters_change():
         fused.bn2.running_var.add_(3.0)
         other.load_state_dict(fused.state_dict())
     _check_fresh(fused, other, x, "after in-place edits")
+    # BN eps and conv geometry: not tensors, but the folded weights depend on them
+    fused.bn1.eps = other.bn1.eps = 0.5
+    _check_fresh(fused, other, x, "after a BN eps change")
+    fused.conv2.padding = other.conv2.padding = (2, 2)
+    fused.conv2.dilation = other.conv2.dilation = (2, 2)
+    _check_fresh(fused, other, x, "after a conv padding and dilation change")
+    # Edits through .data bypass the version counter: refresh() is the documented way
+    fused.conv1.weight.data.mul_(2)
+    other.load_state_dict(fused.state_dict())
+    _check_fresh(resfused.refresh(fused), other, x, "after a .data edit and refresh()")
     # dtype change
     fused.to(torch.bfloat16)
     _check_fresh(fused, other, x.bfloat16(), "after .to(bfloat16)")
