@@ -66,6 +66,8 @@ def main(argv=None) -> int:
         raise SystemExit("resfused-bench: --blocks-only and --models-only exclude each other")
     if args.threads < 1:
         raise SystemExit(f"resfused-bench: --threads must be >= 1, got {args.threads}")
+    if args.batch is not None and min(args.batch) < 1:
+        raise SystemExit(f"resfused-bench: --batch sizes must be >= 1, got {args.batch}")
     os.makedirs(args.out, exist_ok=True)
 
     if _device(args) == "cuda":

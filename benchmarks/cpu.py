@@ -323,7 +323,11 @@ def run_cpu_benchmark(args) -> dict:
         models = ("resnet18",) if args.quick else MODELS
         res = 64 if args.quick else 224
         jobs += [Case("model", (name, res), d, b) for name in models for d in dtypes for b in batches]
-    jobs = [c for c in jobs if _selected(c.label, args.filter)]
+    selected = [c for c in jobs if _selected(c.label, args.filter)]
+    if jobs and not selected:
+        labels = "\n  ".join(c.label for c in jobs)
+        raise SystemExit(f"resfused-bench: --filter {' '.join(args.filter)} matches none of these cases:\n  {labels}")
+    jobs = selected
 
     peaks = {}
     for d in dtypes:

@@ -66,6 +66,9 @@ class FusedModule(nn.Module):
         fused.train(block.training)
         return fused
 
+    def __prepare_scriptable__(self):
+        raise _not_scriptable(self)
+
     def __getstate__(self):
         # The plan holds backend-specific tensors (oneDNN's opaque blocked weights) that can be
         # neither deep-copied nor pickled; it is derived state, rebuilt on the next forward.
@@ -106,6 +109,8 @@ class FusedModule(nn.Module):
             raise ValueError(f"resfused.{name}: expected a 4-D input (N, C, H, W), got {shape}")
         if x.shape[1] != self.in_channels:
             raise ValueError(f"resfused.{name}: expected {self.in_channels} input channels, got input of shape {tuple(x.shape)}")
+        if x.shape[2] == 0 or x.shape[3] == 0:
+            raise ValueError(f"resfused.{name}: expected a non-empty height and width, got input of shape {tuple(x.shape)}")
         weight = self._entry_conv().weight
         if x.dtype != weight.dtype:
             raise TypeError(f"resfused.{name}: input dtype {x.dtype} does not match the block's parameters ({weight.dtype})")
@@ -205,6 +210,13 @@ class ConvBNAct(FusedModule):
 
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool = True):
         super().__init__()
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"resfused.ConvBNAct: 'conv' must be an nn.Conv2d, got {type(conv).__name__}")
+        if not isinstance(bn, nn.BatchNorm2d):
+            raise TypeError(f"resfused.ConvBNAct: 'bn' must be an nn.BatchNorm2d, got {type(bn).__name__}")
+        if bn.num_features != conv.out_channels:
+            raise ValueError(f"resfused.ConvBNAct: 'bn' has {bn.num_features} features but 'conv' has "
+                             f"{conv.out_channels} output channels")
         self.conv, self.bn, self.relu = conv, bn, relu
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -218,6 +230,12 @@ class ConvBNAct(FusedModule):
         return f"relu={self.relu}"
 
 
+def _not_scriptable(module: nn.Module) -> RuntimeError:
+    # torch.jit.script asks every module for __prepare_scriptable__ before compiling anything.
+    return RuntimeError(f"resfused.{type(module).__name__} cannot be scripted with torch.jit.script: fused modules "
+                        "choose their kernels in Python at each call; use torch.compile or torch.export instead")
+
+
 class ResidualStage(nn.Sequential):
     """A stage of a ResNet (`layer1` ...): an nn.Sequential whose blocks' intermediate outputs no
     one else sees, so each fused block fed by the fused block before it may write its last conv's
@@ -229,6 +247,9 @@ class ResidualStage(nn.Sequential):
     them in). A block with hooks, or one after a block with hooks (a forward hook sees the
     output), is called normally, as is every block while global module hooks are registered.
     """
+
+    def __prepare_scriptable__(self):
+        raise _not_scriptable(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         global_hooks = _global_module_hooks()

@@ -198,3 +198,17 @@ def test_floor_split_counts_the_winograd_gemms_it_runs():
     assert split["Winograd GEMMs"]["calls"] == 2 and split["3x3 conv (direct)"]["calls"] == 0
     assert split["Winograd GEMMs"]["macs"] == 2 * 16 * 36 * 64 * 64
     assert split["Winograd transforms"]["calls"] == 4  # an input and an output transform per conv
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch", "0"], r"--batch sizes must be >= 1, got \[0\]"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--filter", "no-such-case"], "--filter no-such-case matches none of these cases:\n  BasicBlock"),
+])
+def test_bad_command_lines_say_what_is_wrong(argv, message, tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit, match=message):
+            main(["--quick", "--device", "cpu", "--no-progress", "--out", str(tmp_path), *argv])
+    finally:
+        torch.set_num_threads(threads)

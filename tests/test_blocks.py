@@ -138,6 +138,7 @@ def test_plan_is_rebuilt_when_parameters_change():
         (torch.randn(16, 8, 8), "expected a 4-D input"),
         (torch.randn(2, 16, 8, 8, dtype=torch.float64), "input dtype torch.float64 does not match"),
         (torch.randn(2, 16, 8, 8, device="meta"), "input is on meta"),
+        (torch.randn(2, 16, 0, 8), "expected a non-empty height and width"),
     ],
 )
 def test_bad_input_names_the_block(x, match):
@@ -152,3 +153,13 @@ def test_deepcopy_keeps_working():
     x = torch.randn(2, 8, 6, 6)
     _check_fresh(fused, ref, x, "original")
     _check_fresh(copy.deepcopy(fused), ref, x, "deepcopy")
+
+
+@pytest.mark.parametrize("conv, bn, match", [
+    (torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(16), "'bn' has 16 features but 'conv' has 8 output channels"),
+    (torch.nn.Linear(3, 8), torch.nn.BatchNorm2d(8), "'conv' must be an nn.Conv2d, got Linear"),
+    (torch.nn.Conv2d(3, 8, 3), torch.nn.LayerNorm(8), "'bn' must be an nn.BatchNorm2d, got LayerNorm"),
+])
+def test_conv_bn_act_checks_its_parts(conv, bn, match):
+    with pytest.raises((TypeError, ValueError), match=rf"resfused.ConvBNAct: {match}"):
+        resfused.ConvBNAct(conv, bn)

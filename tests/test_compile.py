@@ -112,7 +112,13 @@ def test_module_protocols():
         compare_modules(cl, ref, x.contiguous(memory_format=torch.channels_last), "channels_last module")
 
 
-def test_torchscript_is_unsupported_and_says_so():
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+@pytest.mark.parametrize("what", ["block", "fused model"])
+def test_torchscript_is_unsupported_and_says_so(what):
     # Documented in README: the fused modules dispatch in Python; use torch.compile / torch.export.
-    with pytest.raises(Exception):
-        torch.jit.script(resfused.BasicBlock(4, 4).eval())
+    module = resfused.BasicBlock(4, 4).eval()
+    if what == "fused model":
+        module = resfused.fuse(torch.nn.Sequential(R.BasicBlock(4, 4), R.BasicBlock(4, 4)).eval())
+    with pytest.raises(RuntimeError, match=r"resfused\.\w+ cannot be scripted with "
+                                                                       r"torch\.jit\.script.*use torch\.compile"):
+        torch.jit.script(module)
