@@ -2,9 +2,11 @@
 //
 // A float is NaN or +-Inf exactly when its exponent bits are all ones, so the test is one AND and
 // one compare per element on the raw bits, OR-reduced: a loop the compiler vectorizes, with no
-// floating-point arithmetic (and so no overflow or signalling NaN to care about). Small tensors
-// run on the calling thread: a parallel region costs more than reading them (measured in a
-// ResNet forward, a sum over 0.8 MB took 60 us with both threads, 9 us alone when warm).
+// floating-point arithmetic (and so no overflow or signalling NaN to care about). Chunks of 16K
+// elements go to the threads: 0.52 ms for a 25.7 MB activation on 2 threads, about what a sum
+// takes. (A 1M-element grain, which kept block inputs of ResNets at batch 1 on the calling
+// thread, measured no faster: resnet18 b1 against the tree without the check, 1.02-1.04x vs
+// 1.00-1.03x, within noise.)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -27,7 +29,7 @@ bool bits_finite(const Bits* p, int64_t n, Bits exponent) {
 template <typename Bits>
 bool all_finite_bits(const void* data, int64_t n, Bits exponent) {
   const auto* p = static_cast<const Bits*>(data);
-  constexpr int64_t kGrain = int64_t{1} << 20;  // elements per thread before going parallel
+  constexpr int64_t kGrain = int64_t{1} << 14;  // elements per thread before going parallel
   std::atomic<bool> finite{true};
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
     if (!bits_finite(p + begin, end - begin, exponent)) finite.store(false, std::memory_order_relaxed);
