@@ -269,3 +269,27 @@ def test_already_fused_hooks_and_bad_input():
 def test_training_mode_is_noted():
     report = resfused.fuse(torchvision.models.resnet18(weights=None)).resfused_report
     assert any("training mode" in n for n in report.notes)
+
+
+def test_threads_sharing_a_fused_model_each_get_their_own_result():
+    # Serving: one fused model called from several threads at once, one of them with a NaN input.
+    # Plans, packed weights, the buffer cache and the finiteness vouching (thread-local) are shared
+    # state; every thread must still get exactly the original model's result.
+    import concurrent.futures
+
+    model = randomize_bn(torchvision.models.resnet18(weights=None)).eval()
+    fused = resfused.fuse(model)
+    inputs = [torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(b)) for b in (1, 2, 3, 1, 2, 3)]
+    inputs[1][1, 0, 5, 5] = float("nan")
+    expected = [_expected64(model, x) for x in inputs]
+
+    def run(x):
+        with torch.inference_mode():
+            return [fused(x.contiguous(memory_format=torch.channels_last)) for _ in range(3)]
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+        results = list(pool.map(run, inputs))
+    for i, (ys, e) in enumerate(zip(results, expected)):
+        for y in ys:
+            assert_matches_reference(y, e, torch.float32, what=f"thread input {i}")
+    assert results[1][0][1].isnan().all() and not results[1][0][0].isnan().any()
