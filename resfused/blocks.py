@@ -5,8 +5,10 @@ execution.py) that runs it folded and fused in eval mode, or with fused batch-st
 BatchNorm in train mode. Eval mode caches the folded weights; they are rebuilt whenever a
 parameter or BN buffer changes (load_state_dict, in-place edits, `.to(dtype)`), detected
 through tensor version counters and storage pointers, or a conv's geometry or a BN's eps does.
-Edits through `.data` bypass the version counter: call `resfused.refresh(model)` after them. When autograd must reach the parameters
-in eval mode (frozen-BN fine-tuning), the folding is differentiable and rebuilt every call.
+Edits through `.data` bypass the version counter: call `resfused.refresh(model)` after them.
+When autograd must reach the parameters in eval mode (frozen-BN fine-tuning), the folding is
+differentiable and rebuilt every call. On the CPU in eval mode a block checks its input for
+NaN/Inf once and runs the reference computation on one (ops/finite.py).
 
     block = resfused.Bottleneck(256, 64).eval()
     block.load_state_dict(reference_block.state_dict())

@@ -12,10 +12,10 @@ the prologue get it applied first by the scale_shift_act tail.
 Adding a kernel: write an adapter module (a class with `name`, `fuses_prologue`, `supports`,
 `run`; `differentiable = True` if autograd flows through `run`, `traceable = False` if
 torch.compile cannot trace it, `relu_keeps_nan = False` if its ReLU maps NaN to 0 (it then gets
-ReLU calls only for inputs known to be finite, ops/finite.py); optionally `run_into_residual`, the same computation with the
-output written over the residual's storage, used when the caller says the residual is scratch
-and `can_run_into_residual(x, residual)` agrees)
-and list it in `_kernel_table` below. Nothing else changes.
+ReLU calls only for inputs known to be finite, ops/finite.py); optionally `run_into_residual`,
+the same computation with the output written over the residual's storage, used when the caller
+says the residual is scratch and `can_run_into_residual(x, residual)` agrees) and list it in
+`_kernel_table` below. Nothing else changes.
 """
 
 from __future__ import annotations
