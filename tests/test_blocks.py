@@ -53,13 +53,15 @@ def test_fused_matches_reference_on_drawn_configs(cfg):
     compare_modules(fused, ref, cfg.input(), str(cfg))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("name, args", CASES)
-def test_non_finite_input_gives_the_reference_result(name, args, value):
+def test_non_finite_input_gives_the_reference_result(name, args, value, dtype):
     """oneDNN's ReLU maps NaN to 0 (ops/finite.py): a corrupted input must not come out as
     plausible numbers. Image 1 holds the bad value; image 0 must be unaffected."""
     fused, ref = _pair(name, args)
-    x = torch.randn(2, args[0], 9, 9)
+    fused.to(dtype)
+    x = torch.randn(2, args[0], 9, 9).to(dtype)
     x[1, 0, 4, 4] = value
     y = compare_modules(fused, ref, x, f"{name}{args} with {value} in the input")  # NaN/Inf where ref has them
     assert torch.isfinite(y[0]).all()
