@@ -212,3 +212,18 @@ def test_bad_command_lines_say_what_is_wrong(argv, message, tmp_path):
             main(["--quick", "--device", "cpu", "--no-progress", "--out", str(tmp_path), *argv])
     finally:
         torch.set_num_threads(threads)
+
+
+def test_compare_revisions_times_each_tree_in_its_own_process():
+    from benchmarks import compare_revisions
+
+    med = compare_revisions.time_trees({"a": compare_revisions.ROOT, "b": compare_revisions.ROOT}, "resnet18",
+                                       batch=1, resolution=32, rounds=3, threads=1, calls=1)
+    assert set(med) == {"a", "b"} and all(v > 0 for v in med.values())
+
+
+def test_compare_revisions_refuses_a_bad_revision():
+    from benchmarks import compare_revisions
+
+    with pytest.raises(SystemExit, match="'no-such-revision' is not a revision"):
+        compare_revisions.main(["no-such-revision"])
