@@ -7,44 +7,43 @@ Why: on these shared machines the same model reads 10-25% apart between runs, so
 (or a speedup) is only visible when both versions run in one interleaved measurement. REV is
 checked out in a temporary git worktree and its extension built there (CPU kernels only,
 `RESFUSED_SKIP_CUDA_BUILD=1`; a few minutes on 2 cores, reused while the worktree is kept). Each
-tree then runs the model in a process of its own, with its own resfused first on `sys.path`, and
-the rounds alternate in order. Printed: the median per forward of each and new / old.
+tree then runs the model in a worker process of its own (benchmarks.isolation), with its own
+resfused first on `sys.path`, and the rounds are interleaved (benchmarks.common). Printed: the median per forward of each and new / old.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 
+from benchmarks.common import interleaved_rounds
+from benchmarks.isolation import WorkerPool
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The child: resfused from TREE, the model fused once, then "N" on stdin times N forwards.
-_CHILD = r"""
-import sys, time, torch
-tree, model, batch, res, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-sys.path.insert(0, tree)
-torch.set_num_threads(threads)
-import resfused, torchvision
-if not resfused.__file__.startswith(tree):
-    raise SystemExit(f"compare_revisions: resfused was imported from {resfused.__file__}, not {tree}")
-torch.manual_seed(0)
-fused = resfused.fuse(getattr(torchvision.models, model)(weights=None).eval())
-x = torch.randn(batch, 3, res, res).contiguous(memory_format=torch.channels_last)
-with torch.inference_mode():
-    for _ in range(3):
-        fused(x)
-    print("ready", flush=True)
-    for line in sys.stdin:
-        n = int(line)
-        t = time.perf_counter()
-        for _ in range(n):
+def _fused_model(tree: str, model: str, batch: int, resolution: int):
+    """The recipe each worker builds (benchmarks.isolation): `model` fused by the resfused of
+    `tree`, put first on this worker's sys.path before anything imports resfused."""
+    sys.path.insert(0, tree)
+    import resfused
+    import torch
+    import torchvision
+
+    if not resfused.__file__.startswith(tree):
+        raise RuntimeError(f"compare_revisions: resfused was imported from {resfused.__file__}, not {tree}")
+    torch.manual_seed(0)
+    fused = resfused.fuse(getattr(torchvision.models, model)(weights=None).eval())
+    x = torch.randn(batch, 3, resolution, resolution).contiguous(memory_format=torch.channels_last)
+
+    def call():
+        with torch.inference_mode():
             fused(x)
-        print((time.perf_counter() - t) / n * 1e3, flush=True)
-"""
+
+    return call, {}
 
 
 def checkout_and_build(rev: str, where: str) -> str:
@@ -66,29 +65,15 @@ def checkout_and_build(rev: str, where: str) -> str:
 
 
 def time_trees(trees: dict[str, str], model: str, batch: int, resolution: int, rounds: int, threads: int,
-               calls: int | None = None) -> dict[str, float]:
-    """Median ms per forward of `model` fused by each tree's resfused, rounds interleaved."""
-    calls = calls or (2 if batch >= 8 else 10)
-    procs = {name: subprocess.Popen([sys.executable, "-c", _CHILD, tree, model, str(batch), str(resolution), str(threads)],
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=tempfile.gettempdir())
-             for name, tree in trees.items()}
-    try:
-        for name, p in procs.items():
-            if p.stdout.readline().strip() != "ready":
-                raise RuntimeError(f"compare_revisions: the {name!r} process failed to start (exit {p.wait()})")
-        samples: dict[str, list[float]] = {name: [] for name in procs}
-        names = list(procs)
-        for r in range(rounds):
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                procs[name].stdin.write(f"{calls}\n")
-                procs[name].stdin.flush()
-                samples[name].append(float(procs[name].stdout.readline()))
-    finally:
-        for p in procs.values():
-            if p.stdin:
-                p.stdin.close()
-            p.wait()
-    return {name: statistics.median(v) for name, v in samples.items()}
+               block_s: float = 0.5) -> dict[str, float]:
+    """Median ms per forward of `model` fused by each tree's resfused, each tree in a worker
+    process of its own, `rounds` rounds interleaved (common.interleaved_rounds)."""
+    with WorkerPool(threads) as pool:
+        pool.build_all({name: functools.partial(_fused_model, tree, model, batch, resolution)
+                        for name, tree in trees.items()})
+        timings = interleaved_rounds({name: pool[name] for name in trees}, block_s=block_s, min_time_s=0,
+                                     min_rounds=rounds, max_rounds=rounds, warmup_s=block_s)
+    return {name: t.median_s * 1e3 for name, t in timings.items()}
 
 
 def main(argv=None) -> None:

@@ -16,13 +16,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 
 import torch
 import torch.nn.functional as F
-from torch.utils import benchmark as tbench
 
-from benchmarks.common import relative_difference
+from benchmarks.common import measure_side_by_side, relative_difference
 
 THREADS = 2
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -58,19 +56,10 @@ SHAPES = [
 
 
 def _interleaved_medians(fns: dict, rounds: int, min_time_s: float = 0.05) -> dict[str, float]:
-    """Median seconds per call of each fn, timing all of them once per round in rotated order."""
-    timers, numbers = {}, {}
-    for name, fn in fns.items():
-        fn()  # warm-up (weight packing, oneDNN primitive creation)
-        timers[name] = tbench.Timer("fn()", globals={"fn": fn}, num_threads=THREADS)
-        once = timers[name].timeit(1).median
-        numbers[name] = max(1, int(min_time_s / max(once, 1e-6)))
-    samples = {name: [] for name in fns}
-    names = list(fns)
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            samples[name].append(timers[name].timeit(numbers[name]).median)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    """Median seconds per call of each fn over exactly `rounds` interleaved rounds of ~min_time_s."""
+    timings = measure_side_by_side(fns, threads=THREADS, block_s=min_time_s, min_time_s=0, min_rounds=rounds,
+                                   max_rounds=rounds, warmup_s=0)
+    return {name: t.median_s for name, t in timings.items()}
 
 
 def _peak_gflops(rounds: int) -> float:

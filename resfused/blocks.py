@@ -134,14 +134,14 @@ class FusedModule(nn.Module):
             return self._program(x, TrainingRunner(), x_is_scratch)
         if self._needs_autograd(x):
             return self._program(x, FoldedRunner(x.dtype, differentiable=True), x_is_scratch)
-        if not _checks_finite(self, x):
-            return self._program(x, self._folded_runner(x), x_is_scratch)
-        # oneDNN's ReLU maps NaN to 0 (ops/finite.py): the block checks its input once (unless a
-        # ResidualStage did), and a NaN or Inf gets the reference computation, NaN pattern and all.
-        if not finite.known_finite(x):
-            return self.reference_forward(x)
-        with finite.vouched():
-            return self._program(x, self._folded_runner(x), x_is_scratch)
+        if _checks_finite(self, x) and not finite.is_vouched():
+            # oneDNN's ReLU maps NaN to 0 (ops/finite.py): the block checks its input once (unless
+            # a ResidualStage did), and a NaN or Inf gets the reference computation, NaN and all.
+            if not finite.is_finite(x):
+                return self.reference_forward(x)
+            with finite.vouched():
+                return self._program(x, self._folded_runner(x), x_is_scratch)
+        return self._program(x, self._folded_runner(x), x_is_scratch)
 
     def _shortcut(self, x: torch.Tensor, run, x_is_scratch: bool):
         """The shortcut branch, and whether it is a temporary that the last conv may accumulate

@@ -218,7 +218,7 @@ def test_compare_revisions_times_each_tree_in_its_own_process():
     from benchmarks import compare_revisions
 
     med = compare_revisions.time_trees({"a": compare_revisions.ROOT, "b": compare_revisions.ROOT}, "resnet18",
-                                       batch=1, resolution=32, rounds=3, threads=1, calls=1)
+                                       batch=1, resolution=32, rounds=3, threads=1, block_s=0.01)
     assert set(med) == {"a", "b"} and all(v > 0 for v in med.values())
 
 

@@ -49,6 +49,11 @@ def vouched():
         _state.vouched = previous
 
 
+def is_vouched() -> bool:
+    """Whether this thread is inside `vouched()`."""
+    return getattr(_state, "vouched", False)
+
+
 def known_finite(*tensors: torch.Tensor | None) -> bool:
     """Vouched for by the caller, or checked here."""
-    return getattr(_state, "vouched", False) or all(t is None or is_finite(t) for t in tensors)
+    return is_vouched() or all(t is None or is_finite(t) for t in tensors)
