@@ -114,6 +114,19 @@ def test_inputs_without_grad_get_no_gradient_and_no_saved_transform():
     assert xs.grad is not None
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_input_transform_finds_a_non_finite_value_at_every_position(bad):
+    # Every pixel, ragged tiles and a channel count (10) that leaves a partial vector: the probe
+    # must see each loaded value, whichever window position and lane it falls on.
+    x, _, _, _ = _data(1, 10, 10, 7, 9)
+    assert torch.ops.resfused.winograd_f43_input(x)[1].item()
+    for i in range(7):
+        for j in range(9):
+            y = x.clone()
+            y[0, (i * 9 + j) % 10, i, j] = bad
+            assert not torch.ops.resfused.winograd_f43_input(y)[1].item(), (i, j)
+
+
 def test_non_finite_input_is_reported_and_left_to_the_direct_conv():
     x, wt, b, _ = _data(1, 8, 8, 12, 12)
     x[0, 3, 5, 6] = float("nan")
