@@ -9,13 +9,17 @@ benchmarks.winograd_cpu --batch 1 2 8`, two runs on a noisy machine), with the G
 grouped 1x1 convs:
 
     C_in -> C_out @ H x W      batch 1          batch 2          batch 8
-    64 -> 64 @ 56x56           1.64x - 1.86x    1.52x - 1.79x    1.58x - 1.74x
-    128 -> 128 @ 28x28         1.99x - 2.19x    2.14x - 2.38x    2.01x - 2.29x
-    256 -> 256 @ 14x14         1.70x - 1.88x    1.82x - 1.96x    1.80x - 1.84x
-    512 -> 512 @ 7x7           0.78x - 0.95x    1.31x - 1.38x    1.83x - 1.84x
+    64 -> 64 @ 56x56           1.97x - 1.99x    1.95x - 1.97x    1.97x
+    128 -> 128 @ 28x28         2.14x - 2.25x    2.33x - 2.37x    2.15x - 2.21x
+    256 -> 256 @ 14x14         1.88x - 1.89x    1.98x - 2.01x    1.98x - 2.13x
+    512 -> 512 @ 7x7           0.93x - 1.19x    1.49x - 1.65x    1.94x - 2.00x
 
-At 512 channels the 36 x 512 x 512 transformed weights (37.7 MB) are read once per pass, which
-a single image's 4 tiles do not repay. So: float32, 3x3, stride 1, padding 1, no dilation or
+(Measured after the tile transforms were streamed, csrc/cpu/winograd_f43.cpp; before, with
+transforms 1.5-2.2x slower: 1.52x - 2.38x, and 0.78x - 0.95x at 512 @7x7 batch 1.)
+
+At 512 channels the 36 x 512 x 512 transformed weights (37.7 MB, more than this machine's 32 MB
+L3) are read once per pass, which a single image's 4 tiles do not clearly repay (in a model,
+the other layers' weights evict them between calls, unlike in this benchmark). So: float32, 3x3, stride 1, padding 1, no dilation or
 groups, and either at most 256 input channels at >= 14x14 pixels, or at most 512 with >= 8
 tiles of 4x4 (batch >= 2 at 7x7). An input holding NaN or Inf goes to the ATen conv and the
 fused tail instead (Winograd would spread it over whole tiles, see winograd.transform_input;
