@@ -1,10 +1,15 @@
 """Winograd F(4x4, 3x3) on the CPU (csrc/cpu/winograd_f43.cpp, resfused/ops/winograd.py) against
 the float64 direct conv: the ops, the inference adapter's selection, the training autograd
-function (every gradient, gradcheck), non-finite inputs, opcheck and argument errors."""
+function (every gradient, gradcheck), non-finite inputs, opcheck and argument errors. float32
+runs the AVX-512 instance of the tile code where the machine has it; a subprocess with
+ATEN_CPU_CAPABILITY=avx2 checks the baseline instance too."""
 
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -112,6 +117,47 @@ def test_inputs_without_grad_get_no_gradient_and_no_saved_transform():
     assert y.grad_fn.saved_tensors[0] is None  # no transformed input kept without a weight gradient
     y.sum().backward()
     assert xs.grad is not None
+
+
+def test_float32_runs_the_widest_instance_of_the_tile_code():
+    expected = "avx512" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "baseline"
+    assert torch.ops.resfused.winograd_f43_cpu_path() == expected
+
+
+# The baseline (at::vec) instance in float32: all three transforms with every epilogue, ragged
+# tiles and partial vectors, and the finiteness probe at every pixel.
+_BASELINE_CHECK = r"""
+import torch, torch.nn.functional as F
+from resfused.ops import winograd
+assert torch.ops.resfused.winograd_f43_cpu_path() == "baseline", torch.ops.resfused.winograd_f43_cpu_path()
+g = torch.Generator().manual_seed(0)
+for n, ci, co, h, w in [(2, 5, 7, 9, 13), (1, 24, 40, 6, 11), (2, 64, 64, 14, 14)]:
+    x = torch.randn(n, ci, h, w, generator=g)
+    wt = torch.randn(co, ci, 3, 3, generator=g) / (3 * ci ** 0.5)
+    b, r = torch.randn(co, generator=g), torch.randn(n, co, h, w, generator=g)
+    y = winograd.conv3x3(x, winograd.TransformedWeight(wt, torch.float64), b, r, True).double()
+    ref = (F.conv2d(x.double(), wt.double(), b.double(), padding=1) + r.double()).relu()
+    err = (y - ref).abs().max().item()
+    assert err <= 1e-4 * ref.abs().max().item(), (n, ci, co, h, w, err)
+    z = torch.ops.resfused.winograd_f43_grad_output(r).double()
+    z64 = torch.ops.resfused.winograd_f43_grad_output(r.double())
+    assert (z - z64).abs().max().item() <= 1e-5 * z64.abs().max().item()
+x = torch.randn(1, 10, 7, 9, generator=g)
+for i in range(7):
+    for j in range(9):
+        bad = x.clone()
+        bad[0, (i * 9 + j) % 10, i, j] = float("nan")
+        assert not torch.ops.resfused.winograd_f43_input(bad)[1].item(), (i, j)
+print("ok")
+"""
+
+
+def test_baseline_instance_under_a_narrower_capability():
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", _BASELINE_CHECK], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stdout + out.stderr
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])

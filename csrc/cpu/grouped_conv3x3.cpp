@@ -48,8 +48,12 @@
 
 #include "common.h"
 #include "grouped_conv_checks.h"
-#include "cpu/static_for.h"
+#include "cpu/isa.h"
 #include "cpu/vec_io.h"
+
+namespace resfused::cpu {
+#include "cpu/static_for.h"
+}  // namespace resfused::cpu
 
 namespace resfused::cpu::gc3 {
 
@@ -73,8 +77,7 @@ inline int rot_channel(int j, int s, int G) {
 
 }  // namespace resfused::cpu::gc3
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define RESFUSED_GC3_X86 1
+#ifdef RESFUSED_X86_TARGETS
 #define RESFUSED_GC3_ISA_PASS 1
 
 #pragma GCC push_options
@@ -179,31 +182,6 @@ namespace {
 
 using gc3::Args;
 
-enum class Path { kAvx512, kAvx2, kScalar };
-
-const char* path_name(Path p) {
-  return p == Path::kAvx512 ? "avx512" : p == Path::kAvx2 ? "avx2" : "scalar";
-}
-
-// The widest vector path this process may use: ATen's capability (so ATEN_CPU_CAPABILITY=avx2
-// or =default narrows it, as for ATen's own kernels), confirmed against the CPU itself.
-Path best_path() {
-#ifdef RESFUSED_GC3_X86
-  static const Path path = [] {
-    const std::string cap = at::get_cpu_capability();
-    if (cap == "AVX512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma"))
-      return Path::kAvx512;
-    if ((cap == "AVX512" || cap == "AVX2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-      return Path::kAvx2;
-    return Path::kScalar;
-  }();
-  return path;
-#else
-  return Path::kScalar;
-#endif
-}
-
 // Wp[cb][kh][kw][s][lane] = w[cb*V + lane, rot(lane % G, s), kh, kw] (see the header comment).
 std::vector<float> pack_weights(const at::Tensor& weight, int64_t V, int G) {
   auto w = weight.to(at::kFloat).contiguous();
@@ -285,7 +263,7 @@ at::Tensor grouped_conv3x3(const at::Tensor& x_in, const at::Tensor& weight, con
   const bool vec_dtype = x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16;
   int64_t V = 0;
   bool handles = false;
-#ifdef RESFUSED_GC3_X86
+#ifdef RESFUSED_X86_TARGETS
   if (path == Path::kAvx512) V = gc3::avx512::Isa::kLanes, handles = gc3::avx512::Isa::handles(G);
   if (path == Path::kAvx2) V = gc3::avx2::Isa::kLanes, handles = gc3::avx2::Isa::handles(G);
 #endif
@@ -319,7 +297,7 @@ at::Tensor grouped_conv3x3(const at::Tensor& x_in, const at::Tensor& weight, con
   const int64_t items = N * ((Ho + rows - 1) / rows) * (C / V);
   const int64_t grain = std::max<int64_t>(1, 4096 / (rows * Wo * 9 * G));
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-#ifdef RESFUSED_GC3_X86
+#ifdef RESFUSED_X86_TARGETS
     if (path == Path::kAvx512) gc3::avx512::run_items(args, begin, end);
     else gc3::avx2::run_items(args, begin, end);
 #endif
@@ -331,7 +309,7 @@ at::Tensor grouped_conv3x3(const at::Tensor& x_in, const at::Tensor& weight, con
 // "scalar" for the vector-friendly shapes); read by the adapter and the tests.
 std::string grouped_conv3x3_path(int64_t channels_per_group) {
   Path path = best_path();
-#ifdef RESFUSED_GC3_X86
+#ifdef RESFUSED_X86_TARGETS
   const int G = static_cast<int>(channels_per_group);
   if (path == Path::kAvx512 && !gc3::avx512::Isa::handles(G)) path = Path::kScalar;
   if (path == Path::kAvx2 && !gc3::avx2::Isa::handles(G)) path = Path::kScalar;
@@ -355,7 +333,7 @@ TORCH_LIBRARY_IMPL(resfused, CPU, m) {
 
 #else  // RESFUSED_GC3_ISA_PASS: the vector kernel, compiled once per ISA inside its namespace.
 
-// static_for: cpu/static_for.h (resfused::cpu, enclosing these namespaces), included above.
+// static_for: cpu/static_for.h (included into resfused::cpu, enclosing these namespaces, above).
 
 // P output pixels (ow0 .. ow0+P-1) of row `oh`, one block of V channels. x points at (n, 0, 0, c0),
 // y at (n, oh, ow0, c0), w at the block's packed weights. Fully unrolled: the P accumulators stay
