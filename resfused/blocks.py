@@ -5,7 +5,8 @@ execution.py) that runs it folded and fused in eval mode, or with fused batch-st
 BatchNorm in train mode. Eval mode caches the folded weights; they are rebuilt whenever a
 parameter or BN buffer changes (load_state_dict, in-place edits, `.to(dtype)`), detected
 through tensor version counters and storage pointers, or a conv's geometry or a BN's eps does.
-Edits through `.data` bypass the version counter: call `resfused.refresh(model)` after them.
+Edits through `.data` bypass the version counter, and parameters created under
+torch.inference_mode have none: call `resfused.refresh(model)` after editing those in place.
 When autograd must reach the parameters in eval mode (frozen-BN fine-tuning), the folding is
 differentiable and rebuilt every call. On the CPU in eval mode a block checks its input for
 NaN/Inf once and runs the reference computation on one (ops/finite.py).
@@ -23,9 +24,10 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from resfused import reference
+from resfused import reference, structure
 from resfused.execution import FoldedRunner, TrainingRunner
 from resfused.ops import buffer_cache, finite
+from resfused.ops.batchnorm import uses_batch_statistics
 
 __all__ = ["BasicBlock", "PreActBasicBlock", "Bottleneck", "ResNeXtBottleneck", "ConvBNAct", "ResidualStage", "refresh"]
 
@@ -87,7 +89,8 @@ class FusedModule(nn.Module):
             m = stack.pop()
             for t in (*m._parameters.values(), *m._buffers.values()):
                 if t is not None:
-                    state += (t.data_ptr(), t._version)
+                    # Inference tensors (made under torch.inference_mode) keep no version counter.
+                    state += (t.data_ptr(), None if t.is_inference() else t._version)
             if isinstance(m, nn.Conv2d):  # what the folded ConvParams copied besides tensors
                 state += (m.stride, m.padding, m.dilation, m.groups)
             elif isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -106,6 +109,8 @@ class FusedModule(nn.Module):
 
     def _check_input(self, x: torch.Tensor) -> None:
         name = type(self).__name__
+        if isinstance(x, torch.fx.Proxy):
+            raise _not_fx_traceable(self)
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"resfused.{name}: expected a 4-D input (N, C, H, W), got {shape}")
@@ -119,18 +124,45 @@ class FusedModule(nn.Module):
         if x.device != weight.device:
             raise RuntimeError(f"resfused.{name}: input is on {x.device} but the block's parameters are on {weight.device}")
 
+    def _has_batch_statistics_bn(self) -> bool:
+        """Whether a BN of this eval-mode module still normalizes with batch statistics: one left in
+        train mode (BN re-calibration, AdaBN) or one without running statistics. Such a module
+        cannot be folded; the training runner follows each BN's own mode, as the reference does."""
+        stack = [self]
+        while stack:
+            m = stack.pop()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and uses_batch_statistics(m):
+                return True
+            stack.extend(c for c in m._modules.values() if c is not None)
+        return False
+
     def _needs_autograd(self, x: torch.Tensor) -> bool:
         return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _autocast_on(x):
+            return self._forward_outside_autocast(x)
         with buffer_cache.scope_for(self):
+            return self._forward(x, x_is_scratch=False)
+
+    def _forward_outside_autocast(self, x: torch.Tensor) -> torch.Tensor:
+        """torch.autocast does not reach into a fused module: it computes in its parameters' dtype
+        (its folded weights are built for one dtype; for bfloat16, convert the model with
+        `.to(torch.bfloat16)`). An input that autocast made lower precision is cast back up, so the
+        module acts like an op on autocast's float32 list. Without this, an eval-mode forward with
+        autograd crashed: its differentiable path calls F.conv2d, which autocast lowered."""
+        device = x.device.type
+        dtype = self._entry_conv().weight.dtype
+        if x.dtype != dtype and x.dtype == torch.get_autocast_dtype(device):
+            x = x.to(dtype)
+        with torch.autocast(device, enabled=False), buffer_cache.scope_for(self):
             return self._forward(x, x_is_scratch=False)
 
     def _forward(self, x: torch.Tensor, x_is_scratch: bool) -> torch.Tensor:
         """`x_is_scratch`: nobody reads `x` after this call (ResidualStage knows it for the blocks
         it chains), so an identity shortcut may be overwritten by the last conv's output."""
         self._check_input(x)
-        if self.training:
+        if self.training or self._has_batch_statistics_bn():
             return self._program(x, TrainingRunner(), x_is_scratch)
         if self._needs_autograd(x):
             return self._program(x, FoldedRunner(x.dtype, differentiable=True), x_is_scratch)
@@ -212,10 +244,10 @@ class ConvBNAct(FusedModule):
 
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool = True):
         super().__init__()
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"resfused.ConvBNAct: 'conv' must be an nn.Conv2d, got {type(conv).__name__}")
-        if not isinstance(bn, nn.BatchNorm2d):
-            raise TypeError(f"resfused.ConvBNAct: 'bn' must be an nn.BatchNorm2d, got {type(bn).__name__}")
+        for name, problem in (("conv", structure.conv_problem(conv)), ("bn", structure.bn_problem(bn))):
+            if problem:
+                raise TypeError(f"resfused.ConvBNAct: '{name}' {problem}; a fused conv computes what a plain "
+                                "zero-padded nn.Conv2d and an nn.BatchNorm2d do, nothing else")
         if bn.num_features != conv.out_channels:
             raise ValueError(f"resfused.ConvBNAct: 'bn' has {bn.num_features} features but 'conv' has "
                              f"{conv.out_channels} output channels")
@@ -230,6 +262,13 @@ class ConvBNAct(FusedModule):
 
     def extra_repr(self) -> str:
         return f"relu={self.relu}"
+
+
+def _not_fx_traceable(module: nn.Module) -> RuntimeError:
+    return RuntimeError(f"resfused.{type(module).__name__} cannot be traced by torch.fx: fused modules choose "
+                        "their kernels in Python at each call. Keep them whole as leaf modules, e.g. "
+                        "torchvision's create_feature_extractor(model, nodes, tracer_kwargs={'leaf_modules': "
+                        "[resfused.blocks.FusedModule, resfused.ResidualStage]}), or use torch.compile / torch.export")
 
 
 def _not_scriptable(module: nn.Module) -> RuntimeError:
@@ -247,13 +286,18 @@ class ResidualStage(nn.Sequential):
 
     Same children, indexing and state_dict keys as the nn.Sequential it replaces (`fuse` swaps
     them in). A block with hooks, or one after a block with hooks (a forward hook sees the
-    output), is called normally, as is every block while global module hooks are registered.
+    output), is called normally, as is every block while global module hooks are registered; from
+    a hooked block on, each block checks its own input for NaN/Inf (a hook may have put one there).
     """
 
     def __prepare_scriptable__(self):
         raise _not_scriptable(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            raise _not_fx_traceable(self)
+        if _autocast_on(x):  # each fused block leaves autocast on its own
+            return super().forward(x)
         global_hooks = _global_module_hooks()
         x_is_scratch = False  # the stage's own input belongs to the caller
         # One finiteness check for the stage instead of one per block (ops/finite.py): a fused
@@ -263,13 +307,13 @@ class ResidualStage(nn.Sequential):
         finite_input = isinstance(first, FusedModule) and _checks_finite(first, x) and finite.known_finite(x)
         with buffer_cache.scope_for(self):
             for block in self:
-                fused = isinstance(block, FusedModule)
-                with finite.vouched() if finite_input and fused else contextlib.nullcontext():
-                    if global_hooks or _has_hooks(block) or not fused:
-                        x, x_is_scratch = block(x), False
-                    else:
+                if global_hooks or _has_hooks(block) or not isinstance(block, FusedModule):
+                    # Called normally, unvouched: a pre-hook may edit the block's input and a forward
+                    # hook its output, so this block and the ones after it check their own inputs.
+                    x, x_is_scratch, finite_input = block(x), False, False
+                else:
+                    with finite.vouched() if finite_input else contextlib.nullcontext():
                         x, x_is_scratch = block._forward(x, x_is_scratch), True
-                finite_input = finite_input and fused
         return x
 
 
@@ -286,6 +330,13 @@ def _checks_finite(module: nn.Module, x: torch.Tensor) -> bool:
     """Whether `module`'s forward on x may reach oneDNN's ReLU, which maps NaN to 0: eval mode on
     the CPU, not traced (autograd then picks only differentiable kernels, which keep NaN)."""
     return x.device.type == "cpu" and not module.training and not torch.compiler.is_compiling()
+
+
+def _autocast_on(x) -> bool:
+    try:
+        return isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type)
+    except RuntimeError:  # a device type autocast does not know (meta, ...)
+        return False
 
 
 def _has_hooks(m: nn.Module) -> bool:

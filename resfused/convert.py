@@ -31,7 +31,7 @@ import sys
 
 import torch.nn as nn
 
-from resfused import blocks, reference
+from resfused import blocks, reference, structure
 
 __all__ = ["fuse", "FuseReport", "FuseEntry"]
 
@@ -64,7 +64,11 @@ class FuseReport:
         return [e for e in self.entries if not e.converted]
 
     def __str__(self) -> str:
-        if not self.converted:
+        already = [e for e in self.skipped if e.detail == _ALREADY_FUSED]
+        if not self.converted and already:
+            head = (f"resfused.fuse({self.model}): nothing left to convert ({len(already)} already fused); "
+                    "the model is returned unchanged")
+        elif not self.converted:
             head = f"resfused.fuse({self.model}): nothing convertible found; the model is returned unchanged"
         else:
             head = f"resfused.fuse({self.model}): converted {len(self.converted)}, left alone {len(self.skipped)}"
@@ -112,6 +116,9 @@ def fuse(model: nn.Module, inplace: bool = False, verbose: bool = False) -> nn.M
     return model
 
 
+_ALREADY_FUSED = "already a resfused fused block"
+
+
 class _Unsupported(Exception):
     """A recognized block that is not structurally equivalent to a fused one; the message says why."""
 
@@ -126,14 +133,13 @@ def _visit(module: nn.Module, path: str, report: FuseReport, fresh: set[int]) ->
     if rule is not None:
         try:
             # The fused path never calls the block's (or its convs' / BNs') forward: hooks would not run.
-            if any(m._forward_hooks or m._forward_pre_hooks for m in module.modules()):
-                raise _Unsupported("has forward hooks (on it or a submodule), which the fused path would skip")
+            _no_hooks(module)
             fused = rule(module)
         except _Unsupported as why:
             report.entries.append(FuseEntry(path, name, False, str(why)))
             return module
         if fused is None:  # an already-fused block: nothing to do, still worth listing
-            report.entries.append(FuseEntry(path, name, False, "already a resfused fused block"))
+            report.entries.append(FuseEntry(path, name, False, _ALREADY_FUSED))
             return module
         report.entries.append(FuseEntry(path, name, True, f"resfused.{type(fused).__name__}"))
         return fused
@@ -163,11 +169,9 @@ _BLOCK_NAME = re.compile(r"(Block|Bottleneck|Basic)$")
 
 # ------------------------------------------------------------------------------ structure checks
 def _conv(conv, what: str) -> nn.Conv2d:
-    # Exact type: subclasses (timm StdConv2d, Conv2dSame, ...) transform the weight or pad in forward.
-    if type(conv) is not nn.Conv2d:
-        raise _Unsupported(f"{what} is {type(conv).__name__}, not a plain nn.Conv2d")
-    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        raise _Unsupported(f"{what} uses padding {conv.padding!r} / mode {conv.padding_mode!r}")
+    problem = structure.conv_problem(conv)
+    if problem:
+        raise _Unsupported(f"{what} {problem}")
     if tuple(conv.dilation) != (1, 1):
         raise _Unsupported(f"{what} is dilated (dilation {tuple(conv.dilation)})")
     return conv
@@ -181,11 +185,17 @@ def _bn(bn, what: str, norm_act: bool = False) -> nn.BatchNorm2d:
         if type(bn.act) is not nn.ReLU:
             raise _Unsupported(f"{what} applies {type(bn.act).__name__}, not ReLU")
         _identity(bn.drop, f"{what}.drop")
-    elif type(bn) is not nn.BatchNorm2d:
-        raise _Unsupported(f"{what} is {type(bn).__name__}, not nn.BatchNorm2d")
+    elif structure.bn_problem(bn):
+        raise _Unsupported(f"{what} {structure.bn_problem(bn)}")
     if bn.running_mean is None or bn.running_var is None:
         raise _Unsupported(f"{what} has no running statistics (track_running_stats=False)")
     return bn
+
+
+def _no_hooks(*modules: nn.Module) -> None:
+    # The fused path never calls the block's (or its convs' / BNs') forward: hooks would not run.
+    if any(m._forward_hooks or m._forward_pre_hooks for module in modules for m in module.modules()):
+        raise _Unsupported("has forward hooks (on it or a submodule), which the fused path would skip")
 
 
 def _relu(act, what: str) -> None:
@@ -377,6 +387,7 @@ def _fuse_stem(model: nn.Module, path: str, report: FuseReport) -> list[int]:
     where = f"{path + '.' if path else ''}conv1+bn1+{act_name}"
     source = f"{type(model).__module__}.{type(model).__qualname__} stem"
     try:
+        _no_hooks(model.conv1, model.bn1, getattr(model, act_name))
         _bn(model.bn1, "bn1"), _relu(getattr(model, act_name), act_name)
         if isinstance(model.conv1, nn.Sequential):
             stem = list(model.conv1)

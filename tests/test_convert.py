@@ -293,3 +293,24 @@ def test_threads_sharing_a_fused_model_each_get_their_own_result():
         for y in ys:
             assert_matches_reference(y, e, torch.float32, what=f"thread input {i}")
     assert results[1][0][1].isnan().all() and not results[1][0][0].isnan().any()
+
+
+def test_a_stem_with_hooks_is_left_alone_and_the_hook_still_runs():
+    """Before, fuse() folded bn1 into conv1 and replaced it with Identity: the hook vanished and a
+    hook that changes bn1's output gave a 63x relative error."""
+    model = randomize_bn(torchvision.models.resnet18(weights=None)).eval()
+    model.bn1.register_forward_hook(lambda module, args, out: out * 0.5)
+    x = torch.randn(2, 3, 64, 64)
+    expected = _expected64(model, x)
+    fused = resfused.fuse(model)
+    stem = [e for e in fused.resfused_report.skipped if e.path == "conv1+bn1+relu"]
+    assert stem and "forward hooks" in stem[0].detail, str(fused.resfused_report)
+    assert type(fused.conv1) is nn.Conv2d and type(fused.bn1) is nn.BatchNorm2d
+    with torch.no_grad():
+        assert_matches_reference(fused(x), expected, torch.float32, what="stem with a hook")
+
+
+def test_fusing_a_fused_model_says_it_is_already_fused():
+    fused = resfused.fuse(torchvision.models.resnet18(weights=None).eval())
+    head = str(resfused.fuse(fused).resfused_report).splitlines()[0]
+    assert "nothing left to convert (9 already fused)" in head, head

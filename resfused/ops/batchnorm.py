@@ -19,8 +19,8 @@ from resfused.ops import buffer_cache, checks, tails
 from resfused.ops.dispatch import record
 
 
-def _is_training(bn) -> bool:
-    # nn.BatchNorm2d uses batch statistics in training, and always when it keeps no running stats.
+def uses_batch_statistics(bn) -> bool:
+    """nn.BatchNorm2d uses batch statistics in training, and always when it keeps no running stats."""
     return bn.training or bn.running_mean is None or bn.running_var is None
 
 
@@ -47,9 +47,16 @@ def batch_norm_act(x: torch.Tensor, bn: torch.nn.BatchNorm2d, relu: bool) -> tor
     checks.activation(x, "x")
     if x.shape[1] != bn.num_features:
         raise ValueError(f"resfused: 'x' must have {bn.num_features} channels for this BatchNorm, got {tuple(x.shape)}")
-    if not _is_training(bn):
+    if not uses_batch_statistics(bn):
         scale, shift = folding.bn_scale_shift(bn, torch.promote_types(x.dtype, torch.float32), differentiable=True)
         return tails.scale_shift_act(x, scale, shift, relu)
+    if x.numel() == 0:
+        # An empty batch: nn.BatchNorm2d returns it (empty) and counts it; the statistics stay.
+        if bn.training and bn.track_running_stats:
+            with torch.no_grad():
+                bn.num_batches_tracked.add_(1)
+        y = F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+        return torch.relu(y) if relu else y
     _check_batch(x, bn)
     weight = bn.weight if bn.weight is not None else x.new_ones(bn.num_features, dtype=torch.float32)
     bias = bn.bias if bn.bias is not None else x.new_zeros(bn.num_features, dtype=torch.float32)
