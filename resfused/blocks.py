@@ -81,12 +81,19 @@ class FusedModule(nn.Module):
         state.pop("_plan_key", None)
         return state
 
-    def _state_key(self, x: torch.Tensor):
-        # Every parameter and buffer of every submodule, read straight from the module dicts:
-        # Module.parameters() builds memo sets and generators and cost ~1 ms per ResNet-50 forward.
-        stack, state = [self], [x.dtype, x.device]
+    def _walk(self):
+        """This module and every submodule, read straight from the module dicts: Module.modules()
+        builds memo sets and generators and cost ~1 ms per ResNet-50 forward."""
+        stack = [self]
         while stack:
             m = stack.pop()
+            yield m
+            stack.extend(c for c in m._modules.values() if c is not None)  # `block.downsample = None`
+
+    def _state_key(self, x: torch.Tensor):
+        # Every parameter and buffer of every submodule, and what folding copied besides them.
+        state = [x.dtype, x.device]
+        for m in self._walk():
             for t in (*m._parameters.values(), *m._buffers.values()):
                 if t is not None:
                     # Inference tensors (made under torch.inference_mode) keep no version counter.
@@ -95,7 +102,6 @@ class FusedModule(nn.Module):
                 state += (m.stride, m.padding, m.dilation, m.groups)
             elif isinstance(m, nn.modules.batchnorm._BatchNorm):
                 state.append(m.eps)
-            stack.extend(c for c in m._modules.values() if c is not None)  # `block.downsample = None`
         return tuple(state)
 
     def _folded_runner(self, x: torch.Tensor) -> FoldedRunner:
@@ -128,34 +134,24 @@ class FusedModule(nn.Module):
         """Whether a BN of this eval-mode module still normalizes with batch statistics: one left in
         train mode (BN re-calibration, AdaBN) or one without running statistics. Such a module
         cannot be folded; the training runner follows each BN's own mode, as the reference does."""
-        stack = [self]
-        while stack:
-            m = stack.pop()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and uses_batch_statistics(m):
-                return True
-            stack.extend(c for c in m._modules.values() if c is not None)
-        return False
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and uses_batch_statistics(m) for m in self._walk())
 
     def _needs_autograd(self, x: torch.Tensor) -> bool:
         return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _autocast_on(x):
-            return self._forward_outside_autocast(x)
+            # torch.autocast does not reach into a fused module: it computes in its parameters'
+            # dtype (its folded weights are built for one dtype; for bfloat16, convert the model
+            # with `.to(torch.bfloat16)`), and an input that autocast lowered is cast back up, as
+            # for an op on autocast's float32 list. (Before, an eval forward with autograd crashed:
+            # its differentiable path calls F.conv2d, which autocast lowered.)
+            dtype = self._entry_conv().weight.dtype
+            if x.dtype != dtype and x.dtype == torch.get_autocast_dtype(x.device.type):
+                x = x.to(dtype)
+            with torch.autocast(x.device.type, enabled=False):
+                return self.forward(x)
         with buffer_cache.scope_for(self):
-            return self._forward(x, x_is_scratch=False)
-
-    def _forward_outside_autocast(self, x: torch.Tensor) -> torch.Tensor:
-        """torch.autocast does not reach into a fused module: it computes in its parameters' dtype
-        (its folded weights are built for one dtype; for bfloat16, convert the model with
-        `.to(torch.bfloat16)`). An input that autocast made lower precision is cast back up, so the
-        module acts like an op on autocast's float32 list. Without this, an eval-mode forward with
-        autograd crashed: its differentiable path calls F.conv2d, which autocast lowered."""
-        device = x.device.type
-        dtype = self._entry_conv().weight.dtype
-        if x.dtype != dtype and x.dtype == torch.get_autocast_dtype(device):
-            x = x.to(dtype)
-        with torch.autocast(device, enabled=False), buffer_cache.scope_for(self):
             return self._forward(x, x_is_scratch=False)
 
     def _forward(self, x: torch.Tensor, x_is_scratch: bool) -> torch.Tensor:

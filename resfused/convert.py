@@ -132,7 +132,6 @@ def _visit(module: nn.Module, path: str, report: FuseReport, fresh: set[int]) ->
     rule = _claiming_rule(module)
     if rule is not None:
         try:
-            # The fused path never calls the block's (or its convs' / BNs') forward: hooks would not run.
             _no_hooks(module)
             fused = rule(module)
         except _Unsupported as why:
@@ -169,8 +168,7 @@ _BLOCK_NAME = re.compile(r"(Block|Bottleneck|Basic)$")
 
 # ------------------------------------------------------------------------------ structure checks
 def _conv(conv, what: str) -> nn.Conv2d:
-    problem = structure.conv_problem(conv)
-    if problem:
+    if problem := structure.conv_problem(conv):
         raise _Unsupported(f"{what} {problem}")
     if tuple(conv.dilation) != (1, 1):
         raise _Unsupported(f"{what} is dilated (dilation {tuple(conv.dilation)})")
@@ -185,8 +183,8 @@ def _bn(bn, what: str, norm_act: bool = False) -> nn.BatchNorm2d:
         if type(bn.act) is not nn.ReLU:
             raise _Unsupported(f"{what} applies {type(bn.act).__name__}, not ReLU")
         _identity(bn.drop, f"{what}.drop")
-    elif structure.bn_problem(bn):
-        raise _Unsupported(f"{what} {structure.bn_problem(bn)}")
+    elif problem := structure.bn_problem(bn):
+        raise _Unsupported(f"{what} {problem}")
     if bn.running_mean is None or bn.running_var is None:
         raise _Unsupported(f"{what} has no running statistics (track_running_stats=False)")
     return bn

@@ -24,8 +24,6 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -88,6 +86,8 @@ namespace generic {
 }  // namespace resfused::cpu::wf43
 
 #ifdef RESFUSED_X86_TARGETS
+#include <immintrin.h>
+
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
 namespace resfused::cpu::wf43::avx512 {
