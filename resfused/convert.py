@@ -31,7 +31,7 @@ import sys
 
 import torch.nn as nn
 
-from resfused import blocks, reference, structure
+from resfused import blocks, pool, reference, structure
 
 __all__ = ["fuse", "FuseReport", "FuseEntry"]
 
@@ -407,5 +407,9 @@ def _fuse_stem(model: nn.Module, path: str, report: FuseReport) -> list[int]:
         return []
     model.bn1 = nn.Identity()
     setattr(model, act_name, nn.Identity())
-    report.entries.append(FuseEntry(where, source, True, f"resfused.ConvBNAct (keys now {keys})"))
+    detail = f"resfused.ConvBNAct (keys now {keys})"
+    if pool.replaceable(getattr(model, "maxpool", None)):
+        model.maxpool = pool.MaxPool3x3S2()
+        detail += "; maxpool -> resfused.pool.MaxPool3x3S2 (no indices)"
+    report.entries.append(FuseEntry(where, source, True, detail))
     return [id(m) for m in model.conv1.modules() if isinstance(m, blocks.ConvBNAct)]
