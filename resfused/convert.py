@@ -190,9 +190,13 @@ def _bn(bn, what: str, norm_act: bool = False) -> nn.BatchNorm2d:
     return bn
 
 
+def _has_forward_hooks(*modules: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for module in modules for m in module.modules())
+
+
 def _no_hooks(*modules: nn.Module) -> None:
     # The fused path never calls the block's (or its convs' / BNs') forward: hooks would not run.
-    if any(m._forward_hooks or m._forward_pre_hooks for module in modules for m in module.modules()):
+    if _has_forward_hooks(*modules):
         raise _Unsupported("has forward hooks (on it or a submodule), which the fused path would skip")
 
 
@@ -408,7 +412,8 @@ def _fuse_stem(model: nn.Module, path: str, report: FuseReport) -> list[int]:
     model.bn1 = nn.Identity()
     setattr(model, act_name, nn.Identity())
     detail = f"resfused.ConvBNAct (keys now {keys})"
-    if pool.replaceable(getattr(model, "maxpool", None)):
+    maxpool = getattr(model, "maxpool", None)
+    if pool.replaceable(maxpool) and not _has_forward_hooks(maxpool):  # a swapped module loses its hooks
         model.maxpool = pool.MaxPool3x3S2()
         detail += "; maxpool -> resfused.pool.MaxPool3x3S2 (no indices)"
     report.entries.append(FuseEntry(where, source, True, detail))

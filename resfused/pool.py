@@ -42,7 +42,7 @@ class MaxPool3x3S2(nn.MaxPool2d):
 
 
 def replaceable(pool: nn.Module) -> bool:
-    """Whether `pool` computes exactly what MaxPool3x3S2 does (and has no hooks to keep)."""
+    """Whether `pool` computes exactly what MaxPool3x3S2 does."""
     return (
         type(pool) is nn.MaxPool2d
         and pool.kernel_size in (3, (3, 3))
@@ -51,7 +51,6 @@ def replaceable(pool: nn.Module) -> bool:
         and pool.dilation in (1, (1, 1))
         and not pool.ceil_mode
         and not pool.return_indices
-        and not (pool._forward_hooks or pool._forward_pre_hooks)
     )
 
 

@@ -41,7 +41,8 @@ at::Tensor max_pool3x3s2(const at::Tensor& x_in) {
           scalar_t* out = yp + ((n * Ho + i) * Wo + j) * C;
           for (int64_t c0 = 0; c0 < C; c0 += kVec) {
             const int64_t count = std::min(kVec, C - c0);
-            // The window always holds its centre pixel, so the max starts from a real value.
+            // (h0, w0) is inside the image (padding only clips the window), so the max starts
+            // from a real value, never from -inf.
             Vec m = Vec::loadu(xp + ((n * H + h0) * W + w0) * C + c0, count);
             for (int64_t h = h0; h <= h1; ++h)
               for (int64_t w = w0; w <= w1; ++w)

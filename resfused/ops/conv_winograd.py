@@ -19,8 +19,8 @@ transforms 1.5-2.2x slower: 1.52x - 2.38x, and 0.78x - 0.95x at 512 @7x7 batch 1
 
 At 512 channels the 36 x 512 x 512 transformed weights (37.7 MB, more than this machine's 32 MB
 L3) are read once per pass, which a single image's 4 tiles do not clearly repay (in a model,
-the other layers' weights evict them between calls, unlike in this benchmark). So: float32, 3x3, stride 1, padding 1, no dilation or
-groups, and either at most 256 input channels at >= 14x14 pixels, or at most 512 with >= 8
+the other layers' weights evict them between calls, unlike in this benchmark). So: float32,
+3x3, stride 1, padding 1, no dilation or groups, and either at most 256 input channels at >= 14x14 pixels, or at most 512 with >= 8
 tiles of 4x4 (batch >= 2 at 7x7). An input holding NaN or Inf goes to the ATen conv and the
 fused tail instead (Winograd would spread it over whole tiles, see winograd.transform_input;
 oneDNN's ReLU would turn it into 0, see ops/finite.py).
