@@ -53,7 +53,7 @@ def _cuda_decision():
 
 
 build_cuda, why_not = _cuda_decision()
-cpu_sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+cpu_sources = _sources("csrc/*.cpp") + _sources("csrc/schemas/*.cpp") + _sources("csrc/cpu/*.cpp")
 cuda_sources = _sources("csrc/cuda/*.cu") if build_cuda else []
 cxx_flags = ["-O3", "-std=c++20", "-fdiagnostics-color=always"]
 # at::vec picks its vector width from CPU_CAPABILITY at compile time; without these flags it is a

@@ -1,7 +1,7 @@
 """What every benchmark shares: result records, side-by-side timing, FLOP counting, and the
 table / JSON / PNG outputs.
 
-Timing (DESIGN.md §6): the machines are shared and noisy, so the variants of one case (fused,
+Timing (docs/design.md, Measuring speed): the machines are shared and noisy, so the variants of one case (fused,
 eager NCHW, eager channels_last, ...) are timed *interleaved*: after a warm-up, each round times
 every variant once (in a rotated order, so no variant always runs right after another), and the
 median over rounds is reported. A burst of load from a neighbour then hits all variants alike

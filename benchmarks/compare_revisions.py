@@ -3,8 +3,9 @@
     python -m benchmarks.compare_revisions REV [--model resnet18] [--batch 1] [--resolution 224]
                                                [--rounds 21] [--threads 2] [--keep]
 
-Why: on these shared machines the same model reads 10-25% apart between runs, so a regression
-(or a speedup) is only visible when both versions run in one interleaved measurement. REV is
+Why: on these shared machines the same model reads 10-25% apart between runs (docs/measurements.md,
+How to measure), so a regression (or a speedup) is only visible when both versions run in one
+interleaved measurement. REV is
 checked out in a temporary git worktree and its extension built there (CPU kernels only,
 `RESFUSED_SKIP_CUDA_BUILD=1`; a few minutes on 2 cores, reused while the worktree is kept). Each
 tree then runs the model in a worker process of its own (benchmarks.isolation), with its own

@@ -149,11 +149,11 @@ def _inference_call(module: nn.Module, x: torch.Tensor):
 
 
 def _kernels_used(fused: nn.Module, x: torch.Tensor) -> dict[str, int]:
-    from resfused.ops.dispatch import trace_kernels
+    from resfused.ops import trace_kernels
 
     with trace_kernels() as ran, torch.inference_mode():
         fused(x)
-    return dict(collections.Counter(f"{op}/{kernel}" for op, kernel in ran))
+    return dict(collections.Counter(f"{c.op}/{c.kernel}" for c in ran))
 
 
 # Sanity bound on max|fused - eager| / max|eager|: far above rounding (the tests check the

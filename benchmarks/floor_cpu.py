@@ -21,7 +21,6 @@ fused fp32 / floor of the other dtype, the best dtype-to-dtype speedup.
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import functools
 

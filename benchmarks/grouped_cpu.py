@@ -8,7 +8,7 @@ a torch.utils.benchmark Timer.timeit of a few calls, the variants' order rotated
   onednn  torch.ops.mkldnn._convolution_pointwise with prepacked weights and its "relu" post-op
   eager   F.conv2d + relu on the same channels_last input
 plus a dense 64->64 3x3 conv at 56x56 through oneDNN as the "peak" that the GFLOP/s are set
-against (DESIGN.md §6). `run(batch_sizes, dtypes)` returns one dict per row for the main benchmark.
+against (docs/design.md, Measuring speed). `run(batch_sizes, dtypes)` returns one dict per row for the main benchmark.
 """
 
 from __future__ import annotations
@@ -98,8 +98,8 @@ def run(batch_sizes=(1, 8), dtypes=("fp32", "bf16"), shapes=SHAPES, rounds: int 
     """One dict per (shape, batch, dtype): median ms, GFLOP/s and speedups of ours over the others."""
     import resfused  # noqa: F401  (loads the kernels)
     from resfused import _native
-    from resfused.ops.conv import ConvParams
-    from resfused.ops.conv_grouped import GroupedConv3x3, cpu_path
+    from resfused.kernels.base import ConvParams
+    from resfused.kernels.conv_grouped import GroupedConv3x3, cpu_path
 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)

@@ -1,9 +1,9 @@
 """Each variant timed in a process of its own, its rounds still interleaved with the others'.
 
 Why: glibc's malloc keeps or trims freed memory per process, so a variant timed in the same
-process as another inherits the other's heap. Measured on torchvision resnet50, batch 8, fp32,
-2 threads: eager NCHW took ~650 ms per forward on its own (65,000 page faults per forward) but
-435 ms in a process that also ran the fused model, whose freed buffers it reused. So every variant
+process as another inherits the other's heap: eager NCHW resnet50 at batch 8 took ~650 ms per
+forward in a process of its own but 435 ms in one that also ran the fused model, whose freed
+buffers it reused (docs/measurements.md, Benchmark method). So every variant
 lives in a spawned worker that builds its module from a picklable recipe and times calls on
 request, and the parent interleaves the rounds (common.interleaved_rounds) as it does in-process.
 

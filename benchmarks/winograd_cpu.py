@@ -2,10 +2,10 @@
 
     python -m benchmarks.winograd_cpu [--batch 1 8] [--train] [--rounds 7]
 
-Inference (default): act(conv3x3(x) + bias) through resfused's Winograd path (ops/winograd.py)
+Inference (default): act(conv3x3(x) + bias) through resfused's Winograd path (kernels/winograd_f43.py)
 against oneDNN's direct conv with packed weights and its ReLU post-op, float32, channels_last.
 --train: forward + backward (input and weight gradients) through the Winograd autograd function
-against ATen's conv (conv_train's other path). Variants are timed interleaved in one process at
+against ATen's conv (the other training kernel, kernels/conv_train.py). Variants are timed interleaved in one process at
 2 threads (median of rounds, benchmarks.common.measure_side_by_side); before timing, each
 Winograd result is checked against the direct conv (a wrong fast kernel must not post a number).
 """
@@ -17,9 +17,11 @@ import argparse
 import torch
 
 from benchmarks.common import measure_side_by_side, relative_difference
-from resfused.ops import buffer_cache, conv_train, winograd  # (importing resfused loads the kernels)
-from resfused.ops.conv import ConvParams
-from resfused.ops.conv_onednn import OneDNNConv
+from resfused.kernels import winograd_f43
+from resfused.kernels.conv_train import ScopedConv2d
+from resfused.runtime import buffer_cache
+from resfused.kernels.base import ConvParams
+from resfused.kernels.conv_onednn import OneDNNConv
 
 THREADS = 2
 
@@ -33,9 +35,10 @@ def _check(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
 
 
 def _scoped(fn):
-    """fn inside a buffer-cache scope, as fused modules run their convs (ops/buffer_cache.py):
+    """fn inside a buffer-cache scope, as fused modules run their convs (runtime/buffer_cache.py):
     without one, whichever case runs first in the process pays a page fault per 4 KiB of every
-    fresh buffer (measured: 600 per call at 64 ch @56x56 batch 1, 1.5 ms instead of 0.55)."""
+    fresh buffer (measured: 64 ch @56x56 batch 1 took 1.5 ms instead of 0.55;
+    docs/measurements.md, Benchmark method)."""
 
     def run():
         with buffer_cache.scope():
@@ -49,9 +52,9 @@ def _inference_variants(c: int, hw: int, batch: int) -> dict:
     x = torch.randn(batch, c, hw, hw, generator=g).contiguous(memory_format=torch.channels_last)
     w, b = torch.randn(c, c, 3, 3, generator=g) / (3 * c**0.5), torch.randn(c, generator=g)
     p, onednn = ConvParams(w, b, (1, 1), (1, 1), (1, 1), 1), OneDNNConv()
-    u = winograd.TransformedWeight(w, torch.float64)
+    u = winograd_f43.TransformedWeight(w, torch.float64)
     fns = {"direct": _scoped(lambda: onednn.run(x, p, None, True, None)),
-           "winograd": _scoped(lambda: winograd.conv3x3(x, u, b, None, True))}
+           "winograd": _scoped(lambda: winograd_f43.conv3x3(x, u, b, None, True))}
     _check(fns["winograd"](), fns["direct"](), f"inference {c}@{hw}")
     return fns
 
@@ -72,8 +75,8 @@ def _training_variants(c: int, hw: int, batch: int) -> dict:
 
         return run
 
-    fns = {"direct": step(lambda: conv_train._Conv2d.apply(x, conv.weight, None, [1, 1], [1, 1], [1, 1], 1)),
-           "winograd": step(lambda: winograd.conv3x3_train(x, conv.weight))}
+    fns = {"direct": step(lambda: ScopedConv2d.apply(x, conv.weight, None, [1, 1], [1, 1], [1, 1], 1)),
+           "winograd": step(lambda: winograd_f43.conv3x3_train(x, conv.weight))}
     for ours, ref, what in zip(fns["winograd"](), fns["direct"](), ("grad input", "grad weight")):
         _check(ours, ref, f"{what} {c}@{hw}")
     return fns

@@ -3,8 +3,9 @@ blocks of ResNet / ResNeXt. See README.md."""
 
 from resfused import reference
 from resfused.backend import BackendUnavailable, get_backend, set_backend, use_backend
-from resfused.blocks import BasicBlock, Bottleneck, ConvBNAct, PreActBasicBlock, ResidualStage, ResNeXtBottleneck, refresh
+from resfused.blocks import BasicBlock, Bottleneck, ConvBNAct, PreActBasicBlock, ResNeXtBottleneck, refresh
 from resfused.convert import fuse
+from resfused.stage import ResidualStage
 
 __version__ = "0.1.0"
 

@@ -98,15 +98,16 @@ def use_backend(name: str):
 
 
 def resolve(device: torch.device) -> str:
-    """The backend that runs ops on `device`: the forced one, or for "auto" the device's default
-    ("cpu" for CPU tensors, "gpu" for CUDA tensors; ops pick Triton or CUDA C++ kernels from it).
+    """The name of the kernel lists that serve `device`: the forced backend, or for "auto" the
+    device's default: "cpu" for CPU tensors, "auto-cuda" for CUDA tensors (Triton for dense convs,
+    CUDA C++ for the rest; unlike the forced "cuda", which sends dense convs to cuDNN).
     """
     global _checked
     if not _checked:
         _validated(_current)
         _checked = True
     if _current == "auto":
-        return "gpu" if device.type == "cuda" else "cpu"
+        return "auto-cuda" if device.type == "cuda" else "cpu"
     if _current == "cpu" and device.type != "cpu":
         raise BackendUnavailable(f"resfused: backend 'cpu' cannot run on {device} tensors")
     if _current == "cuda" and device.type != "cuda":

@@ -1,7 +1,7 @@
 """Fused residual blocks: same constructors and state_dict keys as `resfused.reference`.
 
-Each block writes its computation once, as `_program(x, run, x_is_scratch)`: calls on a runner (see
-execution.py) that runs it folded and fused in eval mode, or with fused batch-statistics
+Each block writes its computation once, as `_program(x, runner, may_overwrite_x)`: calls on a runner
+(see runners.py) that runs it folded and fused in eval mode, or with fused batch-statistics
 BatchNorm in train mode. Eval mode caches the folded weights; they are rebuilt whenever a
 parameter or BN buffer changes (load_state_dict, in-place edits, `.to(dtype)`), detected
 through tensor version counters and storage pointers, or a conv's geometry or a BN's eps does.
@@ -9,7 +9,7 @@ Edits through `.data` bypass the version counter, and parameters created under
 torch.inference_mode have none: call `resfused.refresh(model)` after editing those in place.
 When autograd must reach the parameters in eval mode (frozen-BN fine-tuning), the folding is
 differentiable and rebuilt every call. On the CPU in eval mode a block checks its input for
-NaN/Inf once and runs the reference computation on one (ops/finite.py).
+NaN/Inf once and runs the reference computation on one (runtime/finite.py).
 
     block = resfused.Bottleneck(256, 64).eval()
     block.load_state_dict(reference_block.state_dict())
@@ -19,28 +19,26 @@ NaN/Inf once and runs the reference computation on one (ops/finite.py).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn as nn
 
 from resfused import reference, structure
-from resfused.execution import FoldedRunner, TrainingRunner
-from resfused.ops import buffer_cache, finite
 from resfused.ops.batchnorm import uses_batch_statistics
+from resfused.runners import FoldedRunner, FoldedWeights, TrainingRunner
+from resfused.runtime import buffer_cache, finite
 
-__all__ = ["BasicBlock", "PreActBasicBlock", "Bottleneck", "ResNeXtBottleneck", "ConvBNAct", "ResidualStage", "refresh"]
+__all__ = ["BasicBlock", "PreActBasicBlock", "Bottleneck", "ResNeXtBottleneck", "ConvBNAct", "refresh"]
 
 
 class FusedModule(nn.Module):
-    """Plan caching and input checks shared by every fused module.
+    """Folded-weight caching and input checks shared by every fused module.
 
-    Subclasses define `_program(x, run, x_is_scratch)`; the reference math comes from the reference class they
-    also derive from (and stays available as `reference_forward`).
+    Subclasses define `_program(x, runner, may_overwrite_x)`; the reference math comes from the
+    reference class they also derive from (and stays available as `reference_forward`).
     """
 
-    _plan_key = None
-    _plan = None
+    _folded_key = None  # the parameter state `_folded` was made from
+    _folded = None  # FoldedWeights
 
     @classmethod
     def from_reference(cls, block: nn.Module) -> "FusedModule":
@@ -71,14 +69,14 @@ class FusedModule(nn.Module):
         return fused
 
     def __prepare_scriptable__(self):
-        raise _not_scriptable(self)
+        raise not_scriptable(self)
 
     def __getstate__(self):
-        # The plan holds backend-specific tensors (oneDNN's opaque blocked weights) that can be
-        # neither deep-copied nor pickled; it is derived state, rebuilt on the next forward.
+        # The folded weights hold backend-specific tensors (oneDNN's opaque blocked weights) that
+        # can be neither deep-copied nor pickled; derived state, rebuilt on the next forward.
         state = dict(super().__getstate__())
-        state.pop("_plan", None)
-        state.pop("_plan_key", None)
+        state.pop("_folded", None)
+        state.pop("_folded_key", None)
         return state
 
     def _walk(self):
@@ -104,19 +102,19 @@ class FusedModule(nn.Module):
                 state.append(m.eps)
         return tuple(state)
 
-    def _folded_runner(self, x: torch.Tensor) -> FoldedRunner:
+    def _folded_weights(self, x: torch.Tensor) -> FoldedWeights:
         if torch.compiler.is_compiling():
-            return FoldedRunner(x.dtype)  # traced: the folding becomes part of the graph
+            return FoldedWeights(x.dtype)  # traced: the folding becomes part of the graph
         key = self._state_key(x)
-        if key != self._plan_key:
-            self._plan = FoldedRunner(x.dtype)
-            self._plan_key = key
-        return self._plan
+        if key != self._folded_key:
+            self._folded = FoldedWeights(x.dtype)
+            self._folded_key = key
+        return self._folded
 
     def _check_input(self, x: torch.Tensor) -> None:
         name = type(self).__name__
         if isinstance(x, torch.fx.Proxy):
-            raise _not_fx_traceable(self)
+            raise not_fx_traceable(self)
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"resfused.{name}: expected a 4-D input (N, C, H, W), got {shape}")
@@ -140,7 +138,7 @@ class FusedModule(nn.Module):
         return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _autocast_on(x):
+        if autocast_on(x):
             # torch.autocast does not reach into a fused module: it computes in its parameters'
             # dtype (its folded weights are built for one dtype; for bfloat16, convert the model
             # with `.to(torch.bfloat16)`), and an input that autocast lowered is cast back up, as
@@ -152,31 +150,30 @@ class FusedModule(nn.Module):
             with torch.autocast(x.device.type, enabled=False):
                 return self.forward(x)
         with buffer_cache.scope_for(self):
-            return self._forward(x, x_is_scratch=False)
+            return self._forward(x, may_overwrite_x=False)
 
-    def _forward(self, x: torch.Tensor, x_is_scratch: bool) -> torch.Tensor:
-        """`x_is_scratch`: nobody reads `x` after this call (ResidualStage knows it for the blocks
-        it chains), so an identity shortcut may be overwritten by the last conv's output."""
+    def _forward(self, x: torch.Tensor, may_overwrite_x: bool) -> torch.Tensor:
+        """`may_overwrite_x`: nobody reads `x` after this call (ResidualStage knows it for the
+        blocks it chains), so an identity shortcut may be overwritten by the last conv's output."""
         self._check_input(x)
         if self.training or self._has_batch_statistics_bn():
-            return self._program(x, TrainingRunner(), x_is_scratch)
+            return self._program(x, TrainingRunner(), may_overwrite_x)
         if self._needs_autograd(x):
-            return self._program(x, FoldedRunner(x.dtype, differentiable=True), x_is_scratch)
-        if _checks_finite(self, x) and not finite.is_vouched():
-            # oneDNN's ReLU maps NaN to 0 (ops/finite.py): the block checks its input once (unless
-            # a ResidualStage did), and a NaN or Inf gets the reference computation, NaN and all.
-            if not finite.is_finite(x):
-                return self.reference_forward(x)
-            with finite.vouched():
-                return self._program(x, self._folded_runner(x), x_is_scratch)
-        return self._program(x, self._folded_runner(x), x_is_scratch)
+            return self._program(x, FoldedRunner(FoldedWeights(x.dtype, differentiable=True)), may_overwrite_x)
+        if not _may_reach_onednn_relu(self, x):
+            return self._program(x, FoldedRunner(self._folded_weights(x)), may_overwrite_x)
+        # oneDNN's ReLU maps NaN to 0 (runtime/finite.py): the block checks its input once, and a
+        # NaN or Inf gets the reference computation, NaN and all.
+        if not finite.is_finite(x):
+            return self.reference_forward(x)
+        return self._program(x, FoldedRunner(self._folded_weights(x), inputs_finite=True), may_overwrite_x)
 
-    def _shortcut(self, x: torch.Tensor, run, x_is_scratch: bool):
-        """The shortcut branch, and whether it is a temporary that the last conv may accumulate
-        into in place (a projection's output always is; the identity only when x is scratch)."""
+    def _shortcut(self, x: torch.Tensor, runner, may_overwrite_x: bool):
+        """The shortcut branch, and whether the last conv may accumulate into it in place (a
+        projection's output always is a temporary; the identity only when x may be overwritten)."""
         if self.downsample is None:
-            return x, x_is_scratch
-        return run.conv_bn(x, *self.downsample), True
+            return x, may_overwrite_x
+        return runner.conv_bn(x, *self.downsample), True
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The unfused reference computation (what the reference block's forward does)."""
@@ -195,36 +192,36 @@ class FusedModule(nn.Module):
 class BasicBlock(FusedModule, reference.BasicBlock):
     """conv1+BN1+ReLU; conv2+BN2 + shortcut + ReLU in one call; projection as a folded 1x1."""
 
-    def _program(self, x, run, x_is_scratch=False):
-        identity, scratch = self._shortcut(x, run, x_is_scratch)
-        out = run.conv_bn(x, self.conv1, self.bn1, relu=True)
-        return run.conv_bn(out, self.conv2, self.bn2, relu=True, residual=identity, residual_is_scratch=scratch)
+    def _program(self, x, runner, may_overwrite_x=False):
+        identity, identity_is_temporary = self._shortcut(x, runner, may_overwrite_x)
+        out = runner.conv_bn(x, self.conv1, self.bn1, relu=True)
+        return runner.conv_bn(out, self.conv2, self.bn2, relu=True, residual=identity, may_overwrite_residual=identity_is_temporary)
 
 
 class PreActBasicBlock(FusedModule, reference.PreActBasicBlock):
     """relu(bn1(x)) as a prologue; conv1 with BN2 folded + ReLU; conv2 + shortcut (no ReLU)."""
 
-    def _program(self, x, run, x_is_scratch=False):
+    def _program(self, x, runner, may_overwrite_x=False):
         if self.downsample is None:
             # Only conv1 reads the pre-activated input: kernels that can, apply it while loading.
-            out = run.conv_bn(x, self.conv1, self.bn2, relu=True, pre_bn=self.bn1)
-            identity, scratch = x, x_is_scratch
+            out = runner.conv_bn(x, self.conv1, self.bn2, relu=True, pre_bn=self.bn1)
+            identity, identity_is_temporary = x, may_overwrite_x
         else:
             # conv1 and the projection both read it: materialize it once.
-            act = run.pre_act(x, self.bn1)
-            identity, scratch = run.conv_bn(act, *self.downsample), True
-            out = run.conv_bn(act, self.conv1, self.bn2, relu=True)
-        return run.conv_bn(out, self.conv2, None, residual=identity, residual_is_scratch=scratch)
+            act = runner.pre_act(x, self.bn1)
+            identity, identity_is_temporary = runner.conv_bn(act, *self.downsample), True
+            out = runner.conv_bn(act, self.conv1, self.bn2, relu=True)
+        return runner.conv_bn(out, self.conv2, None, residual=identity, may_overwrite_residual=identity_is_temporary)
 
 
 class _FusedBottleneckBase(FusedModule):
     """1x1+BN+ReLU, 3x3 (grouped for ResNeXt)+BN+ReLU, 1x1+BN + shortcut + ReLU fused in one call."""
 
-    def _program(self, x, run, x_is_scratch=False):
-        identity, scratch = self._shortcut(x, run, x_is_scratch)
-        out = run.conv_bn(x, self.conv1, self.bn1, relu=True)
-        out = run.conv_bn(out, self.conv2, self.bn2, relu=True)
-        return run.conv_bn(out, self.conv3, self.bn3, relu=True, residual=identity, residual_is_scratch=scratch)
+    def _program(self, x, runner, may_overwrite_x=False):
+        identity, identity_is_temporary = self._shortcut(x, runner, may_overwrite_x)
+        out = runner.conv_bn(x, self.conv1, self.bn1, relu=True)
+        out = runner.conv_bn(out, self.conv2, self.bn2, relu=True)
+        return runner.conv_bn(out, self.conv3, self.bn3, relu=True, residual=identity, may_overwrite_residual=identity_is_temporary)
 
 
 class Bottleneck(_FusedBottleneckBase, reference.Bottleneck):
@@ -253,64 +250,24 @@ class ConvBNAct(FusedModule):
         y = self.bn(self.conv(x))
         return torch.relu(y) if self.relu else y
 
-    def _program(self, x, run, x_is_scratch=False):
-        return run.conv_bn(x, self.conv, self.bn, relu=self.relu)
+    def _program(self, x, runner, may_overwrite_x=False):
+        return runner.conv_bn(x, self.conv, self.bn, relu=self.relu)
 
     def extra_repr(self) -> str:
         return f"relu={self.relu}"
 
 
-def _not_fx_traceable(module: nn.Module) -> RuntimeError:
+def not_fx_traceable(module: nn.Module) -> RuntimeError:
     return RuntimeError(f"resfused.{type(module).__name__} cannot be traced by torch.fx: fused modules choose "
                         "their kernels in Python at each call. Keep them whole as leaf modules, e.g. "
                         "torchvision's create_feature_extractor(model, nodes, tracer_kwargs={'leaf_modules': "
                         "[resfused.blocks.FusedModule, resfused.ResidualStage]}), or use torch.compile / torch.export")
 
 
-def _not_scriptable(module: nn.Module) -> RuntimeError:
+def not_scriptable(module: nn.Module) -> RuntimeError:
     # torch.jit.script asks every module for __prepare_scriptable__ before compiling anything.
     return RuntimeError(f"resfused.{type(module).__name__} cannot be scripted with torch.jit.script: fused modules "
                         "choose their kernels in Python at each call; use torch.compile or torch.export instead")
-
-
-class ResidualStage(nn.Sequential):
-    """A stage of a ResNet (`layer1` ...): an nn.Sequential whose blocks' intermediate outputs no
-    one else sees, so each fused block fed by the fused block before it may write its last conv's
-    output over its input (the identity shortcut): oneDNN's in-place sum post-op instead of a
-    binary add that reads the shortcut into a new tensor (measured at batch 8, 2 threads: a
-    ResNet-50 stage-1 1x1 64->256 conv + add + ReLU takes 9.2 ms instead of 11.9 ms).
-
-    Same children, indexing and state_dict keys as the nn.Sequential it replaces (`fuse` swaps
-    them in). A block with hooks, or one after a block with hooks (a forward hook sees the
-    output), is called normally, as is every block while global module hooks are registered; from
-    a hooked block on, each block checks its own input for NaN/Inf (a hook may have put one there).
-    """
-
-    def __prepare_scriptable__(self):
-        raise _not_scriptable(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(x, torch.fx.Proxy):
-            raise _not_fx_traceable(self)
-        if _autocast_on(x):  # each fused block leaves autocast on its own
-            return super().forward(x)
-        global_hooks = _global_module_hooks()
-        x_is_scratch = False  # the stage's own input belongs to the caller
-        # One finiteness check for the stage instead of one per block (ops/finite.py): a fused
-        # block's output is finite when its input is. A block that is not fused breaks the chain;
-        # the fused blocks after it check their own inputs.
-        first = self[0] if len(self) else None  # (the stage's own train flag may differ from its blocks')
-        finite_input = isinstance(first, FusedModule) and _checks_finite(first, x) and finite.known_finite(x)
-        with buffer_cache.scope_for(self):
-            for block in self:
-                if global_hooks or _has_hooks(block) or not isinstance(block, FusedModule):
-                    # Called normally, unvouched: a pre-hook may edit the block's input and a forward
-                    # hook its output, so this block and the ones after it check their own inputs.
-                    x, x_is_scratch, finite_input = block(x), False, False
-                else:
-                    with finite.vouched() if finite_input else contextlib.nullcontext():
-                        x, x_is_scratch = block._forward(x, x_is_scratch), True
-        return x
 
 
 def refresh(module: nn.Module) -> nn.Module:
@@ -318,29 +275,18 @@ def refresh(module: nn.Module) -> nn.Module:
     rebuilds them: for edits their version counters cannot see (through `.data`). Returns `module`."""
     for m in module.modules():
         if isinstance(m, FusedModule):
-            m._plan = m._plan_key = None
+            m._folded = m._folded_key = None
     return module
 
 
-def _checks_finite(module: nn.Module, x: torch.Tensor) -> bool:
-    """Whether `module`'s forward on x may reach oneDNN's ReLU, which maps NaN to 0: eval mode on
-    the CPU, not traced (autograd then picks only differentiable kernels, which keep NaN)."""
+def _may_reach_onednn_relu(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `module`'s folded forward on x may reach oneDNN's ReLU, which maps NaN to 0: on the
+    CPU and not traced (a traced graph has no oneDNN call of ours)."""
     return x.device.type == "cpu" and not module.training and not torch.compiler.is_compiling()
 
 
-def _autocast_on(x) -> bool:
+def autocast_on(x) -> bool:
     try:
         return isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type)
     except RuntimeError:  # a device type autocast does not know (meta, ...)
         return False
-
-
-def _has_hooks(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
-
-
-def _global_module_hooks() -> bool:
-    from torch.nn.modules import module as mod
-
-    return bool(mod._global_forward_hooks or mod._global_forward_pre_hooks or mod._global_backward_hooks
-                or mod._global_backward_pre_hooks)

@@ -7,7 +7,7 @@ ResNet's conv-BN-ReLU stem) for its fused equivalent.
         y = model(x)
 
 A block is converted only when it computes exactly what the fused block computes, in eval mode
-*and* in train mode (the fused blocks also train: batch-statistics BN, see execution.py; so a block with
+*and* in train mode (the fused blocks also train: batch-statistics BN, see runners.py; so a block with
 DropBlock, DropPath > 0, SE/attention, anti-aliasing, dilation, a non-ReLU activation or a norm
 other than BatchNorm2d with running statistics is left untouched and reported). The fused
 blocks share the original's conv and BN modules (no copies of the weights beyond the initial
@@ -18,7 +18,7 @@ same as the original's -- except the stem, whose conv and BN move under one `Con
 Supported (see the rules at the bottom of this file): resfused.reference blocks; torchvision
 `resnet*` / `resnext*` / `wide_resnet*` blocks and stem; timm `resnet*` / `resnext*` blocks and
 stem (deep stems included); timm `resnetv2_*` `PreActBasic` blocks with BatchNormAct2d(ReLU).
-Adding a block type means adding one rule here (DESIGN.md §2).
+Adding a block type: see CONTRIBUTING.md.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import sys
 
 import torch.nn as nn
 
-from resfused import blocks, pool, reference, structure
+from resfused import blocks, reference, stage, structure
 
 __all__ = ["fuse", "FuseReport", "FuseEntry"]
 
@@ -160,7 +160,7 @@ def _as_stage(module: nn.Module) -> nn.Module:
     fused = [m for m in module if isinstance(m, blocks.FusedModule) and not isinstance(m, blocks.ConvBNAct)]
     if len(fused) < 2:
         return module
-    return blocks.ResidualStage(collections.OrderedDict(module._modules)).train(module.training)
+    return stage.ResidualStage(collections.OrderedDict(module._modules)).train(module.training)
 
 
 _BLOCK_NAME = re.compile(r"(Block|Bottleneck|Basic)$")
@@ -411,10 +411,5 @@ def _fuse_stem(model: nn.Module, path: str, report: FuseReport) -> list[int]:
         return []
     model.bn1 = nn.Identity()
     setattr(model, act_name, nn.Identity())
-    detail = f"resfused.ConvBNAct (keys now {keys})"
-    maxpool = getattr(model, "maxpool", None)
-    if pool.replaceable(maxpool) and not _has_forward_hooks(maxpool):  # a swapped module loses its hooks
-        model.maxpool = pool.MaxPool3x3S2()
-        detail += "; maxpool -> resfused.pool.MaxPool3x3S2 (no indices)"
-    report.entries.append(FuseEntry(where, source, True, detail))
+    report.entries.append(FuseEntry(where, source, True, f"resfused.ConvBNAct (keys now {keys})"))
     return [id(m) for m in model.conv1.modules() if isinstance(m, blocks.ConvBNAct)]

@@ -1,8 +1,9 @@
-"""The four residual blocks of the seed notes, in plain PyTorch: the numerical truth.
+"""The four residual blocks, in plain PyTorch: the numerical truth (their definitions, in words:
+docs/design.md, "The blocks").
 
-Constructor arguments, defaults, attribute names and forward math follow the seed notes'
-reference code exactly, so a state_dict of these blocks is also the state_dict of the fused
-blocks in `resfused.blocks`.
+Every fused block derives from one of these and shares its constructor arguments, defaults and
+attribute names, so a state_dict of these blocks is also the state_dict of the fused blocks in
+`resfused.blocks`.
 
 State-dict mapping to torchvision (`torchvision.models.resnet`): `BasicBlock`, `Bottleneck`
 and `ResNeXtBottleneck` use the same keys as torchvision's `BasicBlock` / `Bottleneck`

@@ -1,4 +1,4 @@
-"""Differential testing against the float64 reference, with DESIGN.md §5 tolerances.
+"""Differential testing against the float64 reference, with the tolerances of docs/design.md, Numerics.
 
     float32 (and float64): max|ours - ref| <= 1e-4 * max|ref|     (TF32 off)
     float16 / bfloat16:    max|ours - ref| <= 2 * max|eager - ref| + eps * max|ref|
@@ -67,7 +67,7 @@ def tolerance(expected64: torch.Tensor, dtype: torch.dtype, eager: torch.Tensor 
 
 
 def assert_matches_reference(actual, expected64, dtype=None, eager=None, what: str = "") -> None:
-    """Assert DESIGN.md §5 for `actual` against the float64 `expected64`."""
+    """Assert the tolerances of docs/design.md, Numerics, for `actual` against the float64 `expected64`."""
     dtype = dtype or actual.dtype
     assert actual.shape == expected64.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected64.shape)}"
     limit = tolerance(expected64, dtype, eager)

@@ -65,7 +65,7 @@ def test_package_imports_without_extension_and_falls_back():
         "assert len(msgs) == 1, msgs\n"
         "x = torch.randn(2, 3, 4, 4); r = torch.randn(2, 3, 4, 4)\n"
         "with ops.trace_kernels() as ran: y = ops.add_relu(x, r)\n"
-        "assert ran == [('add_relu', 'reference')], ran\n"
+        "assert [c[:2] for c in ran] == [('add_relu', 'reference')], ran\n"
         "assert torch.equal(y, torch.relu(x + r))\n"
         "ok, why = resfused.backend.availability('cpu'); assert not ok and 'not loaded' in why, why\n"
         "print('ok')\n"

@@ -1,6 +1,6 @@
 """Smoke test of the benchmark entry (`python -m benchmarks --quick`) and of its helpers.
 
-Nothing here judges speed (DESIGN.md §6: targets live in the benchmark); it checks that the run
+Nothing here judges speed (docs/design.md: speed targets live in the benchmark); it checks that the run
 produces the expected rows, positive times, speedups computed as baseline / fused, and FLOP counts
 that match the conv formula.
 """
@@ -29,19 +29,17 @@ pytest.importorskip("matplotlib")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     threads = torch.get_num_threads()
-    t0 = time.perf_counter()
     # One thread: with two, every parallel region of these tiny shapes waits on an OpenMP barrier,
     # which on a loaded shared machine costs a scheduler slice each time (seconds in all).
     rc = main(["--quick", "--device", "cpu", "--threads", "1", "--out", str(out), "--no-progress", "--skip-grouped"])
-    elapsed = time.perf_counter() - t0
     torch.set_num_threads(threads)  # the benchmark fixes the thread count process-wide
     with open(out / "results.json") as f:
         doc = json.load(f)
-    return rc, doc, out, elapsed
+    return rc, doc, out
 
 
 def test_quick_run_rows(quick_run):
-    rc, doc, out, _ = quick_run
+    rc, doc, out = quick_run
     assert rc == 0
     assert doc["meta"]["threads"] == 1
     peak = doc["meta"]["peaks"]["fp32"]
@@ -72,7 +70,7 @@ def test_quick_run_rows(quick_run):
 
 
 def test_quick_run_times_and_speedups(quick_run):
-    _, doc, _, _ = quick_run
+    _, doc, _ = quick_run
     for r in doc["results"]:
         for variant, t in r["times"].items():
             assert t["median_s"] > 0 and t["rounds"] >= 3 and t["number"] >= 1, (r["label"], variant)
@@ -81,10 +79,6 @@ def test_quick_run_times_and_speedups(quick_run):
             expect = r["times"][baseline]["median_s"] / fused
             assert math.isclose(r["speedup"][baseline], expect, rel_tol=1e-12), (r["label"], baseline)
             assert math.isclose(r["gflops"]["fused"], r["flops"] / fused / 1e9, rel_tol=1e-12)
-
-
-def test_quick_run_is_fast(quick_run):
-    assert quick_run[3] < 30, f"--quick took {quick_run[3]:.1f} s"
 
 
 def test_speedup_is_baseline_over_fused():

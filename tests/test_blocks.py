@@ -8,20 +8,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 
 import resfused
+from cases import BLOCK_CASES, ONE_PER_TYPE, parametrize_cases
 from harness import assert_matches_reference, compare_modules, randomize_bn
 from resfused import reference as R
 from strategies import block_configs
 
-CASES = [
-    ("BasicBlock", (16, 16, 1)),
-    ("BasicBlock", (16, 32, 2)),
-    ("PreActBasicBlock", (16, 16, 1)),
-    ("PreActBasicBlock", (16, 32, 2)),
-    ("Bottleneck", (64, 16, 1)),
-    ("Bottleneck", (32, 16, 2)),
-    ("ResNeXtBottleneck", (64, 32, 1, 8, 8)),
-    ("ResNeXtBottleneck", (64, 64, 2, 32, 4)),
-]
 
 
 def _pair(name, args):
@@ -33,7 +24,7 @@ def _pair(name, args):
 
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("name, args", CASES)
+@parametrize_cases()
 def test_fused_matches_reference(name, args, dtype, channels_last):
     fused, ref = _pair(name, args)
     fused.to(dtype)
@@ -42,7 +33,7 @@ def test_fused_matches_reference(name, args, dtype, channels_last):
         x = x.contiguous(memory_format=torch.channels_last)
     with resfused.ops.trace_kernels() as ran:
         compare_modules(fused, ref, x, f"{name}{args} {dtype}")
-    kernels = {k for op, k in ran if op == "conv"}
+    kernels = {c.kernel for c in ran if c.op == "conv"}
     assert kernels and "reference" not in kernels, f"the fused path did not run: {ran}"
 
 
@@ -55,9 +46,9 @@ def test_fused_matches_reference_on_drawn_configs(cfg):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
-@pytest.mark.parametrize("name, args", CASES)
+@parametrize_cases()
 def test_non_finite_input_gives_the_reference_result(name, args, value, dtype):
-    """oneDNN's ReLU maps NaN to 0 (ops/finite.py): a corrupted input must not come out as
+    """oneDNN's ReLU maps NaN to 0 (runtime/finite.py): a corrupted input must not come out as
     plausible numbers. Image 1 holds the bad value; image 0 must be unaffected."""
     fused, ref = _pair(name, args)
     fused.to(dtype)
@@ -69,13 +60,13 @@ def test_non_finite_input_gives_the_reference_result(name, args, value, dtype):
         assert y[1].isnan().any()
 
 
-@pytest.mark.parametrize("name, args", CASES[:2] + CASES[4:5])
+@parametrize_cases(BLOCK_CASES[:2] + BLOCK_CASES[4:5])
 def test_reference_backend_gives_the_same_result(name, args):
     fused, ref = _pair(name, args)
     x = torch.randn(1, args[0], 8, 8)
     with resfused.use_backend("reference"), resfused.ops.trace_kernels() as ran:
         compare_modules(fused, ref, x)
-    assert {k for op, k in ran if op == "conv"} == {"reference"}
+    assert {c.kernel for c in ran if c.op == "conv"} == {"reference"}
 
 
 def test_from_reference_shares_parameters():
@@ -188,7 +179,7 @@ def _bns(module):
     return [m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
 
 
-@pytest.mark.parametrize("name, args", [CASES[1], CASES[3], CASES[5], CASES[7]])
+@parametrize_cases(ONE_PER_TYPE)
 def test_a_bn_left_in_train_mode_in_an_eval_block_uses_batch_statistics(name, args):
     """BN re-calibration / AdaBN: model.eval(), then some BNs back in train mode. Before, the
     eval block folded the running statistics (0.084 relative error, no running-stat update)."""
@@ -242,10 +233,12 @@ def test_autocast_does_not_reach_into_fused_blocks(grad):
     assert_matches_reference(y.detach().double(), expected, torch.float32, what="under autocast")
     if grad:
         y.sum().backward()
-        assert x.grad is not None and torch.isfinite(x.grad).all()
+        x64 = x.detach().double().requires_grad_(True)
+        copy.deepcopy(ref).double()(x64).sum().backward()
+        assert_matches_reference(x.grad, x64.grad, torch.float32, what="input gradient under autocast")
 
 
-@pytest.mark.parametrize("name, args", [CASES[1], CASES[2], CASES[5]])
+@parametrize_cases([BLOCK_CASES[1], BLOCK_CASES[2], BLOCK_CASES[5]])
 def test_an_empty_batch_in_train_mode_is_counted_like_the_reference(name, args):
     ref = getattr(R, name)(*args).train()
     fused = getattr(resfused, name).from_reference(copy.deepcopy(ref)).train()

@@ -9,15 +9,10 @@ import pytest
 import torch
 
 import resfused
+from cases import ONE_PER_TYPE, parametrize_cases
 from harness import assert_matches_reference, compare_modules, randomize_bn
 from resfused import reference as R
 
-BLOCKS = [
-    ("BasicBlock", (8, 16, 2)),
-    ("PreActBasicBlock", (8, 8, 1)),
-    ("Bottleneck", (16, 8, 2)),
-    ("ResNeXtBottleneck", (32, 32, 1, 8, 4)),
-]
 
 
 def _pair(name, args):
@@ -33,7 +28,7 @@ def _no_graph_breaks(fn, *args):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, args", BLOCKS)
+@parametrize_cases(ONE_PER_TYPE)
 def test_compiled_block_eval(name, args):
     fused, ref = _pair(name, args)
     fused.eval()
@@ -45,7 +40,7 @@ def test_compiled_block_eval(name, args):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, args", BLOCKS)
+@parametrize_cases(ONE_PER_TYPE)
 def test_compiled_block_train(name, args):
     fused, ref = _pair(name, args)
     twin = copy.deepcopy(fused)
@@ -102,10 +97,11 @@ def test_module_protocols():
         compare_modules(copy.deepcopy(fused), ref, x, "deepcopy")
         buffer = io.BytesIO()
         torch.save(fused.state_dict(), buffer)
-        state = pickle.loads(pickle.dumps(fused.state_dict()))
-        clone = resfused.Bottleneck(16, 4).eval()
-        clone.load_state_dict(state)
-        compare_modules(clone, ref, x, "state_dict round trip")
+        buffer.seek(0)
+        for how, state in (("torch.save", torch.load(buffer)), ("pickle", pickle.loads(pickle.dumps(fused.state_dict())))):
+            clone = resfused.Bottleneck(16, 4).eval()
+            clone.load_state_dict(state)
+            compare_modules(clone, ref, x, f"state_dict round trip through {how}")
         bf16 = copy.deepcopy(fused).to(torch.bfloat16)
         compare_modules(bf16, ref, x.bfloat16(), ".to(bfloat16)")
         cl = copy.deepcopy(fused).to(memory_format=torch.channels_last)

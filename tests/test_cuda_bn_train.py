@@ -6,7 +6,7 @@ allocation, launch configuration) are compiled under the emulation header into t
 module torch.ops.resfused_emu (built by the `emu` fixture of test_cuda_emulation.py), whose
 launcher walks the grid and bounds-checks every access. Forward: batch statistics (two-pass,
 shifted sums), then the scale_shift_act tail; backward: the two per-channel sums, the
-per-channel coefficients and grad_x. Tolerances: DESIGN.md §5 via tests/harness.py.
+per-channel coefficients and grad_x. Tolerances: docs/design.md, Numerics, via tests/harness.py.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def _inputs(shape, layout, dtype, seed=0):
     return x, w, b, g
 
 
-def _check(emu, x, w, b, g, relu, what):
+def _check(emu, x, w, b, g, relu, what):  # noqa: F811  (the fixture, passed on)
     dtype = x.dtype
     y, mean, var = emu.bn_train_act(x, w, b, EPS, relu)
     layout = CL if x.dim() == 4 and x.is_contiguous(memory_format=CL) and not x.is_contiguous() else torch.contiguous_format

@@ -1,4 +1,4 @@
-"""The CUDA kernels compile with nvcc for sm_80 and sm_90 with no register spills (DESIGN.md §4).
+"""The CUDA kernels compile with nvcc for sm_80 and sm_90 with no register spills (docs/design.md, Checking GPU code without a GPU).
 
 All device code lives in the torch-free translation units csrc/cuda/*_kernels.cu (the bindings
 csrc/cuda/<op>.cu are host code only), so each compiles in seconds here, with the flags of

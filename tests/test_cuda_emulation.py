@@ -3,7 +3,7 @@
 csrc/emulation/emulated_ops.cpp compiles the same kernel source and the same host code (checks,
 layout, launch configuration: csrc/cuda/*_host.h) under csrc/emulation/cuda_emulation.h, whose
 launcher walks the grid, honours the barrier between kernel phases, poisons shared memory with
-NaN and bounds-/alignment-checks every global and shared access (DESIGN.md §4). It is a
+NaN and bounds-/alignment-checks every global and shared access (docs/design.md). It is a
 test-only extension built here with torch.utils.cpp_extension.load (~1 minute the first time,
 cached in the build directory afterwards).
 """

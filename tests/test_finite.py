@@ -1,4 +1,4 @@
-"""NaN and Inf on the CPU fast path (resfused/ops/finite.py): oneDNN's ReLU post-op maps NaN to
+"""NaN and Inf on the CPU fast path (resfused/runtime/finite.py): oneDNN's ReLU post-op maps NaN to
 0, so a ReLU call whose input is not known to be finite must not reach it."""
 
 import pytest
@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from harness import assert_matches_reference
 from resfused import _native
-from resfused.ops import ConvParams, conv_bias_act, finite, trace_kernels
+from resfused.ops import ConvParams, conv_bias_act, trace_kernels
+from resfused.runtime import finite
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
@@ -39,12 +40,23 @@ def test_huge_finite_values_are_finite():
     assert finite.is_finite(torch.full((4, 3, 2, 2), 3e38))
 
 
-def test_vouched_skips_the_check_and_is_scoped():
-    x = torch.tensor([float("nan")])
-    assert not finite.known_finite(x)
-    with finite.vouched():
-        assert finite.known_finite(x)
-    assert not finite.known_finite(x)
+def test_all_finite_reads_every_tensor():
+    clean, bad = torch.zeros(3), torch.tensor([0.0, float("nan")])
+    assert finite.all_finite(clean, None)
+    assert not finite.all_finite(clean, bad)
+    assert not finite.all_finite(bad, None)
+
+
+def test_a_promise_of_finite_inputs_travels_with_the_call():
+    # A block that checked its input passes inputs_finite=True: the oneDNN ReLU is then chosen
+    # without a second check (here the promise is broken on purpose, to show it is not re-checked).
+    x = torch.randn(2, 16, 6, 6).contiguous(memory_format=torch.channels_last)
+    x[0, 0, 0, 0] = float("nan")
+    with torch.no_grad(), trace_kernels() as ran:
+        conv_bias_act(x, _conv(1), relu=True, inputs_finite=True)
+        conv_bias_act(x, _conv(1), relu=True)
+    assert [c.kernel for c in ran] == ["onednn", "library+tail"], ran
+    assert ran[1].skipped[-1] == ("onednn", "its ReLU maps NaN to 0, and the input is not known to be finite")
 
 
 def _conv(k):
@@ -61,7 +73,7 @@ def test_relu_conv_on_nan_input_keeps_nan(with_residual):
     (residual if with_residual else x)[1, 4, 2, 3] = float("nan")
     with torch.no_grad(), trace_kernels() as ran:
         y = conv_bias_act(x, p, residual=residual, relu=True)
-    assert ran[0] == ("conv", "library+tail")  # (then the add_relu tail, with a residual)
+    assert ran[0][:2] == ("conv", "library+tail")  # (then the add_relu tail, with a residual)
     ref = F.conv2d(x.double(), p.weight.double(), p.bias.double())
     if residual is not None:
         ref = ref + residual.double()
@@ -73,4 +85,4 @@ def test_finite_relu_conv_takes_onednn():
     x = torch.randn(2, 16, 6, 6).contiguous(memory_format=torch.channels_last)
     with torch.no_grad(), trace_kernels() as ran:
         conv_bias_act(x, _conv(1), relu=True)
-    assert ran == [("conv", "onednn")]
+    assert [c[:2] for c in ran] == [("conv", "onednn")]

@@ -1,4 +1,4 @@
-"""Packed oneDNN weights per input shape (resfused/ops/packing.py) and the kernels that use them."""
+"""Packed oneDNN weights per input shape (resfused/runtime/packing.py) and the kernels that use them."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from harness import assert_matches_reference
-from resfused.ops import packing, winograd
-from resfused.ops.conv import ConvParams
-from resfused.ops.conv_onednn import SUPPORTED_DTYPES, OneDNNConv
+from resfused.kernels import winograd_f43
+from resfused.runtime import packing
+from resfused.kernels.base import ConvParams
+from resfused.kernels.conv_onednn import SUPPORTED_DTYPES, OneDNNConv
 
 
 def test_packs_once_per_shape_and_keeps_the_most_recently_used():
@@ -52,7 +53,7 @@ needs_onednn = pytest.mark.skipif(torch.float32 not in SUPPORTED_DTYPES, reason=
 
 @needs_onednn
 def test_onednn_conv_packs_per_batch_size_and_stays_correct():
-    # The 1x1 shape whose oneDNN layout differs between batch 1 and batch 8 (see ops/packing.py).
+    # The 1x1 shape whose oneDNN layout differs between batch 1 and batch 8 (see runtime/packing.py).
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(1024, 256, 1, 1, generator=g) / 16, torch.randn(1024, generator=g)
     p, conv = ConvParams(w, b, (1, 1), (0, 0), (1, 1), 1), OneDNNConv()
@@ -63,18 +64,18 @@ def test_onednn_conv_packs_per_batch_size_and_stays_correct():
         assert_matches_reference(y, (F.conv2d(x.double(), w.double(), b.double()) + r.double()).relu(), torch.float32,
                                  what=f"1x1 conv + add + ReLU at batch {n}")
     # Batch 1 and larger batches have copies of their own; 3 and 8 share one.
-    assert p.packed[conv.name].shapes() == [(1, 256, 14, 14), (2, 256, 14, 14)]
+    assert p.kernel_state[conv.name].shapes() == [(1, 256, 14, 14), (2, 256, 14, 14)]
 
 
 @needs_onednn
 def test_winograd_conv_packs_per_power_of_two_images_per_pass(monkeypatch):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(8, 8, 3, 3, generator=g)
-    u = winograd.TransformedWeight(w)
-    monkeypatch.setattr(winograd, "_PASS_BYTES", 4 * 36 * 4 * 8 * 4)  # 4 images of 4 tiles per pass
+    u = winograd_f43.TransformedWeight(w)
+    monkeypatch.setattr(winograd_f43, "_PASS_BYTES", 4 * 36 * 4 * 8 * 4)  # 4 images of 4 tiles per pass
     for n in (1, 3, 2, 6, 4):
         x = torch.randn(n, 8, 8, 8, generator=g)
-        assert_matches_reference(winograd.conv3x3(x, u), F.conv2d(x.double(), w.double(), padding=1), torch.float32,
+        assert_matches_reference(winograd_f43.conv3x3(x, u), F.conv2d(x.double(), w.double(), padding=1), torch.float32,
                                  what=f"conv3x3 at batch {n}")
     # batch 1 -> 1 image per pass, 3 and 2 -> 2, 6 and 4 -> 4 (the ragged last passes included).
     assert u.packed.shapes() == [(1, 288, 1, 4), (1, 288, 1, 8), (1, 288, 1, 16)]
@@ -84,9 +85,9 @@ def test_winograd_conv_packs_per_power_of_two_images_per_pass(monkeypatch):
 def test_winograd_gemm_packs_per_pass_height():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(16, 8, 3, 3, generator=g, dtype=torch.float64)
-    u = winograd.TransformedWeight(w.float())
+    u = winograd_f43.TransformedWeight(w.float())
     for t in (5, 12, 5):
         v = torch.randn(t, 36, 8, generator=g, dtype=torch.float64)
-        expected = torch.einsum("tec,eoc->teo", v, winograd.transform_weight(w).view(36, 16, 8))
+        expected = torch.einsum("tec,eoc->teo", v, winograd_f43.transform_weight(w).view(36, 16, 8))
         assert_matches_reference(u.gemm(v.float()), expected, torch.float32, what=f"GEMM at T = {t}")
     assert u.packed.shapes() == [(1, 288, 1, 12), (1, 288, 1, 5)]

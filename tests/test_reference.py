@@ -4,25 +4,17 @@ import pytest
 import torch
 import torchvision.models.resnet as tv
 
+from cases import BLOCK_CASES, parametrize_cases
 from harness import assert_matches_reference, randomize_bn
 from resfused import reference as R
 
-CASES = [  # (block, args, input channels, expected output channels)
-    (R.BasicBlock, (64, 64, 1), 64, 64),
-    (R.BasicBlock, (64, 128, 2), 64, 128),
-    (R.PreActBasicBlock, (64, 64, 1), 64, 64),
-    (R.PreActBasicBlock, (64, 128, 2), 64, 128),
-    (R.Bottleneck, (64, 64, 1), 64, 256),
-    (R.Bottleneck, (256, 128, 2), 256, 512),
-    (R.ResNeXtBottleneck, (64, 64, 1, 32, 4), 64, 256),
-    (R.ResNeXtBottleneck, (256, 128, 2, 32, 4), 256, 512),
-]
 
 
-@pytest.mark.parametrize("block, args, cin, cout", CASES)
-def test_shapes_identity_and_projection(block, args, cin, cout):
-    m = block(*args).eval()
-    stride = args[2]
+@parametrize_cases(BLOCK_CASES)
+def test_shapes_identity_and_projection(name, args):
+    m = getattr(R, name)(*args).eval()
+    cin, stride = args[0], args[2]
+    cout = args[1] * (4 if "Bottleneck" in name else 1)
     y = m(torch.randn(2, cin, 16, 16))
     assert y.shape == (2, cout, 16 // stride, 16 // stride)
     # A projection exists exactly when the resolution or the channel count changes.

@@ -44,7 +44,7 @@ def test_add_relu(dtype, shape, layout):
     r = _layout(torch.randn(shape).to(dtype), layout)
     with ops.trace_kernels() as ran:
         y = ops.add_relu(x, r)
-    assert ran == [("add_relu", "native-cpu")]
+    assert [c[:2] for c in ran] == [("add_relu", "native")]
     assert y.dtype == dtype and y.shape == x.shape
     eager = torch.relu(x + r) if dtype in (torch.float16, torch.bfloat16) else None
     assert_matches_reference(y, torch.relu(x.double() + r.double()), dtype, eager, "add_relu")
@@ -131,7 +131,7 @@ def test_reference_backend_runs_pure_pytorch():
     x, r = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     with resfused.use_backend("reference"), ops.trace_kernels() as ran:
         y = ops.add_relu(x, r)
-    assert ran == [("add_relu", "reference")]
+    assert [c[:2] for c in ran] == [("add_relu", "reference")]
     assert torch.equal(y, torch.relu(x + r))
 
 

@@ -1,4 +1,4 @@
-"""Winograd F(4x4, 3x3) on the CPU (csrc/cpu/winograd_f43.cpp, resfused/ops/winograd.py) against
+"""Winograd F(4x4, 3x3) on the CPU (csrc/cpu/winograd_f43.cpp, resfused/kernels/winograd_f43.py) against
 the float64 direct conv: the ops, the inference adapter's selection, the training autograd
 function (every gradient, gradcheck), non-finite inputs, opcheck and argument errors. float32
 runs the AVX-512 instance of the tile code where the machine has it; a subprocess with
@@ -19,9 +19,10 @@ import resfused
 from harness import assert_matches_reference, randomize_bn
 from resfused import _native
 from resfused import reference as R
-from resfused.ops import conv_bias_act, conv_train, trace_kernels, winograd
-from resfused.ops.conv import ConvParams
-from resfused.ops.conv_winograd import WinogradConv
+from resfused.kernels import winograd_f43
+from resfused.ops import conv2d_train, conv_bias_act, trace_kernels
+from resfused.kernels.base import ConvParams
+from resfused.kernels.conv_winograd import WinogradConv
 
 pytestmark = pytest.mark.skipif(
     not _native.has_kernel("winograd_f43_input", "cpu"), reason="resfused._C has no CPU Winograd kernels"
@@ -49,7 +50,7 @@ def test_conv3x3_matches_float64_direct_conv(shape, epilogue):
     bias = b if "bias" in epilogue else None
     residual = r if "residual" in epilogue else None
     relu = "relu" in epilogue
-    y = winograd.conv3x3(x, winograd.TransformedWeight(wt, torch.float64), bias, residual, relu)
+    y = winograd_f43.conv3x3(x, winograd_f43.TransformedWeight(wt, torch.float64), bias, residual, relu)
     ref = F.conv2d(x.double(), wt.double(), None if bias is None else bias.double(), padding=1)
     if residual is not None:
         ref = ref + residual.double()
@@ -61,12 +62,12 @@ def test_conv3x3_matches_float64_direct_conv(shape, epilogue):
 
 def test_passes_of_a_few_images_match_one_pass(monkeypatch):
     x, wt, b, r = _data(5, 8, 8, 12, 12)
-    u = winograd.TransformedWeight(wt)
-    whole = winograd.conv3x3(x, u, b, r, True)
+    u = winograd_f43.TransformedWeight(wt)
+    whole = winograd_f43.conv3x3(x, u, b, r, True)
     per_image = 36 * 3 * 3 * 8 * 4
-    monkeypatch.setattr(winograd, "_PASS_BYTES", 2 * per_image)  # passes of 2, 2, 1 images
-    assert winograd.images_per_pass(x) == 2
-    assert torch.equal(winograd.conv3x3(x, u, b, r, True), whole)
+    monkeypatch.setattr(winograd_f43, "_PASS_BYTES", 2 * per_image)  # passes of 2, 2, 1 images
+    assert winograd_f43.images_per_pass(x) == 2
+    assert torch.equal(winograd_f43.conv3x3(x, u, b, r, True), whole)
 
 
 def test_weight_transform_round_trip_is_the_adjoint():
@@ -74,8 +75,8 @@ def test_weight_transform_round_trip_is_the_adjoint():
     g = torch.Generator().manual_seed(1)
     w = torch.randn(3, 4, 3, 3, generator=g, dtype=torch.float64)
     du = torch.randn(36, 3, 4, generator=g, dtype=torch.float64)
-    lhs = (winograd.transform_weight(w).view(36, 3, 4) * du).sum()
-    rhs = (w * winograd.weight_grad(du)).sum()
+    lhs = (winograd_f43.transform_weight(w).view(36, 3, 4) * du).sum()
+    rhs = (w * winograd_f43.weight_grad(du)).sum()
     assert torch.allclose(lhs, rhs, rtol=1e-12, atol=0)
 
 
@@ -86,7 +87,7 @@ def test_training_gradients_match_float64(shape, bias):
     g = torch.randn(shape[0], shape[2], shape[3], shape[4], dtype=torch.float64).float()
     xs, ws = x.clone().requires_grad_(), wt.clone().requires_grad_()
     bs = b.clone().requires_grad_() if bias else None
-    y = winograd.conv3x3_train(xs, ws, bs)
+    y = winograd_f43.conv3x3_train(xs, ws, bs)
     y.backward(g)
     x64, w64 = x.double().requires_grad_(), wt.double().requires_grad_()
     b64 = b.double().requires_grad_() if bias else None
@@ -102,18 +103,18 @@ def test_training_gradients_match_float64(shape, bias):
 def test_gradcheck_float64():
     x, wt, b, _ = _data(1, 2, 3, 5, 6, torch.float64)
     args = (x.requires_grad_(), wt.requires_grad_(), b.requires_grad_())
-    assert torch.autograd.gradcheck(lambda *a: winograd.conv3x3_train(*a), args)
+    assert torch.autograd.gradcheck(lambda *a: winograd_f43.conv3x3_train(*a), args)
 
 
 def test_inputs_without_grad_get_no_gradient_and_no_saved_transform():
     x, wt, _, _ = _data(1, 4, 4, 8, 8)
     w = wt.clone().requires_grad_()
-    y = winograd.conv3x3_train(x, w)
+    y = winograd_f43.conv3x3_train(x, w)
     y.sum().backward()
     assert x.grad is None and w.grad is not None
     w.requires_grad_(False)
     xs = x.clone().requires_grad_()
-    y = winograd.conv3x3_train(xs, w)
+    y = winograd_f43.conv3x3_train(xs, w)
     assert y.grad_fn.saved_tensors[0] is None  # no transformed input kept without a weight gradient
     y.sum().backward()
     assert xs.grad is not None
@@ -128,14 +129,14 @@ def test_float32_runs_the_widest_instance_of_the_tile_code():
 # tiles and partial vectors, and the finiteness probe at every pixel.
 _BASELINE_CHECK = r"""
 import torch, torch.nn.functional as F
-from resfused.ops import winograd
+from resfused.kernels import winograd_f43
 assert torch.ops.resfused.winograd_f43_cpu_path() == "baseline", torch.ops.resfused.winograd_f43_cpu_path()
 g = torch.Generator().manual_seed(0)
 for n, ci, co, h, w in [(2, 5, 7, 9, 13), (1, 24, 40, 6, 11), (2, 64, 64, 14, 14)]:
     x = torch.randn(n, ci, h, w, generator=g)
     wt = torch.randn(co, ci, 3, 3, generator=g) / (3 * ci ** 0.5)
     b, r = torch.randn(co, generator=g), torch.randn(n, co, h, w, generator=g)
-    y = winograd.conv3x3(x, winograd.TransformedWeight(wt, torch.float64), b, r, True).double()
+    y = winograd_f43.conv3x3(x, winograd_f43.TransformedWeight(wt, torch.float64), b, r, True).double()
     ref = (F.conv2d(x.double(), wt.double(), b.double(), padding=1) + r.double()).relu()
     err = (y - ref).abs().max().item()
     assert err <= 1e-4 * ref.abs().max().item(), (n, ci, co, h, w, err)
@@ -178,18 +179,19 @@ def test_non_finite_input_is_reported_and_left_to_the_direct_conv():
     x[0, 3, 5, 6] = float("nan")
     _, finite = torch.ops.resfused.winograd_f43_input(x)
     assert not finite.item()
-    assert winograd.conv3x3(x, winograd.TransformedWeight(wt), b) is None
+    assert winograd_f43.conv3x3(x, winograd_f43.TransformedWeight(wt), b) is None
     x[0, 3, 5, 6] = float("inf")
-    assert winograd.transform_input(x) is None
-    # The adapter hands the call to the ATen conv and the fused tail: the reference's NaN / Inf
-    # pattern, exactly, ReLU included, and the trace names the kernel that ran.
+    assert winograd_f43.transform_input(x) is None
+    # The adapter hands the call to the reference conv: the reference's NaN / Inf pattern, exactly,
+    # ReLU included, and the trace names the kernel that ran and why Winograd did not finish.
     x, wt, b, _ = _data(1, 8, 8, 16, 16)  # 16x16: large enough for the adapter to take it
     p = ConvParams(wt, b, (1, 1), (1, 1), (1, 1), 1)
     assert WinogradConv().supports(x, p, None, False)
     x[0, 3, 5, 6] = float("nan")
     with trace_kernels() as ran:
         y = conv_bias_act(x, p, relu=True)
-    assert ran == [("conv", "library+tail")]
+    assert [c[:2] for c in ran] == [("conv", "reference")]
+    assert ("winograd_f43", "the input holds NaN or Inf (found by the input transform)") in ran[0].skipped
     ref = torch.relu(F.conv2d(x.double(), wt.double(), b.double(), padding=1))
     assert_matches_reference(y, ref, torch.float32, what="NaN input")
 
@@ -220,7 +222,7 @@ def test_fused_basic_block_eval_runs_winograd_and_matches():
     x = torch.randn(2, 64, 14, 14)
     with torch.no_grad(), resfused.ops.trace_kernels() as ran:
         y = fused(x)
-    assert ran.count(("conv", "winograd_f43")) == 2, ran
+    assert [c[:2] for c in ran].count(("conv", "winograd_f43")) == 2, ran
     assert_matches_reference(y, copy.deepcopy(ref).double()(x.double()), torch.float32, what="BasicBlock eval")
 
 
@@ -238,7 +240,7 @@ def test_fused_basic_block_train_step_through_winograd_matches():
 
     with resfused.ops.trace_kernels() as ran:
         y, grads, buffers = step(fused, x, g)
-    assert ran.count(("conv", "winograd_f43(train)")) == 2, ran
+    assert [c[:2] for c in ran].count(("conv_train", "winograd_f43")) == 2, ran
     y64, grads64, buffers64 = step(copy.deepcopy(ref).double().train(), x.double(), g.double())
     assert_matches_reference(y, y64, what="output")
     for key, expected in grads64.items():
@@ -253,15 +255,15 @@ def test_training_conv_with_non_finite_input_keeps_the_reference_nan_pattern():
     x = torch.randn(1, 32, 28, 28)
     x[0, 0, 10, 10] = float("nan")
     with resfused.ops.trace_kernels() as ran:
-        y = conv_train.conv2d(x, conv)
-    assert ("conv", "winograd_f43(train)") not in ran
+        y = conv2d_train(x, conv)
+    assert ("conv_train", "winograd_f43") not in [c[:2] for c in ran]
     assert torch.equal(y.isnan(), conv(x).isnan())
 
 
 def test_opcheck():
     x, wt, b, r = _data(2, 5, 7, 9, 6)
     v, _ = torch.ops.resfused.winograd_f43_input(x)
-    m = winograd.TransformedWeight(wt).gemm(v)
+    m = winograd_f43.TransformedWeight(wt).gemm(v)
     torch.library.opcheck(torch.ops.resfused.winograd_f43_input, (x,))
     torch.library.opcheck(torch.ops.resfused.winograd_f43_grad_output, (r,))
     torch.library.opcheck(torch.ops.resfused.winograd_f43_output, (m, 2, 9, 6, b, r, True))

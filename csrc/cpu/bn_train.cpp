@@ -1,4 +1,4 @@
-// CPU kernels of training-mode BatchNorm(+ReLU) (schemas in ../bn_train.cpp).
+// CPU kernels of training-mode BatchNorm(+ReLU) (schemas in ../schemas/bn_train_schema.cpp).
 //
 // Forward, two passes over x:
 //   1. per-channel sums of d = x - K[c] and d^2, K[c] = the channel's first value (shifted data:

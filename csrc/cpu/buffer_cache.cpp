@@ -1,12 +1,12 @@
 // A cache of large CPU activation buffers, active only inside the forward of a fused module.
 //
 // Why: a fresh 25 MB activation from glibc comes from mmap (or from heap memory that was trimmed
-// back to the OS), so the first write to each 4 KiB page faults and the kernel zeroes it. A fused
-// ResNet-50 forward at batch 8 took ~11,500 page faults (45 MB of fresh pages) and ran at
-// ~400 ms where the same process with THP_MEM_ALLOC_ENABLE=1 (593 faults) ran at ~358 ms;
-// torch.compile's graph reuses its buffers and takes none. ATen's conv ops allocate their own
+// back to the OS), so the first write to each 4 KiB page faults and the kernel zeroes it: a fused
+// ResNet-50 forward at batch 8 took ~11,500 page faults (45 MB of fresh pages), where
+// torch.compile's graph reuses its buffers and takes none (measured, with and without the cache
+// and against THP: docs/measurements.md, CPU buffer cache). ATen's conv ops allocate their own
 // outputs, so the buffers are reused at the allocator: while a thread is inside a scope
-// (buffer_cache_scope(true) ... (false), entered by resfused.ops.buffer_cache), allocations of at
+// (buffer_cache_scope(true) ... (false), entered by resfused.runtime.buffer_cache), allocations of at
 // least kMinBytes are served from blocks of exactly that size that earlier scoped tensors freed.
 //
 // Scope: the CPU allocator is wrapped once, on the first scope entry (c10::SetCPUAllocator).
@@ -170,8 +170,9 @@ void buffer_cache_clear() {
 }  // namespace
 }  // namespace resfused::cpu
 
-TORCH_LIBRARY_FRAGMENT(resfused, m) {
-  m.def("buffer_cache_scope(bool enter) -> int", &resfused::cpu::buffer_cache_scope);
-  m.def("buffer_cache_stats() -> int[]", &resfused::cpu::buffer_cache_stats);
-  m.def("buffer_cache_clear() -> ()", &resfused::cpu::buffer_cache_clear);
+// No tensor arguments: catch-all kernels (the dispatcher has no device to pick by).
+TORCH_LIBRARY_IMPL(resfused, CatchAll, m) {
+  m.impl("buffer_cache_scope", &resfused::cpu::buffer_cache_scope);
+  m.impl("buffer_cache_stats", &resfused::cpu::buffer_cache_stats);
+  m.impl("buffer_cache_clear", &resfused::cpu::buffer_cache_clear);
 }

@@ -1,9 +1,10 @@
-// CPU kernel of resfused::grouped_conv3x3 (schema in ../grouped_conv.cpp): a direct NHWC grouped
+// CPU kernel of resfused::grouped_conv3x3 (schema in ../schemas/grouped_conv3x3_schema.cpp): a direct NHWC grouped
 // 3x3 convolution, padding 1, stride 1 or 2, bias + ReLU in the epilogue, fp32 or bf16 in and out
 // with fp32 accumulation.
 //
 // Why direct: with 4 or 8 channels per group a GEMM formulation wastes most of a 16-wide tile, so
-// oneDNN reaches ~24 GFLOP/s on ResNeXt's first stage where a dense conv reaches ~200. Here one
+// oneDNN reaches ~24 GFLOP/s on ResNeXt's first stage where a dense conv reaches ~200 (where this
+// kernel wins: docs/measurements.md, Grouped 3x3 (CPU); resfused/kernels/conv_grouped.py). Here one
 // vector of V lanes (V = 16 fp32 for AVX-512, 8 for AVX2) holds V contiguous NHWC channels, i.e.
 // V/G whole groups of G channels, and every lane accumulates one output channel.
 //
@@ -288,8 +289,8 @@ at::Tensor grouped_conv3x3(const at::Tensor& x_in, const at::Tensor& weight, con
   const int64_t in_rows = std::max<int64_t>(3, (384 << 10) / std::max<int64_t>(row_bytes, 1));
   const int64_t rows = std::min(Ho, (in_rows - 3) / stride + 1);
   // The output is written once and read by the next layer, not by this kernel: non-temporal stores
-  // skip the read-for-ownership of every output line (measured on 8x128x56x56, 4 channels/group,
-  // 2 threads: 4.9 -> 4.2 ms; a converted resnext50_32x4d at batch 8 was unchanged, 451 vs 448 ms).
+  // skip the read-for-ownership of every output line (measured on 8x128x56x56, 4 channels/group:
+  // 4.9 -> 4.2 ms; docs/measurements.md, Grouped 3x3 (CPU)).
   const bool stream = x.scalar_type() == at::kFloat && reinterpret_cast<uintptr_t>(y.data_ptr()) % 64 == 0;
   const Args args{x.const_data_ptr(), wp.data(), bp.data(), y.data_ptr(), H, W, C, Ho, Wo, rows,
                   static_cast<int>(stride), G, relu, x.scalar_type() == at::kBFloat16, stream};
@@ -320,12 +321,8 @@ std::string grouped_conv3x3_path(int64_t channels_per_group) {
 }  // namespace
 }  // namespace resfused::cpu
 
-TORCH_LIBRARY_FRAGMENT(resfused, m) {
-  // Introspection for the adapter and tests: the vector path grouped_conv3x3 takes for a
-  // channels-per-group count (given C_out == C_in, C a multiple of the vector width, stride <= 2,
-  // float32/bfloat16).
-  m.def("grouped_conv3x3_cpu_path(int channels_per_group) -> str", &resfused::cpu::grouped_conv3x3_path);
-}
+// No tensor argument: a catch-all kernel (the dispatcher has no device to pick by).
+TORCH_LIBRARY_IMPL(resfused, CatchAll, m) { m.impl("grouped_conv3x3_cpu_path", &resfused::cpu::grouped_conv3x3_path); }
 
 TORCH_LIBRARY_IMPL(resfused, CPU, m) {
   m.impl("grouped_conv3x3", &resfused::cpu::grouped_conv3x3);
@@ -341,7 +338,8 @@ TORCH_LIBRARY_IMPL(resfused, CPU, m) {
 // each rotation feeds the outputs p with kw = t - p*S in 0..2.
 // (Tried and dropped: "late rotation", G accumulators per pixel fed by the unrotated input and
 // rotated once in the epilogue, which removes the shuffles from the hot loop but limits the tile
-// to 24/G pixels; it measured 0-25% slower for G = 4, 8 and 16.)
+// to 24/G pixels; it measured up to 25% slower. Other variants tried: docs/measurements.md,
+// Grouped 3x3 (CPU).)
 template <int G, int S, int P, typename T>
 __attribute__((flatten)) void row_tile(const T* x, const float* w, const float* bias, T* y, const Args& a,
                                        int64_t oh, int64_t ow0) {

@@ -24,8 +24,5 @@ int64_t parallel_for_threads() {
 }  // namespace
 }  // namespace resfused::cpu
 
-TORCH_LIBRARY_FRAGMENT(resfused, m) {
-  // The number of distinct threads (highest thread index + 1) one at::parallel_for over 4096
-  // items ran on, with ATen's current thread setting.
-  m.def("parallel_for_threads() -> int", &resfused::cpu::parallel_for_threads);
-}
+// No tensor argument: a catch-all kernel (the dispatcher has no device to pick by).
+TORCH_LIBRARY_IMPL(resfused, CatchAll, m) { m.impl("parallel_for_threads", &resfused::cpu::parallel_for_threads); }

@@ -1,4 +1,4 @@
-// CPU kernels of the elementwise tails (schemas in ../tails.cpp): vectorized with at::vec,
+// CPU kernels of the elementwise tails (schemas in ../schemas/tails_schema.cpp): vectorized with at::vec,
 // parallel with at::parallel_for, arithmetic in float (double for float64 inputs).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

@@ -39,8 +39,9 @@ __attribute__((always_inline)) inline void apply(const Vec* in, int is, Vec* out
 
 // N vectors left uninitialized: Vectorized's default constructor zeroes, and zeroing the tile
 // arrays (every element of which is written before it is read) measured 11% of the input
-// transform. The vector types are trivially copyable, so the byte array provides storage for them
-// (C++20 implicit object creation).
+// transform (docs/measurements.md, Winograd F(4x4, 3x3), Kernel-level figures). The vector types
+// are trivially copyable, so the byte array provides storage for them (C++20 implicit object
+// creation).
 template <typename Vec, int N>
 struct Uninit {
   alignas(Vec) unsigned char bytes[N * sizeof(Vec)];
@@ -51,8 +52,8 @@ struct Uninit {
 // out = M in M^T (R x R) for a K x K input, streamed: row(i, v) writes input row i into v[0..K),
 // sink(r, c, value) takes output (r, c). A row and a column are the units of work, so each stays
 // in registers and only the K x R intermediate tmp = in M^T goes through memory. (Staging whole
-// tiles in arrays took 3x the loads and stores: the input transform of a 64-channel 56x56 image
-// ran 2.4x slower, the output transform 1.7x.)
+// tiles in arrays took 3x the loads and stores and ran the input transform 2.4x slower;
+// docs/measurements.md, Winograd F(4x4, 3x3), Kernel-level figures.)
 //     tmp[i][c] = sum_k M[c][k] in[i][k]        out[r][c] = sum_i M[r][i] tmp[i][c]
 template <auto M, int R, int K, typename Vec, class Row, class Sink>
 __attribute__((always_inline)) inline void transform2d(Row&& row, Sink&& sink) {

@@ -1,4 +1,4 @@
-// CUDA bindings of training-mode BatchNorm(+ReLU) (schemas in ../bn_train.cpp). Host code only:
+// CUDA bindings of training-mode BatchNorm(+ReLU) (schemas in ../schemas/bn_train_schema.cpp). Host code only:
 // kernels in bn_train_kernels.cu, checks and launches in bn_train_host.h (shared with the
 // emulated test build).
 #include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: that needs cusparse.h, absent from the toolkit

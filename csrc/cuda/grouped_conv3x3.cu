@@ -1,4 +1,4 @@
-// CUDA binding of resfused::grouped_conv3x3 (schema in ../grouped_conv.cpp). Host code only:
+// CUDA binding of resfused::grouped_conv3x3 (schema in ../schemas/grouped_conv3x3_schema.cpp). Host code only:
 // the kernels are compiled in grouped_conv3x3_kernels.cu, the checks and launch live in
 // grouped_conv3x3_host.h (shared with the emulated test build).
 #include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: that needs cusparse.h, absent from the toolkit

@@ -1,4 +1,4 @@
-// CUDA bindings of the elementwise tails (schemas in ../tails.cpp). Host code only: kernels in
+// CUDA bindings of the elementwise tails (schemas in ../schemas/tails_schema.cpp). Host code only: kernels in
 // tails_kernels.cu, checks and launches in tails_host.h (shared with the emulated test build).
 #include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: that needs cusparse.h, absent from the toolkit
 #include <c10/cuda/CUDAGuard.h>

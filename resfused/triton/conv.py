@@ -24,7 +24,7 @@ channel offsets and weight offsets stay int32 (the launcher checks their bounds)
 contiguous channels (stride 1: vector loads along K), y is dense channels_last.
 
 This file holds only the kernel, its autotune configs and a launcher over tensors; the op layer
-(resfused/ops/conv_triton.py) validates arguments and registers the torch.library op.
+(resfused/kernels/conv_triton.py) validates arguments and registers the torch.library op.
 """
 
 from __future__ import annotations

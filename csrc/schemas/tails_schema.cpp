@@ -1,5 +1,5 @@
 // Schemas of the elementwise tail ops. Kernels: cpu/tails.cpp, cuda/tails.cu. Fake kernels and
-// autograd: resfused/ops/tails.py.
+// autograd: resfused/kernels/tails.py.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(resfused, m) {

@@ -1,13 +1,12 @@
 """Weights packed into oneDNN's blocked layouts: one copy per input shape, the last few used kept.
 
 oneDNN picks a conv's blocked weight layout from the whole input shape, batch included, and a
-copy packed for one shape can run another far slower. Measured (2 threads, float32, 1x1 conv
-256 -> 1024 at 14x14 with bias and ReLU, ms): packed for batch 8 and run at batch 1, 7.95
-instead of 0.54; packed for batch 1 and run at batch 8, 12.7 instead of 3.8. Copies packed for
-batch 2, 3, 4, 8 or 16 ran every batch from 2 to 16 alike, and 1024 -> 256 at 14x14 and
-2048 -> 512 at 7x7 ran alike whatever the copy. So a conv keeps a copy for batch 1 and one for
-larger batches (`conv_layout_shape`); the Winograd GEMMs key theirs by height (ops/winograd.py).
-Four copies at most are kept per conv, the least recently used dropped first.
+copy packed for one shape can run another far slower (measured: a 1x1 conv 256 -> 1024 at
+14x14 packed for batch 8 ran batch 1 in 7.95 ms instead of 0.54), while copies packed for
+batch 2, 3, 4, 8 or 16 ran every batch from 2 to 16 alike. So a conv keeps a copy for batch 1 and
+one for larger batches (`conv_layout_shape`); the Winograd GEMMs key theirs by height
+(kernels/winograd_f43.py). Four copies at most are kept per conv, the least recently used
+dropped first. Measured: docs/measurements.md, oneDNN weight packing.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 // Schemas of the training-mode BatchNorm(+ReLU) ops. CPU kernels: cpu/bn_train.cpp. Fake
-// kernels, autograd and the running-statistics update: resfused/ops/batchnorm.py.
+// kernels and autograd: resfused/kernels/batchnorm_train.py; the running-statistics update:
+// resfused/ops/batchnorm.py.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(resfused, m) {

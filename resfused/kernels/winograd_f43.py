@@ -23,17 +23,17 @@ oneDNN's blocked layout: measured 1.2-1.7x the GFLOP/s of torch.bmm on the same 
 
 All three are exact in real arithmetic (Y is linear in U = G w G^T, so dL/dU = sum over tiles of
 V (.) Z, and dL/dw follows through G). The points 0, -1, 1, 1/2, -2 and infinity were chosen by
-measuring float32 error against a float64 direct conv: ~3e-6 of max|y| at 64..512 channels, about
-3x below the common 0, +-1, +-2 (DESIGN.md section 5 allows 1e-4). The matrices follow from the
-points by Toom-Cook interpolation; the C++ file holds B^T and A^T, this file G.
+measuring float32 error against a float64 direct conv: about 3x below the common 0, +-1, +-2
+(docs/design.md, Numerics, allows 1e-4). The matrices follow from the points by Toom-Cook
+interpolation; the C++ file holds B^T and A^T, this file G.
 
-Why not the larger F(6x6, 3x3) (1.78 multiplies per output and channel instead of 2.25):
-simulated in float32 with points 0, +-1, +-1/2, +-2 and infinity, its error against float64 was
-6.7e-6, 1.2e-5 and 2.5e-5 of max|y| at 64, 256 and 512 channels (F(4x4, 3x3) in the same
-simulation: 1.5e-6, 3.4e-6, 5.1e-6), a 4x margin to DESIGN.md's 1e-4 for one conv, before a
-model chains 16 of them. And ResNet's 56, 28, 14 and 7 pixel sides are multiples of 4 but not
-of 6: padded to whole 6x6 tiles, the GEMM work per real output falls only 9% at 56x56 and 28x28,
-not at all at 14x14, and rises at 7x7.
+Why not the larger F(6x6, 3x3) (1.78 multiplies per output and channel instead of 2.25): in a
+float32 simulation its error against float64 was 4-5x F(4x4, 3x3)'s, too little margin to the
+1e-4 tolerance for one conv before a model chains 16 of them. And ResNet's 56, 28, 14 and 7 pixel
+sides are multiples of 4 but not of 6: padded to whole 6x6 tiles, the GEMM work per real output
+falls little or not at all, and rises at 7x7.
+
+Measured (GEMM speed, error study, F(6x6, 3x3)): docs/measurements.md, Winograd F(4x4, 3x3).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from __future__ import annotations
 import torch
 
 from resfused import _native
-from resfused.ops import buffer_cache, packing
+from resfused.runtime import buffer_cache, packing
 
 # G's rows are the evaluations [1, p, p^2] of the filter polynomial at each point (the last row,
 # infinity, picks the leading coefficient), divided by the scale that made B^T's row integral.
@@ -70,15 +70,21 @@ def geometry_ok(weight_shape, stride, padding, dilation, groups) -> bool:
     )
 
 
+def unusable_reasons(x: torch.Tensor, weight_shape, stride, padding, dilation, groups):
+    """Why no Winograd path can take this conv (before each path's own measured size rule): it
+    needs a float32 CPU input, a conv geometry_ok accepts, and the compiled transforms."""
+    if x.device.type != "cpu":
+        yield f"a CPU kernel, got {x.device.type} tensors"
+    elif x.dtype != torch.float32:
+        yield f"float32 only, got {x.dtype} (lower precisions lose too much accuracy, see the module docstring)"
+    elif not geometry_ok(weight_shape, stride, padding, dilation, groups):
+        yield "not a 3x3, stride-1, padding-1 conv without groups or dilation"
+    elif not _native.has_kernel("winograd_f43_input", "cpu"):
+        yield "resfused._C has no Winograd transforms"
+
+
 def usable(x: torch.Tensor, weight_shape, stride, padding, dilation, groups) -> bool:
-    """What every Winograd path needs, before its own measured size rule: a float32 CPU input, a
-    conv geometry_ok accepts, and the compiled transforms."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and geometry_ok(weight_shape, stride, padding, dilation, groups)
-        and _native.has_kernel("winograd_f43_input", "cpu")
-    )
+    return next(unusable_reasons(x, weight_shape, stride, padding, dilation, groups), None) is None
 
 
 def tiles(n: int, h: int, w: int) -> int:
@@ -126,14 +132,13 @@ def _as_image(v: torch.Tensor) -> torch.Tensor:
 
 
 class TransformedWeight:
-    """U for one conv and its GEMMs, with U packed for oneDNN per GEMM height (ops/packing.py).
+    """U for one conv and its GEMMs, with U packed for oneDNN per GEMM height (runtime/packing.py).
 
     oneDNN's packed layout depends on the height T, and a copy packed for one T can run another
-    far slower (measured, ms per GEMM: 256 channels, T = 16 with a copy packed for T = 128 0.80
-    instead of 0.40, T = 128 with one packed for T = 16 3.96 instead of 3.47; 128 channels, T = 98
-    packed for T = 49 0.83 instead of 0.58). conv3x3 asks for a copy per power-of-two count of
-    images per pass, so a model served at varying batch sizes keeps at most log2(pass size) + 1
-    copies per conv (4 at 512 channels, 7x7) instead of repacking."""
+    far slower (measured: up to 2x per GEMM; docs/measurements.md, oneDNN weight packing).
+    conv3x3 asks for a copy per power-of-two count of images per pass, so a model served at
+    varying batch sizes keeps at most log2(pass size) + 1 copies per conv (4 at 512 channels,
+    7x7) instead of repacking."""
 
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype | None = None):
         # U itself is not kept, only its packed copies: U is derived again for each new copy
@@ -156,10 +161,8 @@ class TransformedWeight:
 
 
 # Images per pass of conv3x3: the transformed input of a pass, 36 * tiles * C_in floats, is kept
-# near this size so that it is still in cache when the GEMM and the output transform read it.
-# Measured at batch 8, 2 threads, interleaved in one process (ms per conv, two runs): 128 ch
-# @28x28 in passes of 1 image 3.8-4.1, 2 images (this size) 3.5-3.6, 4 images 7.4-7.8; 256 @14x14
-# 2 images 4.1-4.8, 4 (this size) 4.0-4.1, 8 3.9-4.2; 512 @7x7 4 images 5.4-5.6, 8 (this) 4.5-4.7.
+# near this size so that it is still in cache when the GEMM and the output transform read it
+# (measured by images per pass: docs/measurements.md, Winograd F(4x4, 3x3), Kernel-level figures).
 _PASS_BYTES = 2.5e6
 
 

@@ -2,15 +2,16 @@
 
 The folded bias, the residual add (a `binary` post-op) and the ReLU (a `unary` post-op) run in
 oneDNN's epilogue, before the single store; weights are reordered once into oneDNN's blocked
-layout (for the input shape) and cached in ConvParams.packed. Output is channels_last whatever the input layout.
+layout (for the input shape) and kept in ConvParams.kernel_state. Output is channels_last
+whatever the input layout.
 """
 
 from __future__ import annotations
 
 import torch
 
-from resfused.ops import packing
-from resfused.ops.conv import ConvParams
+from resfused.kernels.base import ConvParams, Kernel
+from resfused.runtime import packing
 
 
 def _supported_dtypes() -> frozenset[torch.dtype]:
@@ -28,23 +29,26 @@ def _supported_dtypes() -> frozenset[torch.dtype]:
 SUPPORTED_DTYPES = _supported_dtypes()
 
 
-class OneDNNConv:
+class OneDNNConv(Kernel):
     name = "onednn"
-    fuses_prologue = False
+    fuses_residual = True
     # Not traced by torch.compile: the binary post-op has no fake kernel, and Inductor (with
     # freezing) does this same oneDNN fusion itself on the traced ATen conv.
     traceable = False
     relu_keeps_nan = False  # oneDNN's ReLU post-op is max(x, 0) returning 0 for NaN
 
-    def supports(self, x, p: ConvParams, residual, prologue) -> bool:
-        return x.device.type == "cpu" and x.dtype in SUPPORTED_DTYPES
+    def unsupported_reasons(self, x, p: ConvParams, residual, prologue):
+        if x.device.type != "cpu":
+            yield f"a CPU kernel, got {x.device.type} tensors"
+        elif x.dtype not in SUPPORTED_DTYPES:
+            yield f"oneDNN on this CPU has no {x.dtype} conv"
 
     def _packed(self, p: ConvParams, x: torch.Tensor) -> torch.Tensor:
         # oneDNN picks the blocked weight layout for an input shape; without one (input_size=None)
         # it picks a layout that its 1x1 kernels then reorder on every call (measured: a 1x1
-        # 1024->512 conv at 14x14 took 15.2 ms instead of 1.06 ms at batch 1, 21.5 vs 8.1 ms at
-        # batch 8). It can depend on whether the batch is 1 too (ops/packing.py).
-        packed = p.derived(self.name, lambda: packing.onednn_conv_weight(p.weight, p.padding, p.stride, p.dilation, p.groups))
+        # 1024->512 conv at 14x14, batch 1, took 15.2 ms instead of 1.06; docs/measurements.md,
+        # oneDNN weight packing). It can depend on whether the batch is 1 too (runtime/packing.py).
+        packed = p.state_for(self.name, lambda: packing.onednn_conv_weight(p.weight, p.padding, p.stride, p.dilation, p.groups))
         return packed(packing.conv_layout_shape(tuple(x.shape)))
 
     def _args(self, x, p: ConvParams) -> tuple:
@@ -64,9 +68,9 @@ class OneDNNConv:
     def run_into_residual(self, x, p: ConvParams, residual, relu, prologue):
         """`run` with the output written over `residual` (which the caller no longer needs): the
         in-place op accumulates the conv into the destination (oneDNN's sum post-op) instead of
-        reading the residual as a second input of a binary post-op into a new tensor. Measured at
-        batch 8, 2 threads, fp32, 1x1 conv + add + ReLU: 64->256 @56x56 9.2 ms instead of 11.9,
-        128->512 @28x28 4.8 instead of 5.9, 256->1024 @14x14 4.5 instead of 5.1."""
+        reading the residual as a second input of a binary post-op into a new tensor (measured: a
+        64->256 @56x56 1x1 conv + add + ReLU at batch 8, 9.2 ms instead of 11.9;
+        docs/measurements.md, In-place residual sum post-op)."""
         return torch.ops.mkldnn._convolution_pointwise_.binary(
             residual, x, *self._args(x, p), "add", None, "relu" if relu else None, [], None
         )

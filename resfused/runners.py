@@ -4,16 +4,16 @@ A fused block writes its computation once, as calls on a runner (`conv_bn`, `pre
 runner decides how each call executes:
 
     FoldedRunner    eval mode: BN folded into the conv weights, the bias / residual add / ReLU in
-                    the conv's epilogue (ops.conv_bias_act); folded weights built on first use and
-                    kept with the runner, which the block caches while its parameters are unchanged
+                    the conv's epilogue (ops.conv_bias_act), from a FoldedWeights that the block
+                    keeps while its parameters are unchanged
     TrainingRunner  train mode: ATen conv (its own backward), then batch-statistics BN+ReLU in one
                     fused kernel with a fused backward (ops.batch_norm_act), then the add+ReLU tail
 
-`conv_bn(x, conv, bn, relu, residual, pre_bn, residual_is_scratch)` computes
+`conv_bn(x, conv, bn, relu, residual, pre_bn, may_overwrite_residual)` computes
     act( bn(conv(pre(x))) [+ residual] ),   pre(x) = relu(pre_bn(x)) when pre_bn is given,
 with act = ReLU when `relu`; `pre_act(x, bn)` is relu(bn(x)) on its own (materialized).
-`residual_is_scratch` says no one reads `residual` afterwards: the folded runner lets the kernel
-write the output into its storage; the training runner ignores it (autograd keeps the tensors).
+`may_overwrite_residual` says no one reads `residual` afterwards: the folded runner lets the
+kernel write the output into its storage; the training runner ignores it (autograd keeps it).
 """
 
 from __future__ import annotations
@@ -22,46 +22,54 @@ import torch
 import torch.nn as nn
 
 from resfused import folding
-from resfused.ops import add_relu, conv_bias_act, scale_shift_act
-from resfused.ops import conv_train
-from resfused.ops.batchnorm import batch_norm_act
-from resfused.ops.conv import ConvParams
+from resfused.ops import ConvParams, add_relu, batch_norm_act, conv2d_train, conv_bias_act, scale_shift_act
 
 
-class FoldedRunner:
-    """Eval mode. `differentiable`: fold with autograd (frozen-BN fine-tuning), never cached."""
+class FoldedWeights:
+    """The folded (and, by the kernels, prepacked) weights of one module, for one dtype, made on
+    first use. `differentiable`: folded with autograd (frozen-BN fine-tuning), never kept."""
 
     def __init__(self, dtype: torch.dtype, differentiable: bool = False):
         self.dtype, self.differentiable = dtype, differentiable
         self._folded: dict = {}
 
-    def _conv(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> ConvParams:
+    def conv(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> ConvParams:
         key = (conv, bn)
         if key not in self._folded:
             self._folded[key] = ConvParams.from_modules(conv, bn, self.dtype, self.differentiable)
         return self._folded[key]
 
-    def _scale_shift(self, bn: nn.BatchNorm2d):
+    def scale_shift(self, bn: nn.BatchNorm2d):
         if bn not in self._folded:
             self._folded[bn] = folding.bn_scale_shift(bn, self.dtype, self.differentiable)
         return self._folded[bn]
 
-    def conv_bn(self, x, conv, bn, relu=False, residual=None, pre_bn=None, residual_is_scratch=False):
-        prologue = None if pre_bn is None else self._scale_shift(pre_bn)
-        return conv_bias_act(x, self._conv(conv, bn), residual=residual, relu=relu, prologue=prologue,
-                             residual_is_scratch=residual_is_scratch)
+
+class FoldedRunner:
+    """Eval mode, on `weights`. `inputs_finite`: the block checked its input for NaN/Inf (every
+    tensor inside is then a kernel output of finite values, see runtime/finite.py)."""
+
+    def __init__(self, weights: FoldedWeights, inputs_finite: bool = False):
+        self.weights, self.inputs_finite = weights, inputs_finite
+
+    def conv_bn(self, x, conv, bn, relu=False, residual=None, pre_bn=None, may_overwrite_residual=False):
+        prologue = None if pre_bn is None else self.weights.scale_shift(pre_bn)
+        return conv_bias_act(
+            x, self.weights.conv(conv, bn), residual=residual, relu=relu, prologue=prologue,
+            may_overwrite_residual=may_overwrite_residual, inputs_finite=self.inputs_finite,
+        )  # fmt: skip
 
     def pre_act(self, x, bn):
-        return scale_shift_act(x, *self._scale_shift(bn), relu=True)
+        return scale_shift_act(x, *self.weights.scale_shift(bn), relu=True)
 
 
 class TrainingRunner:
     """Train mode: batch statistics, running-statistics updates, autograd through every step."""
 
-    def conv_bn(self, x, conv, bn, relu=False, residual=None, pre_bn=None, residual_is_scratch=False):
+    def conv_bn(self, x, conv, bn, relu=False, residual=None, pre_bn=None, may_overwrite_residual=False):
         if pre_bn is not None:
             x = self.pre_act(x, pre_bn)
-        y = conv_train.conv2d(x, conv)
+        y = conv2d_train(x, conv)
         if bn is not None:
             y = batch_norm_act(y, bn, relu=relu and residual is None)
         elif relu and residual is None:

@@ -14,8 +14,8 @@ allocates and launches, so it doubles as the fake (meta) implementation; an expl
 registered as well so that fake-tensor tracing never reaches a launch (the interpreter would
 try to run on fake tensors).
 
-`TritonConv` is the adapter resfused/ops/conv.py lists for CUDA tensors: it caches the HWIO
-weight in ConvParams.packed and reads torch.backends.cuda.matmul.allow_tf32 at each call.
+`TritonConv` is the adapter resfused/ops/conv.py lists for CUDA tensors: it keeps the HWIO
+weight in ConvParams.kernel_state and reads torch.backends.cuda.matmul.allow_tf32 at each call.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 from torch.library import triton_op, wrap_triton
 
 from resfused import backend
-from resfused.ops.conv import ConvParams
+from resfused.kernels.base import ConvParams, Kernel
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -106,25 +106,25 @@ def to_hwio(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(2, 3, 1, 0).contiguous()
 
 
-class TritonConv:
-    """Adapter for resfused/ops/conv.py: every dense/grouped conv with dilation 1 and fp16/bf16/fp32."""
+class TritonConv(Kernel):
+    """Every dense/grouped conv with dilation 1 in fp16/bf16/fp32; prologue and epilogue fused."""
 
     name = "triton"
     fuses_prologue = True
+    fuses_residual = True
 
-    def supports(self, x, p: ConvParams, residual, prologue) -> bool:
+    def unsupported_reasons(self, x, p: ConvParams, residual, prologue):
         if x.dtype not in _DTYPES or p.weight.dtype != x.dtype:
-            return False
+            yield f"dtype {x.dtype} (the kernel has {_DTYPES})"
         if x.device.type != "cuda" and not (x.device.type == "cpu" and backend.triton_interpreter_enabled()):
-            return False
-        if tuple(p.dilation) != (1, 1) or p.out_channels % p.groups != 0:
-            return False
+            yield f"needs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got {x.device.type}"
+        if tuple(p.dilation) != (1, 1):
+            yield f"dilation {p.dilation}"
         if x.shape[2] + 2 * p.padding[0] < p.kernel_size[0] or x.shape[3] + 2 * p.padding[1] < p.kernel_size[1]:
-            return False  # empty output from a too-small input: leave it to the library
-        return True
+            yield "the input is smaller than the kernel (an empty output)"
 
     def _weight(self, p: ConvParams) -> torch.Tensor:
-        return p.derived(self.name, lambda: to_hwio(p.weight))
+        return p.state_for(self.name, lambda: to_hwio(p.weight))
 
     def run(self, x, p: ConvParams, residual, relu, prologue):
         scale, shift = prologue if prologue is not None else (None, None)

@@ -1,5 +1,5 @@
 // Schema of the finiteness check that guards oneDNN's ReLU post-op, which maps NaN to 0 (see
-// resfused/ops/finite.py). Kernel: cpu/all_finite.cpp.
+// resfused/runtime/finite.py). Kernel: cpu/all_finite.cpp.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(resfused, m) {

@@ -1,6 +1,6 @@
 // Schemas of the Winograd F(4x4, 3x3) transforms: a 3x3, stride-1, padding-1 convolution done as
 // tile transforms around a batched GEMM. Kernels: cpu/winograd_f43.cpp. The matrices, the weight
-// transforms, the GEMMs and autograd: resfused/ops/winograd.py.
+// transforms, the GEMMs and autograd: resfused/kernels/winograd_f43.py.
 //
 // Layouts. Activations are NCHW-shaped, channels_last in memory. The transformed domain is
 // [T, 36, C] contiguous: for each of the T = N * ceil(H/4) * ceil(W/4) output tiles of 4x4
@@ -23,4 +23,7 @@ TORCH_LIBRARY_FRAGMENT(resfused, m) {
   // The same written into `out` ([N, C, H, W], channels_last contiguous: e.g. a batch slice of a
   // larger output, which conv3x3 fills a few images at a time).
   m.def("winograd_f43_output_into(Tensor m, Tensor? bias, Tensor? residual, bool relu, Tensor(a!) out) -> ()");
+  // The instance of the tile code float32 calls take on this CPU: "avx512" or "baseline" (the
+  // build's at::vec ISA). Read by the tests.
+  m.def("winograd_f43_cpu_path() -> str");
 }

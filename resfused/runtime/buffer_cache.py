@@ -6,9 +6,16 @@
 A fresh multi-megabyte buffer costs a page fault (and a kernel zeroing) per 4 KiB page at its
 first write; measured on a fused ResNet-50 at batch 8, 2 threads: ~11,500 faults per forward.
 Inside a scope, tensors of at least 256 KiB come from blocks of exactly their size that earlier
-scoped tensors left behind. Outside a scope nothing changes. Idle blocks are kept up to
-RESFUSED_BUFFER_CACHE_MB (default 2048; 0 turns the cache off); `clear()` frees them.
-Without the compiled extension, and while torch.compile traces, `scope()` does nothing.
+scoped tensors left behind. Outside a scope every allocation goes to the allocator that was in
+place before (the wrapper, installed at the first scope, adds one thread-local read). Idle blocks
+are kept up to RESFUSED_BUFFER_CACHE_MB (default 2048; 0 turns the cache off at start-up);
+`set_enabled(False)` turns it off at run time and `clear()` frees the idle blocks. Without the
+compiled extension, and while torch.compile traces, `scope()` does nothing.
+
+Why a cache and not THP_MEM_ALLOC_ENABLE=1 (PyTorch's transparent huge pages for large CPU
+tensors, which faults far less and measured faster still at batch 8): that setting changes
+allocation for the whole process, which a library must not decide for its user. The cache
+changes it only inside fused forwards. docs/measurements.md has the side-by-side figures.
 """
 
 from __future__ import annotations
@@ -21,6 +28,19 @@ import torch
 from resfused import _native
 
 _AVAILABLE = _native.has_op("buffer_cache_scope")
+_enabled = True
+
+
+def set_enabled(enabled: bool) -> None:
+    """Turn the cache on or off for the fused forwards that start from now on (all threads)."""
+    global _enabled
+    if not isinstance(enabled, bool):
+        raise TypeError(f"resfused: 'enabled' must be a bool, got {enabled!r}")
+    _enabled = enabled
+
+
+def enabled() -> bool:
+    return _enabled and _AVAILABLE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +56,7 @@ class Stats:
 @contextlib.contextmanager
 def scope():
     """Serve this thread's large CPU allocations from the cache until the block exits."""
-    if not _AVAILABLE or torch.compiler.is_compiling():
+    if not (_enabled and _AVAILABLE) or torch.compiler.is_compiling():
         yield
         return
     torch.ops.resfused.buffer_cache_scope(True)
@@ -48,7 +68,7 @@ def scope():
 
 def scope_for(module: torch.nn.Module):
     """The scope a fused module's forward runs in: `scope()` without autograd, and in training
-    mode, whose backward also allocates inside scopes (ops/conv_train.py and the fused tails'
+    mode, whose backward also allocates inside scopes (kernels/conv_train.py and the fused tails'
     backwards), so the blocks the saved activations free are reused there. Nothing for eval mode
     with autograd (frozen-BN fine-tuning), whose backward is ATen's: blocks kept for the forward
     would be out of its reach (measured on a resnet18 train step at batch 8 before the backward
