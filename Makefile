@@ -10,7 +10,7 @@ SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.c
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: test bench build info clean
+.PHONY: test bench build info lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,13 +31,25 @@ build: $(BUILT)
 
 test: $(BUILT)
 	$(PY) -m resfused.info
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	RESFUSED_REQUIRE_NATIVE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(BUILT)
 	$(PY) -m benchmarks $(BENCH_ARGS)
 
 info: $(BUILT)
 	$(PY) -m resfused.info
+
+CXX_SOURCES = $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+
+lint: $(DEPS)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES)
+
+format: $(DEPS)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/clang-format -i $(CXX_SOURCES)
 
 clean:
 	rm -rf build resfused/_C*.so *.egg-info $(BUILT)
