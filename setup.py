@@ -88,8 +88,10 @@ if build_cuda:
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
         extra_link_args=openmp_flags,
     )
-    print(f"resfused: building C++ CPU kernels ({len(cpu_sources)} files) and CUDA kernels "
-          f"({len(cuda_sources)} files) for TORCH_CUDA_ARCH_LIST={archs}")
+    print(
+        f"resfused: building C++ CPU kernels ({len(cpu_sources)} files) and CUDA kernels "
+        f"({len(cuda_sources)} files) for TORCH_CUDA_ARCH_LIST={archs}"
+    )
 else:
     ext = CppExtension(
         "resfused._C",

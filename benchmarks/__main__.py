@@ -19,22 +19,42 @@ def build_parser() -> argparse.ArgumentParser:
         "(NCHW and channels_last) and, with --compile, torch.compile(freezing). "
         "Speedup = baseline time / fused time; the fused module gets channels_last input.",
     )
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto: CUDA when torch.cuda.is_available(), else CPU (default)")
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: CUDA when torch.cuda.is_available(), else CPU (default)",
+    )
     p.add_argument("--threads", type=int, default=2, help="CPU threads for every timing (default 2)")
-    p.add_argument("--dtype", nargs="+", choices=("fp32", "bf16"), default=["fp32"],
-                   help="dtypes to run (default fp32; bf16 needs oneDNN bf16 support)")
+    p.add_argument(
+        "--dtype",
+        nargs="+",
+        choices=("fp32", "bf16"),
+        default=["fp32"],
+        help="dtypes to run (default fp32; bf16 needs oneDNN bf16 support)",
+    )
     p.add_argument("--batch", nargs="+", type=int, default=None, help="batch sizes (default 1 8; --quick: 1)")
     p.add_argument("--blocks-only", action="store_true", help="only the per-block rows")
     p.add_argument("--models-only", action="store_true", help="only the whole-model rows")
-    p.add_argument("--filter", nargs="+", default=None, metavar="TEXT",
-                   help="keep only cases whose label contains one of these (case-insensitive), "
-                   "e.g. --filter resnet50 'Bottleneck 256->64'")
-    p.add_argument("--compile", action="store_true",
-                   help="add torch.compile with inductor freezing as a baseline for models (~30 s compile each)")
+    p.add_argument(
+        "--filter",
+        nargs="+",
+        default=None,
+        metavar="TEXT",
+        help="keep only cases whose label contains one of these (case-insensitive), "
+        "e.g. --filter resnet50 'Bottleneck 256->64'",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="add torch.compile with inductor freezing as a baseline for models (~30 s compile each)",
+    )
     p.add_argument("--no-fused-nchw", action="store_true", help="models: skip timing the fused model on NCHW input")
-    p.add_argument("--block-nchw", action="store_true",
-                   help="blocks: also time the fused block on NCHW input (off by default to keep the run short)")
+    p.add_argument(
+        "--block-nchw",
+        action="store_true",
+        help="blocks: also time the fused block on NCHW input (off by default to keep the run short)",
+    )
     p.add_argument("--skip-grouped", action="store_true", help="skip the grouped 3x3 micro-benchmark")
     p.add_argument("--quick", action="store_true", help="tiny shapes and short timings: a smoke run")
     p.add_argument("--out", default="bench-results", help="directory for results.json and speedups.png")
@@ -73,8 +93,10 @@ def main(argv=None) -> int:
     if _device(args) == "cuda":
         gpu = _optional("gpu")
         if gpu is None:
-            raise SystemExit("resfused-bench: a CUDA device is present but benchmarks/gpu.py does not exist yet; "
-                             "run with --device cpu for the CPU benchmark")
+            raise SystemExit(
+                "resfused-bench: a CUDA device is present but benchmarks/gpu.py does not exist yet; "
+                "run with --device cpu for the CPU benchmark"
+            )
         result = gpu.run_gpu_benchmark(args)
         return 0 if result is None or not isinstance(result, int) else result
 
@@ -89,18 +111,26 @@ def _run_cpu(args) -> int:
     results, meta, peaks = out["results"], out["meta"], out["peaks"]
     meta["wall_s"] = time.perf_counter() - t0
     print()
-    print(f"resfused CPU benchmark: torch {meta['torch']}, {meta['cpu']} ({meta['cpu_capability']}), "
-          f"{meta['threads']} threads, load average {meta['loadavg_start'][0]:.2f} at start, "
-          f"{meta['loadavg_end'][0]:.2f} at end, {meta['wall_s']:.0f} s")
+    print(
+        f"resfused CPU benchmark: torch {meta['torch']}, {meta['cpu']} ({meta['cpu_capability']}), "
+        f"{meta['threads']} threads, load average {meta['loadavg_start'][0]:.2f} at start, "
+        f"{meta['loadavg_end'][0]:.2f} at end, {meta['wall_s']:.0f} s"
+    )
     for d, p in peaks.items():
-        print(f"  {d} peak (best of start and end of the run): GEMM {p['gemm_shape']} {p['gemm_gflops']:.1f} GFLOP/s, "
-              f"conv {p['conv_shape']} {p['conv_gflops']:.1f} GFLOP/s -> peak {p['peak_gflops']:.1f} GFLOP/s")
+        print(
+            f"  {d} peak (best of start and end of the run): GEMM {p['gemm_shape']} {p['gemm_gflops']:.1f} GFLOP/s, "
+            f"conv {p['conv_shape']} {p['conv_gflops']:.1f} GFLOP/s -> peak {p['peak_gflops']:.1f} GFLOP/s"
+        )
     if max(meta["loadavg_start"][0], meta["loadavg_end"][0]) > 0.5 * (meta["logical_cpus"] or 1):
-        print("  NOTE: the machine was loaded during this run (load average above); absolute times are noisy, "
-              "compare the side-by-side ratios")
-    print("  fused = resfused module with channels_last input; speedup = baseline / fused; "
-          "GFLOP/s and % peak are the fused row's;\n  noise = largest (interquartile range / median) over "
-          "the row's variants (above ~10%, treat its ratios as rough)")
+        print(
+            "  NOTE: the machine was loaded during this run (load average above); absolute times are noisy, "
+            "compare the side-by-side ratios"
+        )
+    print(
+        "  fused = resfused module with channels_last input; speedup = baseline / fused; "
+        "GFLOP/s and % peak are the fused row's;\n  noise = largest (interquartile range / median) over "
+        "the row's variants (above ~10%, treat its ratios as rough)"
+    )
     if results:
         print()
         print(common.format_table(results, {d: p["peak_gflops"] for d, p in peaks.items()}))
@@ -131,8 +161,10 @@ def _run_cpu(args) -> int:
 
 # The issue's targets (fp32, 2 threads, batch 8 unless noted), printed next to what this run measured.
 _TARGETS = [
-    ("resnet50", 8, "eager_nchw", 1.8), ("resnet50", 8, "compile", 1.0),
-    ("resnext50_32x4d", 8, "eager_nchw", 2.0), ("resnext50_32x4d", 8, "compile", 1.0),
+    ("resnet50", 8, "eager_nchw", 1.8),
+    ("resnet50", 8, "compile", 1.0),
+    ("resnext50_32x4d", 8, "eager_nchw", 2.0),
+    ("resnext50_32x4d", 8, "compile", 1.0),
 ]
 
 
@@ -143,18 +175,30 @@ def _print_targets(results) -> None:
         r = by_key.get(("model", name, batch, "fp32"))
         s = None if r is None else r.speedup(baseline)
         if s is not None:
-            lines.append(f"  {name} b{batch} fp32 vs {baseline}: {s:.2f}x (target >= {target}x) "
-                         f"{'met' if s >= target else 'NOT met'}")
+            lines.append(
+                f"  {name} b{batch} fp32 vs {baseline}: {s:.2f}x (target >= {target}x) "
+                f"{'met' if s >= target else 'NOT met'}"
+            )
     for r in results:
-        if r.kind == "model" and r.name == "resnet50" and r.batch == 1 and r.dtype == "fp32" and r.fuse_time_s is not None:
-            lines.append(f"  fuse(resnet50) + first forward (b1): {r.fuse_time_s:.2f} s (target < 2 s) "
-                         f"{'met' if r.fuse_time_s < 2.0 else 'NOT met'}")
+        if (
+            r.kind == "model"
+            and r.name == "resnet50"
+            and r.batch == 1
+            and r.dtype == "fp32"
+            and r.fuse_time_s is not None
+        ):
+            lines.append(
+                f"  fuse(resnet50) + first forward (b1): {r.fuse_time_s:.2f} s (target < 2 s) "
+                f"{'met' if r.fuse_time_s < 2.0 else 'NOT met'}"
+            )
     for batch in (8,):
         f32, b16 = by_key.get(("model", "resnet50", batch, "fp32")), by_key.get(("model", "resnet50", batch, "bf16"))
         if f32 and b16:
             ratio = f32.times["fused"].median_s / b16.times["fused"].median_s
-            lines.append(f"  fused resnet50 b{batch}: bf16 {ratio:.2f}x fused fp32 (target >= 2x; "
-                         "fp32 and bf16 rows are timed apart, not interleaved)")
+            lines.append(
+                f"  fused resnet50 b{batch}: bf16 {ratio:.2f}x fused fp32 (target >= 2x; "
+                "fp32 and bf16 rows are timed apart, not interleaved)"
+            )
     if lines:
         print("\ntargets (issue 3):")
         print("\n".join(lines))

@@ -20,7 +20,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -49,7 +49,7 @@ class Timing:
     number: int  # calls per timed round
 
     @classmethod
-    def from_samples(cls, samples: list[float], number: int) -> "Timing":
+    def from_samples(cls, samples: list[float], number: int) -> Timing:
         if not samples:
             raise ValueError("Timing.from_samples: 'samples' is empty; time at least one round")
         if len(samples) >= 4:
@@ -64,19 +64,19 @@ class Timing:
 class Result:
     """One benchmark row: a block or a model at one batch size and dtype."""
 
-    kind: str                    # "block" | "model"
-    name: str                    # "Bottleneck" / "resnet50"
-    config: str                  # "256->64 s1 @56x56" / "224x224"
+    kind: str  # "block" | "model"
+    name: str  # "Bottleneck" / "resnet50"
+    config: str  # "256->64 s1 @56x56" / "224x224"
     batch: int
-    dtype: str                   # "fp32" | "bf16"
+    dtype: str  # "fp32" | "bf16"
     input_shape: list[int]
-    flops: int                   # conv + linear FLOPs (2 * MACs) of one forward
+    flops: int  # conv + linear FLOPs (2 * MACs) of one forward
     times: dict[str, Timing] = dataclasses.field(default_factory=dict)
-    compile_time_s: float | None = None   # torch.compile: first call (compile + run)
-    fuse_time_s: float | None = None      # resfused.fuse(model) + the first forward
-    max_rel_diff: float | None = None     # max|fused - eager| / max|eager|, a sanity check
+    compile_time_s: float | None = None  # torch.compile: first call (compile + run)
+    fuse_time_s: float | None = None  # resfused.fuse(model) + the first forward
+    max_rel_diff: float | None = None  # max|fused - eager| / max|eager|, a sanity check
     kernels: dict[str, int] = dataclasses.field(default_factory=dict)  # fused kernels that ran
-    fuse_summary: str | None = None       # models: the first line of fuse()'s report
+    fuse_summary: str | None = None  # models: the first line of fuse()'s report
     notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -183,7 +183,9 @@ def relative_difference(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def median_call_s(fn: Callable[[], object], *, threads: int, min_time_s: float = 0.5) -> float:
     """Median per-call time of one callable (used for the peak GEMM / conv)."""
-    return measure_side_by_side({"x": fn}, threads=threads, block_s=0.0, min_time_s=min_time_s, min_rounds=3)["x"].median_s
+    return measure_side_by_side({"x": fn}, threads=threads, block_s=0.0, min_time_s=min_time_s, min_rounds=3)[
+        "x"
+    ].median_s
 
 
 # ---------------------------------------------------------------------------- FLOP counting

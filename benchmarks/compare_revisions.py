@@ -9,7 +9,8 @@ interleaved measurement. REV is
 checked out in a temporary git worktree and its extension built there (CPU kernels only,
 `RESFUSED_SKIP_CUDA_BUILD=1`; a few minutes on 2 cores, reused while the worktree is kept). Each
 tree then runs the model in a worker process of its own (benchmarks.isolation), with its own
-resfused first on `sys.path`, and the rounds are interleaved (benchmarks.common). Printed: the median per forward of each and new / old.
+resfused first on `sys.path`, and the rounds are interleaved (benchmarks.common). Printed: the
+median per forward of each and new / old.
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ from benchmarks.isolation import WorkerPool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+
 def _fused_model(tree: str, model: str, batch: int, resolution: int):
     """The recipe each worker builds (benchmarks.isolation): `model` fused by the resfused of
     `tree`, put first on this worker's sys.path before anything imports resfused."""
     sys.path.insert(0, tree)
-    import resfused
     import torch
     import torchvision
+
+    import resfused
 
     if not resfused.__file__.startswith(tree):
         raise RuntimeError(f"compare_revisions: resfused was imported from {resfused.__file__}, not {tree}")
@@ -57,23 +60,36 @@ def checkout_and_build(rev: str, where: str) -> str:
         env = dict(os.environ, RESFUSED_SKIP_CUDA_BUILD="1")
         log = os.path.join(where, "build.log")
         with open(log, "w") as f:
-            done = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace", "--build-temp",
-                                   os.path.join(where, "build")], cwd=where, env=env, stdout=f, stderr=subprocess.STDOUT)
+            done = subprocess.run(
+                [sys.executable, "setup.py", "build_ext", "--inplace", "--build-temp", os.path.join(where, "build")],
+                cwd=where,
+                env=env,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+            )
         if done.returncode != 0:
             raise SystemExit(f"compare_revisions: building {rev} failed; see {log}")
         open(marker, "w").close()
     return where
 
 
-def time_trees(trees: dict[str, str], model: str, batch: int, resolution: int, rounds: int, threads: int,
-               block_s: float = 0.5) -> dict[str, float]:
+def time_trees(
+    trees: dict[str, str], model: str, batch: int, resolution: int, rounds: int, threads: int, block_s: float = 0.5
+) -> dict[str, float]:
     """Median ms per forward of `model` fused by each tree's resfused, each tree in a worker
     process of its own, `rounds` rounds interleaved (common.interleaved_rounds)."""
     with WorkerPool(threads) as pool:
-        pool.build_all({name: functools.partial(_fused_model, tree, model, batch, resolution)
-                        for name, tree in trees.items()})
-        timings = interleaved_rounds({name: pool[name] for name in trees}, block_s=block_s, min_time_s=0,
-                                     min_rounds=rounds, max_rounds=rounds, warmup_s=block_s)
+        pool.build_all(
+            {name: functools.partial(_fused_model, tree, model, batch, resolution) for name, tree in trees.items()}
+        )
+        timings = interleaved_rounds(
+            {name: pool[name] for name in trees},
+            block_s=block_s,
+            min_time_s=0,
+            min_rounds=rounds,
+            max_rounds=rounds,
+            warmup_s=block_s,
+        )
     return {name: t.median_s * 1e3 for name, t in timings.items()}
 
 
@@ -95,17 +111,24 @@ def main(argv=None) -> None:
     where = os.path.join(tempfile.gettempdir(), f"resfused-rev-{sha.stdout.strip()}")
     try:
         old = checkout_and_build(args.rev, where)
-        print(f"[compare] timing {args.model} b{args.batch} {args.resolution}x{args.resolution}, {args.rounds} "
-              "interleaved rounds...", file=sys.stderr, flush=True)
-        med = time_trees({"this tree": ROOT, args.rev: old}, args.model, args.batch, args.resolution, args.rounds,
-                         args.threads)
+        print(
+            f"[compare] timing {args.model} b{args.batch} {args.resolution}x{args.resolution}, {args.rounds} "
+            "interleaved rounds...",
+            file=sys.stderr,
+            flush=True,
+        )
+        med = time_trees(
+            {"this tree": ROOT, args.rev: old}, args.model, args.batch, args.resolution, args.rounds, args.threads
+        )
     finally:
         if not args.keep and os.path.isdir(where):
             subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", where], check=False)
     this, other = med["this tree"], med[args.rev]
-    print(f"{args.model} b{args.batch} {args.resolution}x{args.resolution}, {args.threads} threads: this tree "
-          f"{this:.2f} ms, {args.rev} {other:.2f} ms per forward (medians of {args.rounds}); this / {args.rev} = "
-          f"{this / other:.3f}")
+    print(
+        f"{args.model} b{args.batch} {args.resolution}x{args.resolution}, {args.threads} threads: this tree "
+        f"{this:.2f} ms, {args.rev} {other:.2f} ms per forward (medians of {args.rounds}); this / {args.rev} = "
+        f"{this / other:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -58,18 +58,35 @@ class BlockCase:
 
 # ResNet-18/34 (Basic, PreAct) and ResNet-50 / ResNeXt-50 (Bottleneck, ResNeXt) stages: the
 # stride-1 block of each stage and the stride-2 first block of stages 2-4, at their input size.
-_BASIC = [((64, 64, 1), 56), ((64, 128, 2), 56), ((128, 128, 1), 28), ((128, 256, 2), 28),
-          ((256, 256, 1), 14), ((256, 512, 2), 14), ((512, 512, 1), 7)]
-_BOTTLENECK = [((256, 64, 1), 56), ((256, 128, 2), 56), ((512, 128, 1), 28), ((512, 256, 2), 28),
-               ((1024, 256, 1), 14), ((1024, 512, 2), 14), ((2048, 512, 1), 7)]
+_BASIC = [
+    ((64, 64, 1), 56),
+    ((64, 128, 2), 56),
+    ((128, 128, 1), 28),
+    ((128, 256, 2), 28),
+    ((256, 256, 1), 14),
+    ((256, 512, 2), 14),
+    ((512, 512, 1), 7),
+]
+_BOTTLENECK = [
+    ((256, 64, 1), 56),
+    ((256, 128, 2), 56),
+    ((512, 128, 1), 28),
+    ((512, 256, 2), 28),
+    ((1024, 256, 1), 14),
+    ((1024, 512, 2), 14),
+    ((2048, 512, 1), 7),
+]
 _RESNEXT = (("groups", 32), ("base_width", 4))
 
 # --quick: tiny shapes that still take every path (identity and projection shortcuts; ResNeXt
 # with 4 channels per group, like stage 1 of ResNeXt-50 32x4d).
 _QUICK = [
-    BlockCase("BasicBlock", (16, 16, 1), 12), BlockCase("BasicBlock", (16, 32, 2), 12),
-    BlockCase("PreActBasicBlock", (16, 16, 1), 12), BlockCase("PreActBasicBlock", (16, 32, 2), 12),
-    BlockCase("Bottleneck", (64, 16, 1), 12), BlockCase("Bottleneck", (64, 32, 2), 12),
+    BlockCase("BasicBlock", (16, 16, 1), 12),
+    BlockCase("BasicBlock", (16, 32, 2), 12),
+    BlockCase("PreActBasicBlock", (16, 16, 1), 12),
+    BlockCase("PreActBasicBlock", (16, 32, 2), 12),
+    BlockCase("Bottleneck", (64, 16, 1), 12),
+    BlockCase("Bottleneck", (64, 32, 2), 12),
     BlockCase("ResNeXtBottleneck", (64, 16, 1), 12, (("groups", 4), ("base_width", 16))),
     BlockCase("ResNeXtBottleneck", (64, 32, 2), 12, (("groups", 4), ("base_width", 16))),
 ]
@@ -98,7 +115,7 @@ class TimingPlan:
     warmup_s: float
 
     @classmethod
-    def for_kind(cls, kind: str, quick: bool) -> "TimingPlan":
+    def for_kind(cls, kind: str, quick: bool) -> TimingPlan:
         if quick:
             return cls(block_s=0.005, min_time_s=0.02, min_rounds=3, warmup_s=0.01)
         if kind == "model":
@@ -122,8 +139,13 @@ def measure_peaks(dtype: torch.dtype, threads: int, quick: bool) -> dict[str, fl
         t_conv = common.median_call_s(lambda: F.conv2d(x, w, padding=1), threads=threads, min_time_s=min_t)
     gemm = 2 * n**3 / t_gemm / 1e9
     conv = 2 * batch * hw * hw * c * c * 9 / t_conv / 1e9
-    return {"gemm_gflops": gemm, "gemm_shape": f"{n}x{n}x{n}", "conv_gflops": conv,
-            "conv_shape": f"{batch}x{c}x{hw}x{hw} k3 {c}->{c}", "peak_gflops": max(gemm, conv)}
+    return {
+        "gemm_gflops": gemm,
+        "gemm_shape": f"{n}x{n}x{n}",
+        "conv_gflops": conv,
+        "conv_shape": f"{batch}x{c}x{hw}x{hw} k3 {c}->{c}",
+        "peak_gflops": max(gemm, conv),
+    }
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -145,6 +167,7 @@ def _inference_call(module: nn.Module, x: torch.Tensor):
     def call():
         with torch.inference_mode():
             return module(x)
+
     return call
 
 
@@ -249,18 +272,25 @@ def bench_case(pool, case: Case, variants: list[str], plan: TimingPlan) -> Resul
     # side by side, which only shortens the run.
     timed_builds = [v for v in variants if v in ("fused", "compile")]
     infos = {v: pool[v].build(functools.partial(make_variant, v, case)) for v in timed_builds}
-    infos.update(pool.build_all({v: functools.partial(make_variant, v, case) for v in variants if v not in timed_builds}))
+    infos.update(
+        pool.build_all({v: functools.partial(make_variant, v, case) for v in variants if v not in timed_builds})
+    )
     fused, eager = infos["fused"], infos["eager_nchw"]
     row = Result(case.kind, case.name, case.config, case.batch, case.dtype, case.input_shape, eager["flops"])
     row.max_rel_diff = common.relative_difference(fused["output"], eager["output"])
     row.kernels = fused["kernels"]
     if row.max_rel_diff > _SANE[case.dtype]:
-        row.notes.append(f"fused output differs from eager by {row.max_rel_diff:.1e} (relative), above {_SANE[case.dtype]:.0e}")
+        row.notes.append(
+            f"fused output differs from eager by {row.max_rel_diff:.1e} (relative), above {_SANE[case.dtype]:.0e}"
+        )
     if "conv/reference" in row.kernels:
         row.notes.append("some convs fell back to the reference kernel")
     row.times = common.interleaved_rounds(
-        {v: pool[v] for v in variants}, block_s=plan.block_s, min_time_s=plan.min_time_s,
-        min_rounds=plan.min_rounds, warmup_s=plan.warmup_s,
+        {v: pool[v] for v in variants},
+        block_s=plan.block_s,
+        min_time_s=plan.min_time_s,
+        min_rounds=plan.min_rounds,
+        warmup_s=plan.warmup_s,
     )
     if case.kind == "model":
         row.fuse_time_s, row.fuse_summary = fused["fuse_time_s"], fused["fuse_summary"]
@@ -306,7 +336,10 @@ def run_cpu_benchmark(args) -> dict:
     dtypes = []
     for d in args.dtype:
         if d == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            msg = "bf16 rows skipped: oneDNN reports no bf16 support on this CPU (torch.ops.mkldnn._is_mkldnn_bf16_supported() is False)"
+            msg = (
+                "bf16 rows skipped: oneDNN reports no bf16 support on this CPU "
+                "(torch.ops.mkldnn._is_mkldnn_bf16_supported() is False)"
+            )
             print(f"[bench] {msg}")
             skipped.append({"what": "bf16", "why": msg})
             continue
@@ -391,5 +424,7 @@ def _grouped_rows(batches: list[int], dtypes: list[str], skipped: list[dict]) ->
         skipped.append({"what": "grouped", "why": msg})
         return []
     rows = grouped.run(list(batches), list(dtypes))
-    return [r.to_dict() if hasattr(r, "to_dict") else dataclasses.asdict(r) if dataclasses.is_dataclass(r) else dict(r)
-            for r in rows]
+    return [
+        r.to_dict() if hasattr(r, "to_dict") else dataclasses.asdict(r) if dataclasses.is_dataclass(r) else dict(r)
+        for r in rows
+    ]

@@ -85,8 +85,9 @@ def conv_of(event) -> Conv | None:
         return None
     ix, iw, ip = where
     first = lambda v: int(v[0]) if isinstance(v, (list, tuple)) else int(v)  # square kernels only
-    return Conv(shapes[ix], shapes[iw], first(values[ip + 1]), first(values[ip]), first(values[ip + 2]),
-                int(values[ip + 3]))
+    return Conv(
+        shapes[ix], shapes[iw], first(values[ip + 1]), first(values[ip]), first(values[ip + 2]), int(values[ip + 3])
+    )
 
 
 def split_profile(events, forwards: int) -> dict[str, dict]:
@@ -122,12 +123,18 @@ def _profiled_fused(case: Case, forwards: int = 3):
 
 def _measure(pool: WorkerPool, case: Case, threads: int) -> dict:
     # One build at a time: the profile must not share the cores with another worker's build.
-    infos = {"fused": pool["fused"].build(functools.partial(_profiled_fused, case)),
-             "eager_nchw": pool["eager_nchw"].build(functools.partial(make_variant, "eager_nchw", case))}
+    infos = {
+        "fused": pool["fused"].build(functools.partial(_profiled_fused, case)),
+        "eager_nchw": pool["eager_nchw"].build(functools.partial(make_variant, "eager_nchw", case)),
+    }
     plan = TimingPlan.for_kind("model", quick=False)
-    times = common.interleaved_rounds({v: pool[v] for v in infos}, block_s=plan.block_s,
-                                      min_time_s=plan.min_time_s, min_rounds=plan.min_rounds,
-                                      warmup_s=plan.warmup_s)
+    times = common.interleaved_rounds(
+        {v: pool[v] for v in infos},
+        block_s=plan.block_s,
+        min_time_s=plan.min_time_s,
+        min_rounds=plan.min_rounds,
+        warmup_s=plan.warmup_s,
+    )
     fused_ms = times["fused"].median_s * 1e3
     split = infos["fused"]["split"]
     # The timed forward less the profiled time inside ops: Python, module calls, dispatch, and
@@ -152,9 +159,11 @@ def floor_ms(m: dict) -> float:
 def format_report(case: Case, m: dict) -> str:
     split, peak = m["split"], m["peak_gflops"]
     total = m["fused_ms"]
-    lines = [f"{case.label}: fused {total:.1f} ms, eager NCHW {m['eager_ms']:.1f} ms "
-             f"({m['eager_ms'] / total:.2f}x); peak {peak:.0f} GFLOP/s",
-             f"  {'':<32}{'calls':>6}{'ms':>9}{'share':>7}{'GFLOP':>8}{'GFLOP/s':>9}{'% peak':>8}{'at peak ms':>12}"]
+    lines = [
+        f"{case.label}: fused {total:.1f} ms, eager NCHW {m['eager_ms']:.1f} ms "
+        f"({m['eager_ms'] / total:.2f}x); peak {peak:.0f} GFLOP/s",
+        f"  {'':<32}{'calls':>6}{'ms':>9}{'share':>7}{'GFLOP':>8}{'GFLOP/s':>9}{'% peak':>8}{'at peak ms':>12}",
+    ]
     for kind in CONV_KINDS + OTHER_KINDS:
         r = split[kind]
         if not r["calls"] and not r["ms"]:
@@ -168,8 +177,10 @@ def format_report(case: Case, m: dict) -> str:
             tail = f"{'':>8}{'':>9}{'':>8}{'(as is)':>12}"
         lines.append(f"  {kind:<32}{r['calls']:>6}{r['ms']:9.1f}{share}{tail}")
     floor = floor_ms(m)
-    lines.append(f"  floor {floor:.1f} ms: at most {m['eager_ms'] / floor:.2f}x eager NCHW "
-                 f"(now {m['eager_ms'] / m['fused_ms']:.2f}x)")
+    lines.append(
+        f"  floor {floor:.1f} ms: at most {m['eager_ms'] / floor:.2f}x eager NCHW "
+        f"(now {m['eager_ms'] / m['fused_ms']:.2f}x)"
+    )
     return "\n".join(lines)
 
 
@@ -199,8 +210,10 @@ def main(argv=None) -> None:
     if "fp32" in results and len(results) > 1:
         for d, m in results.items():
             if d != "fp32":
-                print(f"{d}: fused fp32 / fused {d} = {results['fp32']['fused_ms'] / m['fused_ms']:.2f}x now, "
-                      f"at most {results['fp32']['fused_ms'] / floor_ms(m):.2f}x (fused fp32 / {d} floor)")
+                print(
+                    f"{d}: fused fp32 / fused {d} = {results['fp32']['fused_ms'] / m['fused_ms']:.2f}x now, "
+                    f"at most {results['fp32']['fused_ms'] / floor_ms(m):.2f}x (fused fp32 / {d} floor)"
+                )
 
 
 if __name__ == "__main__":

@@ -90,9 +90,12 @@ def conv_shapes(case: BlockCase, batch: int) -> dict[str, dict]:
             kh, kw = mod.kernel_size
             n, c_out, oh, ow = out.shape
             shapes[name] = dict(
-                x=inputs[0].numel(), y=out.numel(), w=mod.weight.numel() + c_out,
+                x=inputs[0].numel(),
+                y=out.numel(),
+                w=mod.weight.numel() + c_out,
                 flops=2 * n * oh * ow * c_out * (mod.in_channels // mod.groups) * kh * kw,
             )
+
         return record
 
     for name, mod in block.named_modules():
@@ -146,15 +149,20 @@ def print_dram_model(batches=(1, 32), dtypes=("fp16", "fp32")) -> list[dict]:
     """Per block: DRAM bytes the fused path moves vs eager's (analytic, no GPU needed)."""
     rows = []
     print("DRAM bytes per block forward (analytic model, benchmarks/gpu.py:dram_bytes): fused vs eager eval mode")
-    print(f"{'block':16s} {'type':18s} {'batch':>5s} {'dtype':>5s} {'eager MB':>9s} {'fused MB':>9s} {'saved':>6s} {'FLOP/B fused':>12s}")
+    print(
+        f"{'block':16s} {'type':18s} {'batch':>5s} {'dtype':>5s} {'eager MB':>9s} {'fused MB':>9s} {'saved':>6s} "
+        f"{'FLOP/B fused':>12s}"
+    )
     for case in CASES:
         for batch in batches:
             flops = block_flops(case, batch)
             for d in dtypes:
                 b = dram_bytes(case, batch, DTYPES[d].itemsize)
                 rows.append(dict(block=case.label, type=case.block, batch=batch, dtype=d, **b, flops=flops))
-                print(f"{case.label:16s} {case.block:18s} {batch:5d} {d:>5s} {b['eager'] / 1e6:9.2f} "
-                      f"{b['fused'] / 1e6:9.2f} {1 - b['fused'] / b['eager']:6.0%} {flops / b['fused']:12.1f}")
+                print(
+                    f"{case.label:16s} {case.block:18s} {batch:5d} {d:>5s} {b['eager'] / 1e6:9.2f} "
+                    f"{b['fused'] / 1e6:9.2f} {1 - b['fused'] / b['eager']:6.0%} {flops / b['fused']:12.1f}"
+                )
     return rows
 
 
@@ -248,24 +256,41 @@ def run_gpu_benchmark(args) -> int:
                 roof = None
                 if peaks:
                     roof = max(flops / peaks[0], moved["fused"] / peaks[1]) / (t["fused"] * 1e-3)
-                rows.append(dict(
-                    block=case.label, type=case.block, dtype=d, batch=batch, ms=t,
-                    speedup_vs_eager_cl=t["eager_cl"] / t["fused"], speedup_vs_eager_nchw=t["eager_nchw"] / t["fused"],
-                    tflops=flops / (t["fused"] * 1e-3) / 1e12, roofline_fraction=roof,
-                    kernels=sorted({k for _, k in ran}), dram=moved,
-                ))
+                rows.append(
+                    dict(
+                        block=case.label,
+                        type=case.block,
+                        dtype=d,
+                        batch=batch,
+                        ms=t,
+                        speedup_vs_eager_cl=t["eager_cl"] / t["fused"],
+                        speedup_vs_eager_nchw=t["eager_nchw"] / t["fused"],
+                        tflops=flops / (t["fused"] * 1e-3) / 1e12,
+                        roofline_fraction=roof,
+                        kernels=sorted({k for _, k in ran}),
+                        dram=moved,
+                    )
+                )
                 r = rows[-1]
-                print(f"{case.label:16s} {d:5s} b{batch:<3d} fused {t['fused']:.3f} ms  eager_cl {t['eager_cl']:.3f}  "
-                      f"nchw {t['eager_nchw']:.3f}" + (f"  compile {t['compile']:.3f}" if "compile" in t else "")
-                      + f"  x{r['speedup_vs_eager_cl']:.2f} vs CL  {r['tflops']:.1f} TFLOP/s"
-                      + (f"  {roof:.0%} of roofline" if roof is not None else "") + f"  {r['kernels']}", flush=True)
+                print(
+                    f"{case.label:16s} {d:5s} b{batch:<3d} fused {t['fused']:.3f} ms  eager_cl {t['eager_cl']:.3f}  "
+                    f"nchw {t['eager_nchw']:.3f}"
+                    + (f"  compile {t['compile']:.3f}" if "compile" in t else "")
+                    + f"  x{r['speedup_vs_eager_cl']:.2f} vs CL  {r['tflops']:.1f} TFLOP/s"
+                    + (f"  {roof:.0%} of roofline" if roof is not None else "")
+                    + f"  {r['kernels']}",
+                    flush=True,
+                )
     out = getattr(args, "out", None)
     if out:
         os.makedirs(out, exist_ok=True)
         path = os.path.join(out, "gpu_results.json")
         with open(path, "w") as f:
-            json.dump(dict(device=name, torch=torch.__version__, tf32=torch.backends.cuda.matmul.allow_tf32,
-                           rows=rows), f, indent=1)
+            json.dump(
+                dict(device=name, torch=torch.__version__, tf32=torch.backends.cuda.matmul.allow_tf32, rows=rows),
+                f,
+                indent=1,
+            )
         print(f"wrote {path}")
     fp16_b32 = [r for r in rows if r["dtype"] == "fp16" and r["batch"] == 32]
     if fp16_b32:

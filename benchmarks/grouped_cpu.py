@@ -30,7 +30,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 class Shape:
     channels: int
     groups: int
-    size: int    # input H = W
+    size: int  # input H = W
     stride: int
 
     @property
@@ -50,15 +50,21 @@ class Shape:
 
 # The grouped 3x3 of every ResNeXt-50 32x4d stage, and the stride-2 first block of stages 2-4.
 SHAPES = [
-    Shape(128, 32, 56, 1), Shape(256, 32, 28, 1), Shape(512, 32, 14, 1), Shape(1024, 32, 7, 1),
-    Shape(256, 32, 56, 2), Shape(512, 32, 28, 2), Shape(1024, 32, 14, 2),
+    Shape(128, 32, 56, 1),
+    Shape(256, 32, 28, 1),
+    Shape(512, 32, 14, 1),
+    Shape(1024, 32, 7, 1),
+    Shape(256, 32, 56, 2),
+    Shape(512, 32, 28, 2),
+    Shape(1024, 32, 14, 2),
 ]
 
 
 def _interleaved_medians(fns: dict, rounds: int, min_time_s: float = 0.05) -> dict[str, float]:
     """Median seconds per call of each fn over exactly `rounds` interleaved rounds of ~min_time_s."""
-    timings = measure_side_by_side(fns, threads=THREADS, block_s=min_time_s, min_time_s=0, min_rounds=rounds,
-                                   max_rounds=rounds, warmup_s=0)
+    timings = measure_side_by_side(
+        fns, threads=THREADS, block_s=min_time_s, min_time_s=0, min_rounds=rounds, max_rounds=rounds, warmup_s=0
+    )
     return {name: t.median_s for name, t in timings.items()}
 
 
@@ -75,13 +81,18 @@ def _peak_gflops(rounds: int) -> float:
 def _variants(shape: Shape, batch: int, dtype: torch.dtype, has_ours: bool) -> dict:
     g = torch.Generator().manual_seed(0)
     c, s = shape.channels, shape.stride
-    x = torch.randn(batch, c, shape.size, shape.size, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    x = (
+        torch.randn(batch, c, shape.size, shape.size, generator=g)
+        .to(dtype)
+        .contiguous(memory_format=torch.channels_last)
+    )
     w = (torch.randn(c, shape.cpg, 3, 3, generator=g) / 6).to(dtype)
     b = torch.randn(c, generator=g).to(dtype)
     packed = torch.ops.mkldnn._reorder_convolution_weight(w, [1, 1], [s, s], [1, 1], shape.groups, None)
     fns = {
         "onednn": lambda: torch.ops.mkldnn._convolution_pointwise(
-            x, packed, b, [1, 1], [s, s], [1, 1], shape.groups, "relu", [], None),
+            x, packed, b, [1, 1], [s, s], [1, 1], shape.groups, "relu", [], None
+        ),
         "eager": lambda: torch.relu(F.conv2d(x, w, b, s, 1, 1, shape.groups)),
     }
     if has_ours:
@@ -94,7 +105,9 @@ def _variants(shape: Shape, batch: int, dtype: torch.dtype, has_ours: bool) -> d
     return fns
 
 
-def run(batch_sizes=(1, 8), dtypes=("fp32", "bf16"), shapes=SHAPES, rounds: int = 7, verbose: bool = False) -> list[dict]:
+def run(
+    batch_sizes=(1, 8), dtypes=("fp32", "bf16"), shapes=SHAPES, rounds: int = 7, verbose: bool = False
+) -> list[dict]:
     """One dict per (shape, batch, dtype): median ms, GFLOP/s and speedups of ours over the others."""
     import resfused  # noqa: F401  (loads the kernels)
     from resfused import _native
@@ -118,13 +131,25 @@ def run(batch_sizes=(1, 8), dtypes=("fp32", "bf16"), shapes=SHAPES, rounds: int 
                     # The scalar fallback is for correctness only (it is 10-50x slower); not timed.
                     has_ours = path in ("avx512", "avx2")
                     med = _interleaved_medians(_variants(shape, batch, dtype, has_ours), rounds)
-                    p = ConvParams(torch.empty(shape.channels, shape.cpg, 3, 3, dtype=dtype), None,
-                                   (shape.stride,) * 2, (1, 1), (1, 1), shape.groups)
+                    p = ConvParams(
+                        torch.empty(shape.channels, shape.cpg, 3, 3, dtype=dtype),
+                        None,
+                        (shape.stride,) * 2,
+                        (1, 1),
+                        (1, 1),
+                        shape.groups,
+                    )
                     probe = torch.empty(batch, shape.channels, 1, 1, dtype=dtype)
                     fl = shape.flops(batch)
                     row = {
-                        "shape": shape.label(), "channels_per_group": shape.cpg, "batch": batch, "dtype": dname,
-                        "threads": THREADS, "gflop": fl / 1e9, "path": path, "peak_gflops": peak,
+                        "shape": shape.label(),
+                        "channels_per_group": shape.cpg,
+                        "batch": batch,
+                        "dtype": dname,
+                        "threads": THREADS,
+                        "gflop": fl / 1e9,
+                        "path": path,
+                        "peak_gflops": peak,
                         "adapter_selects": bool(has_kernel and adapter.supports(probe, p, None, False)),
                     }
                     for name, t in med.items():
@@ -141,18 +166,26 @@ def run(batch_sizes=(1, 8), dtypes=("fp32", "bf16"), shapes=SHAPES, rounds: int 
         torch.set_num_threads(previous_threads)
 
 
-HEADER = (f"{'shape':22s} {'b':>2s} {'dtype':5s} {'path':7s} {'ours ms':>8s} {'GF/s':>6s} {'%pk':>4s} "
-          f"{'oneDNN ms':>9s} {'GF/s':>6s} {'eager ms':>8s} {'x oneDNN':>8s} {'x eager':>7s} {'used':>4s}")
+HEADER = (
+    f"{'shape':22s} {'b':>2s} {'dtype':5s} {'path':7s} {'ours ms':>8s} {'GF/s':>6s} {'%pk':>4s} "
+    f"{'oneDNN ms':>9s} {'GF/s':>6s} {'eager ms':>8s} {'x oneDNN':>8s} {'x eager':>7s} {'used':>4s}"
+)
 
 
 def format_row(r: dict) -> str:
-    ours = (f"{r['ours_ms']:8.3f} {r['ours_gflops']:6.1f} {100 * r['ours_gflops'] / r['peak_gflops']:3.0f}%"
-            if "ours_ms" in r else f"{'-':>8s} {'-':>6s} {'-':>4s}")
-    speed = (f"{r['speedup_vs_onednn']:7.2f}x {r['speedup_vs_eager']:6.2f}x"
-             if "ours_ms" in r else f"{'-':>8s} {'-':>7s}")
-    return (f"{r['shape']:22s} {r['batch']:2d} {r['dtype']:5s} {r['path']:7s} {ours} "
-            f"{r['onednn_ms']:9.3f} {r['onednn_gflops']:6.1f} {r['eager_ms']:8.3f} {speed} "
-            f"{'yes' if r['adapter_selects'] else 'no':>4s}")
+    ours = (
+        f"{r['ours_ms']:8.3f} {r['ours_gflops']:6.1f} {100 * r['ours_gflops'] / r['peak_gflops']:3.0f}%"
+        if "ours_ms" in r
+        else f"{'-':>8s} {'-':>6s} {'-':>4s}"
+    )
+    speed = (
+        f"{r['speedup_vs_onednn']:7.2f}x {r['speedup_vs_eager']:6.2f}x" if "ours_ms" in r else f"{'-':>8s} {'-':>7s}"
+    )
+    return (
+        f"{r['shape']:22s} {r['batch']:2d} {r['dtype']:5s} {r['path']:7s} {ours} "
+        f"{r['onednn_ms']:9.3f} {r['onednn_gflops']:6.1f} {r['eager_ms']:8.3f} {speed} "
+        f"{'yes' if r['adapter_selects'] else 'no':>4s}"
+    )
 
 
 def main(argv=None) -> None:
@@ -162,8 +195,10 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
-    print(f"grouped 3x3 + bias + ReLU, {THREADS} threads, median of {args.rounds} interleaved rounds; "
-          "'used' = the conv adapter picks ours for this case")
+    print(
+        f"grouped 3x3 + bias + ReLU, {THREADS} threads, median of {args.rounds} interleaved rounds; "
+        "'used' = the conv adapter picks ours for this case"
+    )
     print(HEADER)
     rows = run(args.batch, args.dtype, rounds=args.rounds, verbose=True)
     if rows:

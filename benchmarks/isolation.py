@@ -137,7 +137,7 @@ class WorkerPool:
             w.close()
         self._workers.clear()
 
-    def __enter__(self) -> "WorkerPool":
+    def __enter__(self) -> WorkerPool:
         return self
 
     def __exit__(self, *exc) -> None:

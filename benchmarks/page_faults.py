@@ -50,8 +50,10 @@ def main(argv=None) -> None:
     if args.batch < 1 or args.calls < 1 or args.threads < 1:
         raise SystemExit("page_faults: --batch, --calls and --threads must be >= 1")
     ctx = multiprocessing.get_context("spawn")
-    print(f"{args.model} 224x224, batch {args.batch}, {args.threads} threads, {args.calls} forwards per variant, "
-          "each variant in a fresh process")
+    print(
+        f"{args.model} 224x224, batch {args.batch}, {args.threads} threads, {args.calls} forwards per variant, "
+        "each variant in a fresh process"
+    )
     for variant in args.variants:
         with ctx.Pool(1) as pool:
             faults, ms = pool.apply(_measure, (variant, args.model, args.batch, args.calls, args.threads))

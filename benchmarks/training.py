@@ -85,12 +85,16 @@ def run(threads: int, dtypes: list[str], batch: int, size: int, progress: bool =
                     pool[v].build(functools.partial(make_variant, v, name, args, hw, dtype_name, batch))
                 times = interleaved_rounds({v: pool[v] for v in VARIANTS}, min_time_s=1.0, min_rounds=3)
                 label = name if args is None else f"{name}{args}"
-                rows.append({
-                    "case": f"{label} @{hw}x{hw}", "batch": batch, "dtype": dtype_name,
-                    **{f"{k}_ms": t.median_s * 1e3 for k, t in times.items()},
-                    "vs_eager_nchw": times["eager_nchw"].median_s / times["fused"].median_s,
-                    "vs_eager_cl": times["eager_cl"].median_s / times["fused"].median_s,
-                })
+                rows.append(
+                    {
+                        "case": f"{label} @{hw}x{hw}",
+                        "batch": batch,
+                        "dtype": dtype_name,
+                        **{f"{k}_ms": t.median_s * 1e3 for k, t in times.items()},
+                        "vs_eager_nchw": times["eager_nchw"].median_s / times["fused"].median_s,
+                        "vs_eager_cl": times["eager_cl"].median_s / times["fused"].median_s,
+                    }
+                )
     return rows
 
 

@@ -90,7 +90,9 @@ def jobs(which: str, targets=(80, 90)) -> list[Job]:
         # config of the other dtypes and of the GEMM specialization.
         out = [
             Job(d, "conv3x3", "res_strided", True, c, cc)
-            for d in ("fp16", "fp32-ieee") for c in configs_for(d) for cc in (80, 90)
+            for d in ("fp16", "fp32-ieee")
+            for c in configs_for(d)
+            for cc in (80, 90)
         ]
         # fp32 with TF32 on sm_80: the tightest MMA case (a 64x64x64 config spilled there).
         out += [Job("fp32-tf32", "conv3x3", "res_strided", True, c, 80) for c in CONFIG_TABLE]
@@ -128,8 +130,19 @@ def compile_job(job: Job) -> dict:
     has_res, res_nhwc = RESIDUALS[job.residual]
     bm, bn, bk, warps, stages = job.config
     constexprs = dict(
-        KH=kh, KW=kw, IS_GEMM=is_gemm, HAS_BIAS=True, HAS_RES=has_res, RES_NHWC=res_nhwc, RELU=True,
-        PROLOGUE=job.prologue, ALLOW_TF32=tf32, UPCAST_DOT=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        KH=kh,
+        KW=kw,
+        IS_GEMM=is_gemm,
+        HAS_BIAS=True,
+        HAS_RES=has_res,
+        RES_NHWC=res_nhwc,
+        RELU=True,
+        PROLOGUE=job.prologue,
+        ALLOW_TF32=tf32,
+        UPCAST_DOT=False,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
     )
     signature, attrs = {}, {}
     for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
@@ -145,15 +158,17 @@ def compile_job(job: Job) -> dict:
     target = GPUTarget("cuda", job.cc, 32)
     kernel = triton.compile(
         ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-        target=target, options=dict(num_warps=warps, num_stages=stages),
+        target=target,
+        options=dict(num_warps=warps, num_stages=stages),
     )
     ptx = kernel.asm["ptx"]
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.ptx")
         with open(path, "w") as f:
             f.write(ptx)
-        run = subprocess.run([PTXAS, "-v", f"-arch={TARGETS[job.cc]['arch']}", path, "-o", os.devnull],
-                             capture_output=True, text=True)
+        run = subprocess.run(
+            [PTXAS, "-v", f"-arch={TARGETS[job.cc]['arch']}", path, "-o", os.devnull], capture_output=True, text=True
+        )
     if run.returncode != 0:
         raise RuntimeError(f"ptxas failed for {job.label}: {run.stderr[-2000:]}")
     log = run.stderr
@@ -163,8 +178,15 @@ def compile_job(job: Job) -> dict:
     shared = int(kernel.metadata.shared)
     blocks, occ = occupancy(regs, shared, warps, job.cc)
     return dict(
-        job=dataclasses.asdict(job), label=job.label, registers=regs, spill_stores=spill_st, spill_loads=spill_ld,
-        shared=shared, shared_limit=TARGETS[job.cc]["smem_block"], blocks_per_sm=blocks, occupancy=occ,
+        job=dataclasses.asdict(job),
+        label=job.label,
+        registers=regs,
+        spill_stores=spill_st,
+        spill_loads=spill_ld,
+        shared=shared,
+        shared_limit=TARGETS[job.cc]["smem_block"],
+        blocks_per_sm=blocks,
+        occupancy=occ,
         tf32_mma="tf32" in ptx,
     )
 
@@ -180,14 +202,20 @@ def print_table(results: list[dict]) -> None:
     for r in results:
         spill = r["spill_stores"] + r["spill_loads"]
         flag = "" if spill == 0 and r["shared"] <= r["shared_limit"] else "  <-- FAILS"
-        print(f"{r['label']:58s} {r['registers']:4d} {spill:6d} {r['shared'] / 1024:8.1f} "
-              f"{r['blocks_per_sm']:6d} {r['occupancy']:5.0%}{flag}")
+        print(
+            f"{r['label']:58s} {r['registers']:4d} {spill:6d} {r['shared'] / 1024:8.1f} "
+            f"{r['blocks_per_sm']:6d} {r['occupancy']:5.0%}{flag}"
+        )
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--set", choices=("worst", "all", "test"), default="worst",
-                   help="worst: the register-heaviest variant per dtype (default); all: every variant; test: the test's subset")
+    p.add_argument(
+        "--set",
+        choices=("worst", "all", "test"),
+        default="worst",
+        help="worst: the register-heaviest variant per dtype (default); all: every variant; test: the test's subset",
+    )
     p.add_argument("--targets", nargs="+", type=int, default=[80, 90], choices=sorted(TARGETS))
     p.add_argument("--jobs", type=int, default=2, help="parallel compiles (default 2)")
     p.add_argument("--json", help="also write the results to this file")

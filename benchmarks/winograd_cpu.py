@@ -18,10 +18,10 @@ import torch
 
 from benchmarks.common import measure_side_by_side, relative_difference
 from resfused.kernels import winograd_f43
-from resfused.kernels.conv_train import ScopedConv2d
-from resfused.runtime import buffer_cache
 from resfused.kernels.base import ConvParams
 from resfused.kernels.conv_onednn import OneDNNConv
+from resfused.kernels.conv_train import ScopedConv2d
+from resfused.runtime import buffer_cache
 
 THREADS = 2
 
@@ -53,8 +53,10 @@ def _inference_variants(c: int, hw: int, batch: int) -> dict:
     w, b = torch.randn(c, c, 3, 3, generator=g) / (3 * c**0.5), torch.randn(c, generator=g)
     p, onednn = ConvParams(w, b, (1, 1), (1, 1), (1, 1), 1), OneDNNConv()
     u = winograd_f43.TransformedWeight(w, torch.float64)
-    fns = {"direct": _scoped(lambda: onednn.run(x, p, None, True, None)),
-           "winograd": _scoped(lambda: winograd_f43.conv3x3(x, u, b, None, True))}
+    fns = {
+        "direct": _scoped(lambda: onednn.run(x, p, None, True, None)),
+        "winograd": _scoped(lambda: winograd_f43.conv3x3(x, u, b, None, True)),
+    }
     _check(fns["winograd"](), fns["direct"](), f"inference {c}@{hw}")
     return fns
 
@@ -75,8 +77,10 @@ def _training_variants(c: int, hw: int, batch: int) -> dict:
 
         return run
 
-    fns = {"direct": step(lambda: ScopedConv2d.apply(x, conv.weight, None, [1, 1], [1, 1], [1, 1], 1)),
-           "winograd": step(lambda: winograd_f43.conv3x3_train(x, conv.weight))}
+    fns = {
+        "direct": step(lambda: ScopedConv2d.apply(x, conv.weight, None, [1, 1], [1, 1], [1, 1], 1)),
+        "winograd": step(lambda: winograd_f43.conv3x3_train(x, conv.weight)),
+    }
     for ours, ref, what in zip(fns["winograd"](), fns["direct"](), ("grad input", "grad weight")):
         _check(ours, ref, f"{what} {c}@{hw}")
     return fns
@@ -91,13 +95,21 @@ def run(batch_sizes=(1, 8), train: bool = False, rounds: int = 7, verbose: bool 
             for batch in batch_sizes:
                 fns = (_training_variants if train else _inference_variants)(c, hw, batch)
                 med = {k: t.median_s for k, t in measure_side_by_side(fns, threads=THREADS, min_rounds=rounds).items()}
-                row = {"shape": f"{c}->{c} @{hw}x{hw}", "batch": batch, "mode": "train" if train else "inference",
-                       "direct_ms": med["direct"] * 1e3, "winograd_ms": med["winograd"] * 1e3,
-                       "speedup": med["direct"] / med["winograd"]}
+                row = {
+                    "shape": f"{c}->{c} @{hw}x{hw}",
+                    "batch": batch,
+                    "mode": "train" if train else "inference",
+                    "direct_ms": med["direct"] * 1e3,
+                    "winograd_ms": med["winograd"] * 1e3,
+                    "speedup": med["direct"] / med["winograd"],
+                }
                 rows.append(row)
                 if verbose:
-                    print(f"{row['shape']:16s} b{batch:<2d} {row['mode']:9s} direct {row['direct_ms']:7.2f} ms  "
-                          f"winograd {row['winograd_ms']:7.2f} ms  {row['speedup']:.2f}x", flush=True)
+                    print(
+                        f"{row['shape']:16s} b{batch:<2d} {row['mode']:9s} direct {row['direct_ms']:7.2f} ms  "
+                        f"winograd {row['winograd_ms']:7.2f} ms  {row['speedup']:.2f}x",
+                        flush=True,
+                    )
         return rows
     finally:
         torch.set_num_threads(previous)
@@ -109,7 +121,10 @@ def main(argv=None) -> None:
     ap.add_argument("--train", action="store_true", help="forward + backward against ATen's conv")
     ap.add_argument("--rounds", type=int, default=7, help="at least this many interleaved rounds")
     args = ap.parse_args(argv)
-    print(f"Winograd F(4x4, 3x3) vs direct conv, float32, {THREADS} threads, median of >= {args.rounds} interleaved rounds")
+    print(
+        f"Winograd F(4x4, 3x3) vs direct conv, float32, {THREADS} threads, "
+        f"median of >= {args.rounds} interleaved rounds"
+    )
     run(args.batch, args.train, args.rounds, verbose=True)
 
 

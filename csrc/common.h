@@ -8,19 +8,18 @@ namespace resfused {
 
 inline void check_float_tensor(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.defined(), "resfused: '", name, "' is undefined");
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()),
-              "resfused: '", name, "' must be a floating-point tensor (float32, float16, bfloat16 or float64), got ",
-              t.scalar_type());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "resfused: '", name,
+              "' must be a floating-point tensor (float32, float16, bfloat16 or float64), got ", t.scalar_type());
 }
 
 inline void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
-  TORCH_CHECK(a.device() == b.device(), "resfused: '", b_name, "' is on ", b.device(), " but '", a_name,
-              "' is on ", a.device(), "; move them to one device");
+  TORCH_CHECK(a.device() == b.device(), "resfused: '", b_name, "' is on ", b.device(), " but '", a_name, "' is on ",
+              a.device(), "; move them to one device");
 }
 
 inline void check_same_dtype(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "resfused: '", b_name, "' has dtype ", b.scalar_type(),
-              " but '", a_name, "' has dtype ", a.scalar_type(), "; they must match");
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "resfused: '", b_name, "' has dtype ", b.scalar_type(), " but '",
+              a_name, "' has dtype ", a.scalar_type(), "; they must match");
 }
 
 // A per-channel vector (scale, shift, bias) for a tensor with `channels` channels in dim 1.
@@ -36,8 +35,8 @@ inline void check_like(const at::Tensor& x, const char* x_name, const at::Tensor
                        const char* op) {
   check_same_device(x, x_name, other, other_name);
   check_same_dtype(x, x_name, other, other_name);
-  TORCH_CHECK(other.sizes() == x.sizes(), "resfused.", op, ": '", other_name, "' must have the shape of '", x_name, "' ",
-              x.sizes(), ", got ", other.sizes());
+  TORCH_CHECK(other.sizes() == x.sizes(), "resfused.", op, ": '", other_name, "' must have the shape of '", x_name,
+              "' ", x.sizes(), ", got ", other.sizes());
 }
 
 // Activations: rank >= 2 with channels in dim 1 (N, C, ...).

@@ -30,8 +30,8 @@ inline void check_grouped_conv3x3_args(const at::Tensor& x, const at::Tensor& we
     check_float_tensor(*bias, "bias");
     check_same_device(x, "x", *bias, "bias");
     check_same_dtype(x, "x", *bias, "bias");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "resfused.grouped_conv3x3: 'bias' must have shape [",
-                weight.size(0), "], got ", bias->sizes());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0),
+                "resfused.grouped_conv3x3: 'bias' must have shape [", weight.size(0), "], got ", bias->sizes());
   }
 }
 

@@ -6,7 +6,8 @@
 #define RESFUSED_CUDA_ARCHS ""
 #endif
 
-static struct PyModuleDef resfused_module = {PyModuleDef_HEAD_INIT, "_C", "resfused kernels (registered as torch.ops.resfused)", -1, nullptr};
+static struct PyModuleDef resfused_module = {PyModuleDef_HEAD_INIT, "_C",
+                                             "resfused kernels (registered as torch.ops.resfused)", -1, nullptr};
 
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* m = PyModule_Create(&resfused_module);

@@ -10,6 +10,18 @@ from resfused.stage import ResidualStage
 __version__ = "0.1.0"
 
 __all__ = [
-    "BasicBlock", "PreActBasicBlock", "Bottleneck", "ResNeXtBottleneck", "ConvBNAct", "ResidualStage", "fuse", "refresh",
-    "reference", "set_backend", "get_backend", "use_backend", "BackendUnavailable", "__version__",
+    "BasicBlock",
+    "PreActBasicBlock",
+    "Bottleneck",
+    "ResNeXtBottleneck",
+    "ConvBNAct",
+    "ResidualStage",
+    "fuse",
+    "refresh",
+    "reference",
+    "set_backend",
+    "get_backend",
+    "use_backend",
+    "BackendUnavailable",
+    "__version__",
 ]

@@ -41,7 +41,7 @@ class FusedModule(nn.Module):
     _folded = None  # FoldedWeights
 
     @classmethod
-    def from_reference(cls, block: nn.Module) -> "FusedModule":
+    def from_reference(cls, block: nn.Module) -> FusedModule:
         """A fused block that shares `block`'s submodules (parameters and buffers, not copies)
         and plain attributes; `block` must be an instance of the matching reference block
         (`resfused.reference.<same name>`). Other blocks (torchvision, timm): `resfused.fuse`."""
@@ -49,13 +49,15 @@ class FusedModule(nn.Module):
         if ref_cls is None:
             raise TypeError(f"resfused.{cls.__name__} has no reference block to convert from; build it from its parts")
         if type(block) is not ref_cls:
-            raise TypeError(f"resfused.{cls.__name__}.from_reference: 'block' must be a "
-                            f"resfused.reference.{ref_cls.__name__}, got {type(block).__module__}.{type(block).__qualname__}"
-                            "; resfused.fuse(model) converts torchvision and timm blocks")
+            raise TypeError(
+                f"resfused.{cls.__name__}.from_reference: 'block' must be a "
+                f"resfused.reference.{ref_cls.__name__}, got {type(block).__module__}.{type(block).__qualname__}"
+                "; resfused.fuse(model) converts torchvision and timm blocks"
+            )
         return cls._from_children(block)
 
     @classmethod
-    def _from_children(cls, block: nn.Module) -> "FusedModule":
+    def _from_children(cls, block: nn.Module) -> FusedModule:
         """from_reference without the type check: `block` holds the children by name (fuse()
         checks their structure before it calls this)."""
         fused = cls.__new__(cls)
@@ -119,14 +121,22 @@ class FusedModule(nn.Module):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"resfused.{name}: expected a 4-D input (N, C, H, W), got {shape}")
         if x.shape[1] != self.in_channels:
-            raise ValueError(f"resfused.{name}: expected {self.in_channels} input channels, got input of shape {tuple(x.shape)}")
+            raise ValueError(
+                f"resfused.{name}: expected {self.in_channels} input channels, got input of shape {tuple(x.shape)}"
+            )
         if x.shape[2] == 0 or x.shape[3] == 0:
-            raise ValueError(f"resfused.{name}: expected a non-empty height and width, got input of shape {tuple(x.shape)}")
+            raise ValueError(
+                f"resfused.{name}: expected a non-empty height and width, got input of shape {tuple(x.shape)}"
+            )
         weight = self._entry_conv().weight
         if x.dtype != weight.dtype:
-            raise TypeError(f"resfused.{name}: input dtype {x.dtype} does not match the block's parameters ({weight.dtype})")
+            raise TypeError(
+                f"resfused.{name}: input dtype {x.dtype} does not match the block's parameters ({weight.dtype})"
+            )
         if x.device != weight.device:
-            raise RuntimeError(f"resfused.{name}: input is on {x.device} but the block's parameters are on {weight.device}")
+            raise RuntimeError(
+                f"resfused.{name}: input is on {x.device} but the block's parameters are on {weight.device}"
+            )
 
     def _has_batch_statistics_bn(self) -> bool:
         """Whether a BN of this eval-mode module still normalizes with batch statistics: one left in
@@ -195,7 +205,9 @@ class BasicBlock(FusedModule, reference.BasicBlock):
     def _program(self, x, runner, may_overwrite_x=False):
         identity, identity_is_temporary = self._shortcut(x, runner, may_overwrite_x)
         out = runner.conv_bn(x, self.conv1, self.bn1, relu=True)
-        return runner.conv_bn(out, self.conv2, self.bn2, relu=True, residual=identity, may_overwrite_residual=identity_is_temporary)
+        return runner.conv_bn(
+            out, self.conv2, self.bn2, relu=True, residual=identity, may_overwrite_residual=identity_is_temporary
+        )
 
 
 class PreActBasicBlock(FusedModule, reference.PreActBasicBlock):
@@ -221,7 +233,9 @@ class _FusedBottleneckBase(FusedModule):
         identity, identity_is_temporary = self._shortcut(x, runner, may_overwrite_x)
         out = runner.conv_bn(x, self.conv1, self.bn1, relu=True)
         out = runner.conv_bn(out, self.conv2, self.bn2, relu=True)
-        return runner.conv_bn(out, self.conv3, self.bn3, relu=True, residual=identity, may_overwrite_residual=identity_is_temporary)
+        return runner.conv_bn(
+            out, self.conv3, self.bn3, relu=True, residual=identity, may_overwrite_residual=identity_is_temporary
+        )
 
 
 class Bottleneck(_FusedBottleneckBase, reference.Bottleneck):
@@ -239,11 +253,15 @@ class ConvBNAct(FusedModule):
         super().__init__()
         for name, problem in (("conv", structure.conv_problem(conv)), ("bn", structure.bn_problem(bn))):
             if problem:
-                raise TypeError(f"resfused.ConvBNAct: '{name}' {problem}; a fused conv computes what a plain "
-                                "zero-padded nn.Conv2d and an nn.BatchNorm2d do, nothing else")
+                raise TypeError(
+                    f"resfused.ConvBNAct: '{name}' {problem}; a fused conv computes what a plain "
+                    "zero-padded nn.Conv2d and an nn.BatchNorm2d do, nothing else"
+                )
         if bn.num_features != conv.out_channels:
-            raise ValueError(f"resfused.ConvBNAct: 'bn' has {bn.num_features} features but 'conv' has "
-                             f"{conv.out_channels} output channels")
+            raise ValueError(
+                f"resfused.ConvBNAct: 'bn' has {bn.num_features} features but 'conv' has "
+                f"{conv.out_channels} output channels"
+            )
         self.conv, self.bn, self.relu = conv, bn, relu
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -258,16 +276,20 @@ class ConvBNAct(FusedModule):
 
 
 def not_fx_traceable(module: nn.Module) -> RuntimeError:
-    return RuntimeError(f"resfused.{type(module).__name__} cannot be traced by torch.fx: fused modules choose "
-                        "their kernels in Python at each call. Keep them whole as leaf modules, e.g. "
-                        "torchvision's create_feature_extractor(model, nodes, tracer_kwargs={'leaf_modules': "
-                        "[resfused.blocks.FusedModule, resfused.ResidualStage]}), or use torch.compile / torch.export")
+    return RuntimeError(
+        f"resfused.{type(module).__name__} cannot be traced by torch.fx: fused modules choose "
+        "their kernels in Python at each call. Keep them whole as leaf modules, e.g. "
+        "torchvision's create_feature_extractor(model, nodes, tracer_kwargs={'leaf_modules': "
+        "[resfused.blocks.FusedModule, resfused.ResidualStage]}), or use torch.compile / torch.export"
+    )
 
 
 def not_scriptable(module: nn.Module) -> RuntimeError:
     # torch.jit.script asks every module for __prepare_scriptable__ before compiling anything.
-    return RuntimeError(f"resfused.{type(module).__name__} cannot be scripted with torch.jit.script: fused modules "
-                        "choose their kernels in Python at each call; use torch.compile or torch.export instead")
+    return RuntimeError(
+        f"resfused.{type(module).__name__} cannot be scripted with torch.jit.script: fused modules "
+        "choose their kernels in Python at each call; use torch.compile or torch.export instead"
+    )
 
 
 def refresh(module: nn.Module) -> nn.Module:

@@ -66,8 +66,10 @@ class FuseReport:
     def __str__(self) -> str:
         already = [e for e in self.skipped if e.detail == _ALREADY_FUSED]
         if not self.converted and already:
-            head = (f"resfused.fuse({self.model}): nothing left to convert ({len(already)} already fused); "
-                    "the model is returned unchanged")
+            head = (
+                f"resfused.fuse({self.model}): nothing left to convert ({len(already)} already fused); "
+                "the model is returned unchanged"
+            )
         elif not self.converted:
             head = f"resfused.fuse({self.model}): nothing convertible found; the model is returned unchanged"
         else:
@@ -96,7 +98,9 @@ def fuse(model: nn.Module, inplace: bool = False, verbose: bool = False) -> nn.M
     torch.inference_mode() / no_grad().
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"resfused.fuse: 'model' must be a torch.nn.Module, got {type(model).__module__}.{type(model).__qualname__}")
+        raise TypeError(
+            f"resfused.fuse: 'model' must be a torch.nn.Module, got {type(model).__module__}.{type(model).__qualname__}"
+        )
     if not isinstance(inplace, bool):
         raise TypeError(f"resfused.fuse: 'inplace' must be a bool, got {inplace!r}")
     if not inplace:
@@ -107,8 +111,7 @@ def fuse(model: nn.Module, inplace: bool = False, verbose: bool = False) -> nn.M
         model = root
     if model.training and report.converted:
         report.notes.append(
-            "the model is in training mode: it trains with fused batch-norm kernels; "
-            "call .eval() for folded inference"
+            "the model is in training mode: it trains with fused batch-norm kernels; call .eval() for folded inference"
         )
     model.resfused_report = report
     if verbose:
@@ -144,7 +147,9 @@ def _visit(module: nn.Module, path: str, report: FuseReport, fresh: set[int]) ->
         return fused
     fresh.update(_fuse_stem(module, path, report))
     if _BLOCK_NAME.search(type(module).__name__) and not isinstance(module, nn.Sequential):
-        report.entries.append(FuseEntry(path, name, False, "not a supported block type (its forward is unknown to resfused)"))
+        report.entries.append(
+            FuseEntry(path, name, False, "not a supported block type (its forward is unknown to resfused)")
+        )
     for child_name, child in list(module.named_children()):
         new = _visit(child, f"{path}.{child_name}" if path else child_name, report, fresh)
         if new is not child:
@@ -251,12 +256,18 @@ def _shortcut(ds, what: str = "downsample", bn_required: bool = True):
     real = [(n, m) for n, m in children if type(m) is not nn.Identity]
     if type(ds) in (nn.Sequential,) or type(ds).__name__ in ("DownsampleConv", "DownsampleAvg"):
         if any(isinstance(m, (nn.AvgPool2d, nn.MaxPool2d)) or "Pool" in type(m).__name__ for _, m in real):
-            raise _Unsupported(f"{what} pools before its conv (a 'd'-variant avg-down shortcut); the fused shortcut is conv + BN only")
+            raise _Unsupported(
+                f"{what} pools before its conv (a 'd'-variant avg-down shortcut); the fused shortcut is conv + BN only"
+            )
         if len(real) == 2 and type(real[0][1]) is nn.Conv2d:
-            return ShortcutConvBN(children, _conv(real[0][1], f"{what}.{real[0][0]}"), _bn(real[1][1], f"{what}.{real[1][0]}"))
+            return ShortcutConvBN(
+                children, _conv(real[0][1], f"{what}.{real[0][0]}"), _bn(real[1][1], f"{what}.{real[1][0]}")
+            )
         if len(real) == 1 and not bn_required and type(real[0][1]) is nn.Conv2d:
             return ShortcutConvBN(children, _conv(real[0][1], f"{what}.{real[0][0]}"), None)
-    raise _Unsupported(f"{what} is {type(ds).__name__}({', '.join(type(m).__name__ for _, m in children)}), not conv + BN")
+    raise _Unsupported(
+        f"{what} is {type(ds).__name__}({', '.join(type(m).__name__ for _, m in children)}), not conv + BN"
+    )
 
 
 def _fused(cls, module: nn.Module, **children) -> nn.Module:
@@ -278,8 +289,11 @@ def _reference_block(m):
     if type(m) is reference.PreActBasicBlock:
         cls, names = blocks.PreActBasicBlock, ("bn1", "conv1", "bn2", "conv2")
     else:
-        cls = {reference.BasicBlock: blocks.BasicBlock, reference.Bottleneck: blocks.Bottleneck,
-               reference.ResNeXtBottleneck: blocks.ResNeXtBottleneck}[type(m)]
+        cls = {
+            reference.BasicBlock: blocks.BasicBlock,
+            reference.Bottleneck: blocks.Bottleneck,
+            reference.ResNeXtBottleneck: blocks.ResNeXtBottleneck,
+        }[type(m)]
         names = ("conv1", "bn1", "conv2", "bn2") + (("conv3", "bn3") if hasattr(m, "conv3") else ())
     for n in names:
         (_conv if n.startswith("conv") else _bn)(getattr(m, n), n)
@@ -396,7 +410,11 @@ def _fuse_stem(model: nn.Module, path: str, report: FuseReport) -> list[int]:
             if len(stem) % 3 != 1:
                 raise _Unsupported("deep stem is not (conv, BN, ReLU)* + conv")
             for i in range(0, len(stem) - 1, 3):
-                _conv(stem[i], f"conv1[{i}]"), _bn(stem[i + 1], f"conv1[{i + 1}]"), _relu(stem[i + 2], f"conv1[{i + 2}]")
+                (
+                    _conv(stem[i], f"conv1[{i}]"),
+                    _bn(stem[i + 1], f"conv1[{i + 1}]"),
+                    _relu(stem[i + 2], f"conv1[{i + 2}]"),
+                )
             _conv(stem[-1], f"conv1[{len(stem) - 1}]")
             for i in range(0, len(stem) - 1, 3):
                 model.conv1[i] = blocks.ConvBNAct(stem[i], stem[i + 1], relu=True).train(model.training)

@@ -23,8 +23,17 @@ def _cpu_isa() -> str:
                     break
     except OSError:
         pass
-    isa = [name for name, flag in (("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AVX-512-BF16", "avx512_bf16"),
-                                   ("AMX-BF16", "amx_bf16"), ("AVX-512-FP16", "avx512_fp16")) if flag in flags]
+    isa = [
+        name
+        for name, flag in (
+            ("AVX2", "avx2"),
+            ("AVX-512", "avx512f"),
+            ("AVX-512-BF16", "avx512_bf16"),
+            ("AMX-BF16", "amx_bf16"),
+            ("AVX-512-FP16", "avx512_fp16"),
+        )
+        if flag in flags
+    ]
     return ", ".join(isa) or "unknown"
 
 
@@ -64,8 +73,10 @@ def collect() -> dict:
 def main() -> None:
     info = collect()
     print("resfused environment")
-    print(f"  python {info['python']}, torch {info['torch']} (CUDA build: {info['torch_cuda'] or 'no'}), "
-          f"triton {info['triton'] or 'not installed'}")
+    print(
+        f"  python {info['python']}, torch {info['torch']} (CUDA build: {info['torch_cuda'] or 'no'}), "
+        f"triton {info['triton'] or 'not installed'}"
+    )
     print(f"  CUDA device: {info['cuda_device'] or 'none'}")
     if info["extension_loaded"]:
         archs = info["extension_cuda_archs"]
@@ -79,8 +90,10 @@ def main() -> None:
     for name, (ok, why) in info["backends"].items():
         print(f"    {name:<10} {'usable' if ok else 'unavailable: ' + why}")
     print(f"  selected backend: {info['selected_backend']}")
-    print(f"  CPU: ATen capability {info['cpu_capability']}; ISA {info['cpu_isa']}; "
-          f"oneDNN bf16 {'yes' if info['onednn_bf16'] else 'no'}; {info['threads']} threads")
+    print(
+        f"  CPU: ATen capability {info['cpu_capability']}; ISA {info['cpu_isa']}; "
+        f"oneDNN bf16 {'yes' if info['onednn_bf16'] else 'no'}; {info['threads']} threads"
+    )
     if info["kernel_threads"] is not None:
         note = "" if info["kernel_threads"] == info["threads"] else "  (fewer than torch's: built without OpenMP?)"
         print(f"  resfused C++ kernels run on {info['kernel_threads']} of them{note}")

@@ -14,7 +14,14 @@ torch.backends.cudnn.allow_tf32 = False
 
 # The compiled CPU kernels every suite run must have. Without them most test modules would skip,
 # so under `make test` and CI (RESFUSED_REQUIRE_NATIVE=1) a missing or broken _C stops the run.
-REQUIRED_CPU_OPS = ("add_relu", "scale_shift_act", "bn_train_act", "grouped_conv3x3", "winograd_f43_input", "all_finite")
+REQUIRED_CPU_OPS = (
+    "add_relu",
+    "scale_shift_act",
+    "bn_train_act",
+    "grouped_conv3x3",
+    "winograd_f43_input",
+    "all_finite",
+)
 
 
 def pytest_sessionstart(session):
@@ -26,8 +33,9 @@ def pytest_sessionstart(session):
         pytest.exit(f"RESFUSED_REQUIRE_NATIVE=1 but resfused._C did not load: {_native.load_error}", returncode=1)
     missing = [op for op in REQUIRED_CPU_OPS if not _native.has_kernel(op, "cpu")]
     if missing:
-        pytest.exit(f"RESFUSED_REQUIRE_NATIVE=1 but resfused._C has no CPU kernel for {missing} (a stale build?)",
-                    returncode=1)
+        pytest.exit(
+            f"RESFUSED_REQUIRE_NATIVE=1 but resfused._C has no CPU kernel for {missing} (a stale build?)", returncode=1
+        )
 
 
 @pytest.fixture(autouse=True)

@@ -29,13 +29,16 @@ def describe_difference(actual: torch.Tensor, expected: torch.Tensor, limit: flo
     mismatch = _non_finite_mismatch(a, e)
     if mismatch.any():
         idx = tuple(int(i) for i in mismatch.nonzero()[0])
-        return (f"NaN/Inf pattern differs: {int(mismatch.sum())} elements, first at {idx}: "
-                f"actual {a[idx].item()} expected {e[idx].item()}")
+        return (
+            f"NaN/Inf pattern differs: {int(mismatch.sum())} elements, first at {idx}: "
+            f"actual {a[idx].item()} expected {e[idx].item()}"
+        )
     diff = torch.where(e.isfinite(), (a - e).abs(), torch.zeros_like(a))
     flat = int(diff.argmax())
     idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), a.shape))
     msg = (
-        f"max abs diff {diff.max().item():.3e} at index {idx} (actual {a[idx].item():.6g}, expected {e[idx].item():.6g}); "
+        f"max abs diff {diff.max().item():.3e} at index {idx} "
+        f"(actual {a[idx].item():.6g}, expected {e[idx].item():.6g}); "
         f"max|expected| {e.abs().max().item():.3e}; shape {tuple(a.shape)}"
     )
     if limit is not None:
@@ -92,7 +95,9 @@ def randomize_bn(module: torch.nn.Module, generator: torch.Generator | None = No
     return module
 
 
-def compare_modules(fused: torch.nn.Module, reference: torch.nn.Module, x: torch.Tensor, what: str = "") -> torch.Tensor:
+def compare_modules(
+    fused: torch.nn.Module, reference: torch.nn.Module, x: torch.Tensor, what: str = ""
+) -> torch.Tensor:
     """Run `fused` on x (its dtype) and `reference` in float64 and in x's dtype; assert §5. Returns fused(x)."""
     # The reference sees what the fused module sees: parameters rounded to x's dtype, then float64.
     ref64 = copy.deepcopy(reference).to(x.dtype).double()

@@ -26,7 +26,9 @@ def test_unavailable_backend_names_what_is_missing(monkeypatch):
     with pytest.raises(resfused.BackendUnavailable, match="'cuda' is unavailable: .*(CUDA|built without)"):
         resfused.set_backend("cuda")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(resfused.BackendUnavailable, match="'triton' is unavailable: no CUDA device .* TRITON_INTERPRET"):
+    with pytest.raises(
+        resfused.BackendUnavailable, match="'triton' is unavailable: no CUDA device .* TRITON_INTERPRET"
+    ):
         resfused.set_backend("triton")
 
 

@@ -53,7 +53,7 @@ def test_quick_run_rows(quick_run):
     for r in blocks:
         assert set(r["times"]) == {"fused", "eager_nchw", "eager_cl"}, r["label"]
         assert r["flops"] > 0 and r["batch"] == 1 and r["dtype"] == "fp32"
-        assert r["max_rel_diff"] < 1e-3, r["label"]   # the timed module computes the block
+        assert r["max_rel_diff"] < 1e-3, r["label"]  # the timed module computes the block
         assert "conv/reference" not in r["kernels"], r["label"]
 
     models = [r for r in doc["results"] if r["kind"] == "model"]
@@ -92,9 +92,11 @@ def test_speedup_is_baseline_over_fused():
 
 def test_count_flops_matches_conv_formula():
     model = nn.Sequential(
-        nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False),        # -> 16 x 5 x 5 from 9 x 9
-        nn.Conv2d(16, 16, 3, padding=1, groups=4, bias=False),       # grouped: 4 in-channels each
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False),  # -> 16 x 5 x 5 from 9 x 9
+        nn.Conv2d(16, 16, 3, padding=1, groups=4, bias=False),  # grouped: 4 in-channels each
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
     )
     x = torch.randn(2, 8, 9, 9)
     expect = 2 * (2 * 5 * 5 * 16 * 8 * 9) + 2 * (2 * 5 * 5 * 16 * 4 * 9) + 2 * (2 * 10 * 16)
@@ -104,7 +106,11 @@ def test_count_flops_matches_conv_formula():
 def test_side_by_side_timing_orders_variants():
     t = common.measure_side_by_side(
         {"short": lambda: time.sleep(0.001), "long": lambda: time.sleep(0.004)},
-        threads=1, block_s=0.004, min_time_s=0.02, min_rounds=3, warmup_s=0.0,
+        threads=1,
+        block_s=0.004,
+        min_time_s=0.02,
+        min_rounds=3,
+        warmup_s=0.0,
     )
     assert t["long"].median_s >= 0.004 and t["short"].median_s >= 0.001
     assert t["long"].median_s > t["short"].median_s
@@ -120,13 +126,18 @@ def test_isolated_workers_time_in_processes_of_their_own():
         pool.start(["short", "long"])
         infos = {n: pool[n].build(functools.partial(_sleep_recipe, s)) for n, s in (("short", 0.001), ("long", 0.004))}
         assert len({info["pid"] for info in infos.values()} | {os.getpid()}) == 3
-        t = common.interleaved_rounds({n: pool[n] for n in infos}, block_s=0.004, min_time_s=0.02, min_rounds=3, warmup_s=0.0)
+        t = common.interleaved_rounds(
+            {n: pool[n] for n in infos}, block_s=0.004, min_time_s=0.02, min_rounds=3, warmup_s=0.0
+        )
     assert t["long"].median_s >= 0.004 and t["short"].median_s >= 0.001
     assert t["long"].median_s > t["short"].median_s
 
 
 def test_worker_errors_carry_the_traceback():
-    with WorkerPool(threads=1) as pool, pytest.raises(RuntimeError, match="(?s)worker 'bad' failed on 'build'.*ZeroDivisionError"):
+    with (
+        WorkerPool(threads=1) as pool,
+        pytest.raises(RuntimeError, match="(?s)worker 'bad' failed on 'build'.*ZeroDivisionError"),
+    ):
         pool["bad"].build(functools.partial(divmod, 1, 0))
 
 
@@ -194,11 +205,14 @@ def test_floor_split_counts_the_winograd_gemms_it_runs():
     assert split["Winograd transforms"]["calls"] == 4  # an input and an output transform per conv
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--batch", "0"], r"--batch sizes must be >= 1, got \[0\]"),
-    (["--threads", "0"], "--threads must be >= 1"),
-    (["--filter", "no-such-case"], "--filter no-such-case matches none of these cases:\n  BasicBlock"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch", "0"], r"--batch sizes must be >= 1, got \[0\]"),
+        (["--threads", "0"], "--threads must be >= 1"),
+        (["--filter", "no-such-case"], "--filter no-such-case matches none of these cases:\n  BasicBlock"),
+    ],
+)
 def test_bad_command_lines_say_what_is_wrong(argv, message, tmp_path):
     threads = torch.get_num_threads()
     try:
@@ -211,8 +225,15 @@ def test_bad_command_lines_say_what_is_wrong(argv, message, tmp_path):
 def test_compare_revisions_times_each_tree_in_its_own_process():
     from benchmarks import compare_revisions
 
-    med = compare_revisions.time_trees({"a": compare_revisions.ROOT, "b": compare_revisions.ROOT}, "resnet18",
-                                       batch=1, resolution=32, rounds=3, threads=1, block_s=0.01)
+    med = compare_revisions.time_trees(
+        {"a": compare_revisions.ROOT, "b": compare_revisions.ROOT},
+        "resnet18",
+        batch=1,
+        resolution=32,
+        rounds=3,
+        threads=1,
+        block_s=0.01,
+    )
     assert set(med) == {"a", "b"} and all(v > 0 for v in med.values())
 
 

@@ -8,11 +8,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 
 import resfused
+from resfused import reference as R
+
 from cases import BLOCK_CASES, ONE_PER_TYPE, parametrize_cases
 from harness import assert_matches_reference, compare_modules, randomize_bn
-from resfused import reference as R
 from strategies import block_configs
-
 
 
 def _pair(name, args):
@@ -76,15 +76,21 @@ def test_from_reference_shares_parameters():
     compare_modules(fused, ref, torch.randn(2, 32, 6, 6))
 
 
-@pytest.mark.parametrize("cls, block", [
-    (resfused.PreActBasicBlock, R.BasicBlock(16, 16)),  # same children, other math
-    (resfused.BasicBlock, R.Bottleneck(64, 16)),
-    (resfused.Bottleneck, R.ResNeXtBottleneck(64, 32, 1, 8, 8)),
-    (resfused.BasicBlock, torch.nn.Linear(3, 3)),
-])
+@pytest.mark.parametrize(
+    "cls, block",
+    [
+        (resfused.PreActBasicBlock, R.BasicBlock(16, 16)),  # same children, other math
+        (resfused.BasicBlock, R.Bottleneck(64, 16)),
+        (resfused.Bottleneck, R.ResNeXtBottleneck(64, 32, 1, 8, 8)),
+        (resfused.BasicBlock, torch.nn.Linear(3, 3)),
+    ],
+)
 def test_from_reference_refuses_another_block(cls, block):
-    with pytest.raises(TypeError, match=rf"resfused.{cls.__name__}.from_reference: 'block' must be a "
-                                        rf"resfused.reference.{cls.__name__}, got .*{type(block).__name__}"):
+    with pytest.raises(
+        TypeError,
+        match=rf"resfused.{cls.__name__}.from_reference: 'block' must be a "
+        rf"resfused.reference.{cls.__name__}, got .*{type(block).__name__}",
+    ):
         cls.from_reference(block)
     with pytest.raises(TypeError, match="ConvBNAct has no reference block"):
         resfused.ConvBNAct.from_reference(block)
@@ -150,7 +156,9 @@ def test_deepcopy_keeps_working():
 
 class _WeightStandardizedConv(torch.nn.Conv2d):  # like timm's StdConv2d: forward changes the weight
     def forward(self, x):
-        w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / (self.weight.std((1, 2, 3), keepdim=True) + 1e-5)
+        w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / (
+            self.weight.std((1, 2, 3), keepdim=True) + 1e-5
+        )
         return self._conv_forward(x, w, self.bias)
 
 
@@ -159,17 +167,20 @@ class _BatchNormWithAct(torch.nn.BatchNorm2d):  # like timm's BatchNormAct2d
         return torch.nn.functional.silu(super().forward(x))
 
 
-@pytest.mark.parametrize("conv, bn, match", [
-    (torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(16), "'bn' has 16 features but 'conv' has 8 output channels"),
-    (torch.nn.Linear(3, 8), torch.nn.BatchNorm2d(8), "'conv' is Linear, not a plain nn.Conv2d"),
-    (torch.nn.Conv2d(3, 8, 3), torch.nn.LayerNorm(8), "'bn' is LayerNorm, not nn.BatchNorm2d"),
-    # Accepted before, then computed something else (0.93 and 0.55 relative error): the fused conv
-    # neither standardizes the weight nor pads by reflection.
-    (_WeightStandardizedConv(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), "'conv' is _WeightStandardizedConv"),
-    (torch.nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"), torch.nn.BatchNorm2d(8), "'conv' uses padding"),
-    (torch.nn.Conv2d(3, 8, 3, padding="same"), torch.nn.BatchNorm2d(8), "'conv' uses padding 'same'"),
-    (torch.nn.Conv2d(3, 8, 3), _BatchNormWithAct(8), "'bn' is _BatchNormWithAct, not nn.BatchNorm2d"),
-])
+@pytest.mark.parametrize(
+    "conv, bn, match",
+    [
+        (torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(16), "'bn' has 16 features but 'conv' has 8 output channels"),
+        (torch.nn.Linear(3, 8), torch.nn.BatchNorm2d(8), "'conv' is Linear, not a plain nn.Conv2d"),
+        (torch.nn.Conv2d(3, 8, 3), torch.nn.LayerNorm(8), "'bn' is LayerNorm, not nn.BatchNorm2d"),
+        # Accepted before, then computed something else (0.93 and 0.55 relative error): the fused conv
+        # neither standardizes the weight nor pads by reflection.
+        (_WeightStandardizedConv(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), "'conv' is _WeightStandardizedConv"),
+        (torch.nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"), torch.nn.BatchNorm2d(8), "'conv' uses padding"),
+        (torch.nn.Conv2d(3, 8, 3, padding="same"), torch.nn.BatchNorm2d(8), "'conv' uses padding 'same'"),
+        (torch.nn.Conv2d(3, 8, 3), _BatchNormWithAct(8), "'bn' is _BatchNormWithAct, not nn.BatchNorm2d"),
+    ],
+)
 def test_conv_bn_act_checks_its_parts(conv, bn, match):
     with pytest.raises((TypeError, ValueError), match=rf"resfused.ConvBNAct: {match}"):
         resfused.ConvBNAct(conv, bn)
@@ -214,8 +225,12 @@ def test_parameters_made_under_inference_mode():
         assert_matches_reference(fused(x).double(), ref(x).double(), torch.float32, what="inference tensors")
         fused.conv1.weight.mul_(2)
         ref.conv1.weight.mul_(2)
-        assert_matches_reference(resfused.refresh(fused)(x).double(), ref(x).double(), torch.float32,
-                                 what="inference tensors after an in-place edit and refresh()")
+        assert_matches_reference(
+            resfused.refresh(fused)(x).double(),
+            ref(x).double(),
+            torch.float32,
+            what="inference tensors after an in-place edit and refresh()",
+        )
 
 
 @pytest.mark.parametrize("grad", [False, True])

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import resfused
-from cases import ONE_PER_TYPE, parametrize_cases
-from harness import assert_matches_reference, compare_modules, randomize_bn
 from resfused import reference as R
 
+from cases import ONE_PER_TYPE, parametrize_cases
+from harness import assert_matches_reference, compare_modules, randomize_bn
 
 
 def _pair(name, args):
@@ -98,7 +98,10 @@ def test_module_protocols():
         buffer = io.BytesIO()
         torch.save(fused.state_dict(), buffer)
         buffer.seek(0)
-        for how, state in (("torch.save", torch.load(buffer)), ("pickle", pickle.loads(pickle.dumps(fused.state_dict())))):
+        for how, state in (
+            ("torch.save", torch.load(buffer)),
+            ("pickle", pickle.loads(pickle.dumps(fused.state_dict()))),
+        ):
             clone = resfused.Bottleneck(16, 4).eval()
             clone.load_state_dict(state)
             compare_modules(clone, ref, x, f"state_dict round trip through {how}")
@@ -115,6 +118,9 @@ def test_torchscript_is_unsupported_and_says_so(what):
     module = resfused.BasicBlock(4, 4).eval()
     if what == "fused model":
         module = resfused.fuse(torch.nn.Sequential(R.BasicBlock(4, 4), R.BasicBlock(4, 4)).eval())
-    with pytest.raises(RuntimeError, match=r"resfused\.\w+ cannot be scripted with "
-                                                                       r"torch\.jit\.script.*use torch\.compile"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"resfused\.\w+ cannot be scripted with "
+        r"torch\.jit\.script.*use torch\.compile",
+    ):
         torch.jit.script(module)

@@ -78,7 +78,9 @@ def test_a_nan_in_the_input_reaches_the_output_as_in_the_original():
 def test_torchvision_state_dict_keys_are_kept_except_the_stem():
     model = torchvision.models.resnet18(weights=None).eval()
     fused = resfused.fuse(model)
-    stem = {"conv1.weight": "conv1.conv.weight"} | {f"bn1.{k}": f"conv1.bn.{k}" for k, _ in model.bn1.state_dict().items()}
+    stem = {"conv1.weight": "conv1.conv.weight"} | {
+        f"bn1.{k}": f"conv1.bn.{k}" for k, _ in model.bn1.state_dict().items()
+    }
     assert set(fused.state_dict()) == {stem.get(k, k) for k in model.state_dict()}
     # A torchvision checkpoint loads after renaming the stem keys, and gives the same outputs.
     randomize_bn(model)
@@ -118,18 +120,24 @@ def _timm(name, **kwargs):
 
 
 @pytest.mark.parametrize(
-    "name, n_blocks, fused_cls", [("resnet18", 8, resfused.BasicBlock), ("resnext50_32x4d", 16, resfused.ResNeXtBottleneck)]
+    "name, n_blocks, fused_cls",
+    [("resnet18", 8, resfused.BasicBlock), ("resnext50_32x4d", 16, resfused.ResNeXtBottleneck)],
 )
 def test_timm_resnets_match(name, n_blocks, fused_cls):
     model = _timm(name)
     fused, report, ran = _check_model(model, torch.randn(1, 3, 64, 64), f"timm {name}")
     assert report.skipped == [], str(report)
     assert len(report.converted) == n_blocks + 1  # + the stem
-    assert [e.detail for e in report.converted if "stem" not in e.source] == [f"resfused.{fused_cls.__name__}"] * n_blocks
+    assert [e.detail for e in report.converted if "stem" not in e.source] == [
+        f"resfused.{fused_cls.__name__}"
+    ] * n_blocks
     assert len(ran) == sum(isinstance(m, nn.Conv2d) for m in model.modules())
     # Block keys are timm's own (act/aa/drop_block hold no state); only the stem moved.
     moved = {"conv1.weight"} | {f"bn1.{k}" for k in model.bn1.state_dict()}
-    assert set(fused.state_dict()) - {k for k in fused.state_dict() if k.startswith("conv1.")} == set(model.state_dict()) - moved
+    assert (
+        set(fused.state_dict()) - {k for k in fused.state_dict() if k.startswith("conv1.")}
+        == set(model.state_dict()) - moved
+    )
 
 
 def test_timm_resnet50d_converts_what_matches_and_explains_the_rest():
@@ -212,7 +220,9 @@ def test_reference_blocks_nested_and_as_the_model(block, fused_cls):
     x = torch.randn(2, block.conv1.in_channels, 9, 11)
     model = nn.Sequential(nn.Identity(), block)
     fused, report, _ = _check_model(model, x, fused_cls.__name__)
-    assert type(fused[1]) is fused_cls and [(e.path, e.detail) for e in report.converted] == [("1", f"resfused.{fused_cls.__name__}")]
+    assert type(fused[1]) is fused_cls and [(e.path, e.detail) for e in report.converted] == [
+        ("1", f"resfused.{fused_cls.__name__}")
+    ]
     alone = resfused.fuse(block)  # the model is the block: the result is a new fused module
     assert type(alone) is fused_cls and type(block) is not fused_cls
     with torch.no_grad():

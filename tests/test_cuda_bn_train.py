@@ -24,8 +24,14 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 EPS = 1e-5
 # (shape, layout): C a multiple of the 16-byte vector width and not, NCHW and channels_last,
 # odd spatial sizes, a (N, C) input, a 3-D (N, C, L) input.
-CASES = [((2, 16, 5, 3), CL), ((3, 5, 7, 3), CL), ((2, 16, 4, 4), torch.contiguous_format),
-         ((2, 3, 5, 7), torch.contiguous_format), ((6, 4), torch.contiguous_format), ((3, 6, 11), torch.contiguous_format)]
+CASES = [
+    ((2, 16, 5, 3), CL),
+    ((3, 5, 7, 3), CL),
+    ((2, 16, 4, 4), torch.contiguous_format),
+    ((2, 3, 5, 7), torch.contiguous_format),
+    ((6, 4), torch.contiguous_format),
+    ((3, 6, 11), torch.contiguous_format),
+]
 
 
 def _bn(x, w, b, relu):
@@ -55,7 +61,9 @@ def _inputs(shape, layout, dtype, seed=0):
 def _check(emu, x, w, b, g, relu, what):  # noqa: F811  (the fixture, passed on)
     dtype = x.dtype
     y, mean, var = emu.bn_train_act(x, w, b, EPS, relu)
-    layout = CL if x.dim() == 4 and x.is_contiguous(memory_format=CL) and not x.is_contiguous() else torch.contiguous_format
+    layout = (
+        CL if x.dim() == 4 and x.is_contiguous(memory_format=CL) and not x.is_contiguous() else torch.contiguous_format
+    )
     assert y.dtype == dtype and y.is_contiguous(memory_format=layout), f"{what}: y layout/dtype"
     stats_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     assert mean.dtype == stats_dtype and var.dtype == stats_dtype, f"{what}: stats dtype {mean.dtype}"
@@ -71,8 +79,9 @@ def _check(emu, x, w, b, g, relu, what):  # noqa: F811  (the fixture, passed on)
     for name, ours, expected, eager in zip(("y", "grad_x", "grad_weight", "grad_bias"), (y, gx, gw, gb), ref, base):
         elementwise = name in ("y", "grad_x")
         # per-channel results are float32 (as the reference's float32 parameters): the fp32 rule
-        assert_matches_reference(ours, expected, dtype if elementwise else torch.float32,
-                                 eager if elementwise else None, f"{what} {name}")
+        assert_matches_reference(
+            ours, expected, dtype if elementwise else torch.float32, eager if elementwise else None, f"{what} {name}"
+        )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -118,7 +127,9 @@ def test_bn_train_statistics_when_the_mean_dominates(emu):  # noqa: F811
         assert_matches_reference(var, x64.var((0, 2, 3), unbiased=False), what=f"var {layout}")
         x = (torch.randn(4, 3, 8, 8) * 0.01 + 10.0).contiguous(memory_format=layout)
         y, _, _ = emu.bn_train_act(x, w, b, EPS, False)
-        assert_matches_reference(y, F.batch_norm(x.double(), None, None, None, None, True, 0.0, EPS), what=f"y {layout}")
+        assert_matches_reference(
+            y, F.batch_norm(x.double(), None, None, None, None, True, 0.0, EPS), what=f"y {layout}"
+        )
 
 
 def test_bn_train_unaligned_and_odd_vector_widths(emu):  # noqa: F811
@@ -191,5 +202,6 @@ def test_bn_train_act_cuda_kernel(dtype, layout):
     base = _forward_backward(lambda *a: _bn(*a, True), g, x, w.to(dtype), b.to(dtype)) if dtype in LOWP else (None,) * 4
     for name, ours, expected, eager in zip(("y", "grad_x", "grad_weight", "grad_bias"), (y, gx, gw, gb), ref, base):
         elementwise = name in ("y", "grad_x")
-        assert_matches_reference(ours.cpu(), expected, dtype if elementwise else torch.float32,
-                                 eager if elementwise else None, name)
+        assert_matches_reference(
+            ours.cpu(), expected, dtype if elementwise else torch.float32, eager if elementwise else None, name
+        )

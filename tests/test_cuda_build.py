@@ -1,4 +1,5 @@
-"""The CUDA kernels compile with nvcc for sm_80 and sm_90 with no register spills (docs/design.md, Checking GPU code without a GPU).
+"""The CUDA kernels compile with nvcc for sm_80 and sm_90 with no register spills (docs/design.md,
+"Checking GPU code without a GPU").
 
 All device code lives in the torch-free translation units csrc/cuda/*_kernels.cu (the bindings
 csrc/cuda/<op>.cu are host code only), so each compiles in seconds here, with the flags of
@@ -38,13 +39,31 @@ def test_device_code_only_in_kernel_units():
     for cu in CUDA_DIR.glob("*.cu"):
         if not cu.name.endswith("_kernels.cu"):
             assert "__global__" not in cu.read_text() and "kernels/" not in cu.read_text().replace(
-                "kernels/grouped_conv3x3_config.cuh", "").replace("kernels/tails_config.cuh", ""), cu
-    assert {p.name for p in _kernel_units()} >= {"grouped_conv3x3_kernels.cu", "tails_kernels.cu", "bn_train_kernels.cu"}
+                "kernels/grouped_conv3x3_config.cuh", ""
+            ).replace("kernels/tails_config.cuh", ""), cu
+    assert {p.name for p in _kernel_units()} >= {
+        "grouped_conv3x3_kernels.cu",
+        "tails_kernels.cu",
+        "bn_train_kernels.cu",
+    }
 
 
 def _compile(nvcc: str, cu: pathlib.Path, arch: str, out_dir: pathlib.Path) -> tuple[str, str, int, str]:
-    cmd = [nvcc, "-c", str(cu), "-o", str(out_dir / f"{cu.stem}_sm{arch}.o"), f"-I{ROOT / 'csrc'}",
-           *NVCC_FLAGS, "-Xptxas", "-v", "-gencode", f"arch=compute_{arch},code=sm_{arch}", "-Xcompiler", "-fPIC"]
+    cmd = [
+        nvcc,
+        "-c",
+        str(cu),
+        "-o",
+        str(out_dir / f"{cu.stem}_sm{arch}.o"),
+        f"-I{ROOT / 'csrc'}",
+        *NVCC_FLAGS,
+        "-Xptxas",
+        "-v",
+        "-gencode",
+        f"arch=compute_{arch},code=sm_{arch}",
+        "-Xcompiler",
+        "-fPIC",
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True)
     return cu.name, arch, p.returncode, p.stdout + p.stderr
 

@@ -28,7 +28,9 @@ CL = torch.channels_last
 def emu():
     from torch.utils.cpp_extension import load
 
-    build = pathlib.Path(os.environ.get("RESFUSED_EMU_BUILD_DIR", f"/tmp/resfused-emulation-{os.getuid()}-{torch.__version__}"))
+    build = pathlib.Path(
+        os.environ.get("RESFUSED_EMU_BUILD_DIR", f"/tmp/resfused-emulation-{os.getuid()}-{torch.__version__}")
+    )
     build.mkdir(parents=True, exist_ok=True)
     load(
         name="resfused_emulation",
@@ -44,6 +46,7 @@ def emu():
 
 # --- the emulator itself: its checks must be able to fail ---
 
+
 def test_emulator_honours_barrier_and_catches_bad_accesses(emu):
     x = torch.arange(64, dtype=torch.float32)
     out = emu.emulator_selftest(x, 0)  # reverse within each 32-thread block through shared memory
@@ -58,6 +61,7 @@ def test_emulator_honours_barrier_and_catches_bad_accesses(emu):
 
 
 # --- grouped 3x3 convolution ---
+
 
 def _conv_inputs(n, groups, cpg, h, w, dtype, bias=True, layout=CL):
     c = groups * cpg
@@ -75,8 +79,13 @@ def _check_conv(emu, x, wt, b, stride, relu):
     eager = F.conv2d(x, wt, b, stride, 1, 1, groups)
     if relu:
         ref, eager = ref.relu(), eager.relu()
-    assert_matches_reference(y, ref, dtype=x.dtype, eager=eager if x.dtype in LOWP else None,
-                             what=f"grouped_conv3x3 {tuple(x.shape)} cpg={wt.size(1)} stride={stride} {x.dtype}")
+    assert_matches_reference(
+        y,
+        ref,
+        dtype=x.dtype,
+        eager=eager if x.dtype in LOWP else None,
+        what=f"grouped_conv3x3 {tuple(x.shape)} cpg={wt.size(1)} stride={stride} {x.dtype}",
+    )
 
 
 # (N, groups, H, W): odd sizes, several tiles with partial ones at the right/bottom border,
@@ -164,8 +173,13 @@ def test_grouped_conv3x3_bad_arguments(emu):
 
 TAIL_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # (shape, layout): C a multiple of the vector width and not, NCHW and channels_last, odd sizes
-TAIL_CASES = [((2, 16, 5, 3), CL), ((3, 5, 7, 3), CL), ((2, 16, 4, 4), torch.contiguous_format),
-              ((2, 3, 5, 7), torch.contiguous_format), ((4, 6), torch.contiguous_format)]
+TAIL_CASES = [
+    ((2, 16, 5, 3), CL),
+    ((3, 5, 7, 3), CL),
+    ((2, 16, 4, 4), torch.contiguous_format),
+    ((2, 3, 5, 7), torch.contiguous_format),
+    ((4, 6), torch.contiguous_format),
+]
 
 
 def _eager(fn, *xs):
@@ -232,8 +246,14 @@ def test_scale_shift_act_and_backward(emu, dtype, relu):
         gm = torch.where(mask, gd, torch.zeros_like(gd))
         dims = [0] + list(range(2, len(shape)))
         ref_gx = gm * s.double().view(view)
-        assert_matches_reference(gx, ref_gx, eager=_eager(lambda a, m: a * m, g * mask.to(dtype), s.view(view).to(dtype).expand(shape))
-                                 if dtype in LOWP else None, what=f"grad_x {shape}")
+        assert_matches_reference(
+            gx,
+            ref_gx,
+            eager=_eager(lambda a, m: a * m, g * mask.to(dtype), s.view(view).to(dtype).expand(shape))
+            if dtype in LOWP
+            else None,
+            what=f"grad_x {shape}",
+        )
         assert gs.dtype == s.dtype and gb.dtype == b.dtype
         assert_matches_reference(gs, (gm * xd).sum(dims), what=f"grad_scale {shape} {dtype}")
         assert_matches_reference(gb, gm.sum(dims), what=f"grad_shift {shape} {dtype}")

@@ -5,10 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness import assert_matches_reference
 from resfused import _native
 from resfused.ops import ConvParams, conv_bias_act, trace_kernels
 from resfused.runtime import finite
+
+from harness import assert_matches_reference
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
@@ -61,8 +62,9 @@ def test_a_promise_of_finite_inputs_travels_with_the_call():
 
 def _conv(k):
     g = torch.Generator().manual_seed(0)
-    return ConvParams(torch.randn(16, 16, k, k, generator=g), torch.randn(16, generator=g), (1, 1), (k // 2,) * 2,
-                      (1, 1), 1)
+    return ConvParams(
+        torch.randn(16, 16, k, k, generator=g), torch.randn(16, generator=g), (1, 1), (k // 2,) * 2, (1, 1), 1
+    )
 
 
 @pytest.mark.parametrize("with_residual", [False, True])

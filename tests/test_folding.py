@@ -6,8 +6,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from harness import assert_matches_reference, randomize_bn
 from resfused.folding import bn_scale_shift, fold_conv_bn, fold_conv_bn_modules
+
+from harness import assert_matches_reference, randomize_bn
 
 
 def _conv_bn(cin=6, cout=10, k=3, groups=1, bias=False, var=None):

@@ -94,8 +94,13 @@ def test_bias_relu_layouts(bias, relu, channels_last):
 # the vector width, C_out != C_in, stride 3, and float64.
 @pytest.mark.parametrize(
     "cpg,groups,stride,dtype",
-    [(32, 2, 1, torch.float32), (2, 5, 2, torch.float32), (4, 3, 1, torch.bfloat16), (4, 4, 3, torch.float32),
-     (8, 2, 2, torch.float64)],
+    [
+        (32, 2, 1, torch.float32),
+        (2, 5, 2, torch.float32),
+        (4, 3, 1, torch.bfloat16),
+        (4, 4, 3, torch.float32),
+        (8, 2, 2, torch.float64),
+    ],
 )
 def test_fallback_shapes(cpg, groups, stride, dtype):
     _check(2, groups, cpg, 7, 6, stride, dtype)
@@ -120,8 +125,9 @@ def test_nan_propagates_through_relu():
 
 def test_fake_kernel_and_opcheck():
     x, wt, b, _, _ = _case(2, 4, 4, 5, 7, 2, torch.float32)
-    torch.library.opcheck(torch.ops.resfused.grouped_conv3x3, (x, wt, b, 2, True),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.resfused.grouped_conv3x3, (x, wt, b, 2, True), test_utils=("test_schema", "test_faketensor")
+    )
 
 
 @pytest.mark.parametrize(
@@ -198,7 +204,7 @@ print("ok")
     [("avx2", ("avx2", "avx2", "scalar")), ("default", ("scalar", "scalar", "scalar"))],
 )
 def test_narrower_isa_paths(capability, expected):
-    if capability == "avx2" and not torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+    if capability == "avx2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         pytest.skip("this CPU has no AVX2")
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
     code = _SUBPROCESS.replace("EXPECTED", repr(expected))

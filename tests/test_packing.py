@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness import assert_matches_reference
 from resfused.kernels import winograd_f43
-from resfused.runtime import packing
 from resfused.kernels.base import ConvParams
 from resfused.kernels.conv_onednn import SUPPORTED_DTYPES, OneDNNConv
+from resfused.runtime import packing
+
+from harness import assert_matches_reference
 
 
 def test_packs_once_per_shape_and_keeps_the_most_recently_used():
@@ -61,8 +62,12 @@ def test_onednn_conv_packs_per_batch_size_and_stays_correct():
         x = torch.randn(n, 256, 14, 14, generator=g).contiguous(memory_format=torch.channels_last)
         r = torch.randn(n, 1024, 14, 14, generator=g).contiguous(memory_format=torch.channels_last)
         y = conv.run(x, p, r, True, None)
-        assert_matches_reference(y, (F.conv2d(x.double(), w.double(), b.double()) + r.double()).relu(), torch.float32,
-                                 what=f"1x1 conv + add + ReLU at batch {n}")
+        assert_matches_reference(
+            y,
+            (F.conv2d(x.double(), w.double(), b.double()) + r.double()).relu(),
+            torch.float32,
+            what=f"1x1 conv + add + ReLU at batch {n}",
+        )
     # Batch 1 and larger batches have copies of their own; 3 and 8 share one.
     assert p.kernel_state[conv.name].shapes() == [(1, 256, 14, 14), (2, 256, 14, 14)]
 
@@ -75,8 +80,12 @@ def test_winograd_conv_packs_per_power_of_two_images_per_pass(monkeypatch):
     monkeypatch.setattr(winograd_f43, "_PASS_BYTES", 4 * 36 * 4 * 8 * 4)  # 4 images of 4 tiles per pass
     for n in (1, 3, 2, 6, 4):
         x = torch.randn(n, 8, 8, 8, generator=g)
-        assert_matches_reference(winograd_f43.conv3x3(x, u), F.conv2d(x.double(), w.double(), padding=1), torch.float32,
-                                 what=f"conv3x3 at batch {n}")
+        assert_matches_reference(
+            winograd_f43.conv3x3(x, u),
+            F.conv2d(x.double(), w.double(), padding=1),
+            torch.float32,
+            what=f"conv3x3 at batch {n}",
+        )
     # batch 1 -> 1 image per pass, 3 and 2 -> 2, 6 and 4 -> 4 (the ragged last passes included).
     assert u.packed.shapes() == [(1, 288, 1, 4), (1, 288, 1, 8), (1, 288, 1, 16)]
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 import torchvision.models.resnet as tv
 
-from cases import BLOCK_CASES, parametrize_cases
-from harness import assert_matches_reference, randomize_bn
 from resfused import reference as R
 
+from cases import BLOCK_CASES, parametrize_cases
+from harness import assert_matches_reference, randomize_bn
 
 
 @parametrize_cases(BLOCK_CASES)
@@ -41,11 +41,29 @@ def test_preact_projection_reads_preactivated_input_and_has_no_final_relu():
     "ours, theirs",
     [
         (lambda: R.BasicBlock(64, 64), lambda: tv.BasicBlock(64, 64)),
-        (lambda: R.BasicBlock(32, 64, 2), lambda: tv.BasicBlock(32, 64, 2, downsample=tv.nn.Sequential(tv.conv1x1(32, 64, 2), tv.nn.BatchNorm2d(64)))),
+        (
+            lambda: R.BasicBlock(32, 64, 2),
+            lambda: tv.BasicBlock(32, 64, 2, downsample=tv.nn.Sequential(tv.conv1x1(32, 64, 2), tv.nn.BatchNorm2d(64))),
+        ),
         (lambda: R.Bottleneck(256, 64), lambda: tv.Bottleneck(256, 64)),
-        (lambda: R.Bottleneck(64, 32, 2), lambda: tv.Bottleneck(64, 32, 2, downsample=tv.nn.Sequential(tv.conv1x1(64, 128, 2), tv.nn.BatchNorm2d(128)))),
+        (
+            lambda: R.Bottleneck(64, 32, 2),
+            lambda: tv.Bottleneck(
+                64, 32, 2, downsample=tv.nn.Sequential(tv.conv1x1(64, 128, 2), tv.nn.BatchNorm2d(128))
+            ),
+        ),
         (lambda: R.ResNeXtBottleneck(256, 64), lambda: tv.Bottleneck(256, 64, groups=32, base_width=4)),
-        (lambda: R.ResNeXtBottleneck(64, 64, 2, 8, 8), lambda: tv.Bottleneck(64, 64, 2, downsample=tv.nn.Sequential(tv.conv1x1(64, 256, 2), tv.nn.BatchNorm2d(256)), groups=8, base_width=8)),
+        (
+            lambda: R.ResNeXtBottleneck(64, 64, 2, 8, 8),
+            lambda: tv.Bottleneck(
+                64,
+                64,
+                2,
+                downsample=tv.nn.Sequential(tv.conv1x1(64, 256, 2), tv.nn.BatchNorm2d(256)),
+                groups=8,
+                base_width=8,
+            ),
+        ),
     ],
 )
 def test_agrees_with_torchvision(ours, theirs):

@@ -14,14 +14,22 @@ from resfused import _native
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Ops whose result is not a tensor, or depends on the data (all_finite), are never traced.
-UNTRACED = {"all_finite", "buffer_cache_clear", "buffer_cache_scope", "buffer_cache_stats",
-            "grouped_conv3x3_cpu_path", "parallel_for_threads", "winograd_f43_cpu_path"}
+UNTRACED = {
+    "all_finite",
+    "buffer_cache_clear",
+    "buffer_cache_scope",
+    "buffer_cache_stats",
+    "grouped_conv3x3_cpu_path",
+    "parallel_for_threads",
+    "winograd_f43_cpu_path",
+}
 
 
 def _fresh_python(code: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.mark.skipif(not _native.loaded, reason="needs the compiled extension")

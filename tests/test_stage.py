@@ -12,9 +12,10 @@ import torch
 import torch.nn as nn
 
 import resfused
-from harness import assert_matches_reference, compare_modules, randomize_bn
 from resfused import reference as R
 from resfused.runtime import buffer_cache
+
+from harness import assert_matches_reference, compare_modules, randomize_bn
 
 INTO = "onednn(into residual)"
 
@@ -30,11 +31,14 @@ def _conv_kernels(fn):
     return out, [c.kernel for c in ran if c.op == "conv"]
 
 
-@pytest.mark.parametrize("block_cls, specs", [
-    (R.BasicBlock, [(16, 16), (16, 16), (16, 32, 2), (32, 32)]),
-    (R.PreActBasicBlock, [(16, 16), (16, 16), (16, 32, 2), (32, 32)]),
-    (R.Bottleneck, [(64, 16), (64, 16), (64, 32, 2), (128, 32)]),
-])
+@pytest.mark.parametrize(
+    "block_cls, specs",
+    [
+        (R.BasicBlock, [(16, 16), (16, 16), (16, 32, 2), (32, 32)]),
+        (R.PreActBasicBlock, [(16, 16), (16, 16), (16, 32, 2), (32, 32)]),
+        (R.Bottleneck, [(64, 16), (64, 16), (64, 32, 2), (128, 32)]),
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_stage_matches_reference_and_leaves_input_alone(block_cls, specs, dtype):
     fused, ref = _stage(block_cls, specs)
@@ -151,14 +155,17 @@ def test_buffer_cache_can_be_turned_off_at_run_time():
 
 
 def _run_python(code: str, **env):
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env}, timeout=300
+    )
 
 
 @needs_cache
 def test_buffer_cache_limit_from_environment():
-    code = ("import torch, resfused\nfrom resfused.runtime import buffer_cache as c\n"
-            "with c.scope(): torch.empty(1 << 20)\nprint(c.stats().idle_bytes, c.stats().limit_bytes)")
+    code = (
+        "import torch, resfused\nfrom resfused.runtime import buffer_cache as c\n"
+        "with c.scope(): torch.empty(1 << 20)\nprint(c.stats().idle_bytes, c.stats().limit_bytes)"
+    )
     off = _run_python(code, RESFUSED_BUFFER_CACHE_MB="0")
     assert off.returncode == 0, off.stderr
     assert off.stdout.split() == ["0", "0"]
@@ -180,11 +187,13 @@ def test_training_conv_matches_aten_gradients():
 
     conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2).double()
     x = torch.randn(2, 4, 7, 7, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, w, b: ScopedConv2d.apply(x, w, b, [2, 2], [1, 1], [1, 1], 2),
-                                    (x, conv.weight, conv.bias))
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: ScopedConv2d.apply(x, w, b, [2, 2], [1, 1], [1, 1], 2), (x, conv.weight, conv.bias)
+    )
     no_bias = nn.Conv2d(4, 6, 1, bias=False).double()
-    assert torch.autograd.gradcheck(lambda x, w: ScopedConv2d.apply(x, w, None, [1, 1], [0, 0], [1, 1], 1),
-                                    (x, no_bias.weight))
+    assert torch.autograd.gradcheck(
+        lambda x, w: ScopedConv2d.apply(x, w, None, [1, 1], [0, 0], [1, 1], 1), (x, no_bias.weight)
+    )
 
 
 @needs_cache
@@ -213,8 +222,9 @@ def test_nan_reaches_the_output_as_in_the_reference(where):
     ref_blocks = [randomize_bn(R.Bottleneck(64, 16)).eval() for _ in range(2)]
     middle = [_PutNaN()] if where == "between blocks" else []
     ref = nn.Sequential(ref_blocks[0], *middle, ref_blocks[1])
-    fused = resfused.ResidualStage(*[resfused.Bottleneck.from_reference(b) if isinstance(b, R.Bottleneck) else b
-                                     for b in ref]).eval()
+    fused = resfused.ResidualStage(
+        *[resfused.Bottleneck.from_reference(b) if isinstance(b, R.Bottleneck) else b for b in ref]
+    ).eval()
     x = torch.randn(2, 64, 8, 8).contiguous(memory_format=torch.channels_last)
     if where == "input":
         x[-1, 0, 2, 2] = float("nan")

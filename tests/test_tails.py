@@ -5,8 +5,9 @@ import pytest
 import torch
 
 import resfused
-from harness import assert_matches_reference
 from resfused import _native, ops
+
+from harness import assert_matches_reference
 
 pytestmark = pytest.mark.skipif(not _native.has_kernel("add_relu", "cpu"), reason="resfused._C is not built")
 
@@ -114,8 +115,13 @@ def test_opcheck():
     s, b = torch.randn(6, requires_grad=True), torch.randn(6, requires_grad=True)
     torch.library.opcheck(torch.ops.resfused.add_relu, (x, r))
     torch.library.opcheck(torch.ops.resfused.add_relu_backward, (torch.randn(2, 6, 5, 5), torch.randn(2, 6, 5, 5)))
-    torch.library.opcheck(torch.ops.resfused.scale_shift_act, (x.contiguous(memory_format=torch.channels_last), s, b, True))
-    torch.library.opcheck(torch.ops.resfused.scale_shift_act_backward, (torch.randn(2, 6, 5, 5), x.detach(), s.detach(), b.detach(), False))
+    torch.library.opcheck(
+        torch.ops.resfused.scale_shift_act, (x.contiguous(memory_format=torch.channels_last), s, b, True)
+    )
+    torch.library.opcheck(
+        torch.ops.resfused.scale_shift_act_backward,
+        (torch.randn(2, 6, 5, 5), x.detach(), s.detach(), b.detach(), False),
+    )
 
 
 def test_compile_fullgraph():
@@ -138,16 +144,34 @@ def test_reference_backend_runs_pure_pytorch():
 @pytest.mark.parametrize(
     "call, match",
     [
-        (lambda: ops.add_relu(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 5)), "'residual' must have the shape of 'x'"),
+        (
+            lambda: ops.add_relu(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 5)),
+            "'residual' must have the shape of 'x'",
+        ),
         (lambda: ops.add_relu(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4).double()), "'residual' has dtype"),
-        (lambda: ops.add_relu(torch.ones(2, 3, dtype=torch.int32), torch.ones(2, 3, dtype=torch.int32)), "'x' must be a floating-point"),
+        (
+            lambda: ops.add_relu(torch.ones(2, 3, dtype=torch.int32), torch.ones(2, 3, dtype=torch.int32)),
+            "'x' must be a floating-point",
+        ),
         (lambda: ops.add_relu(torch.randn(3), torch.randn(3)), "rank >= 2"),
-        (lambda: ops.scale_shift_act(torch.randn(2, 3, 4, 4), torch.randn(4), torch.randn(3)), r"'scale' must have shape \[3\]"),
-        (lambda: ops.scale_shift_act(torch.randn(2, 3, 4, 4), torch.randn(3), torch.randn(3, 1)), r"'shift' must have shape \[3\]"),
-        (lambda: ops.add_relu(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4, device="meta")), "'residual' is on meta"),
+        (
+            lambda: ops.scale_shift_act(torch.randn(2, 3, 4, 4), torch.randn(4), torch.randn(3)),
+            r"'scale' must have shape \[3\]",
+        ),
+        (
+            lambda: ops.scale_shift_act(torch.randn(2, 3, 4, 4), torch.randn(3), torch.randn(3, 1)),
+            r"'shift' must have shape \[3\]",
+        ),
+        (
+            lambda: ops.add_relu(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4, device="meta")),
+            "'residual' is on meta",
+        ),
         # The C++ kernels check too, when called directly through torch.ops:
         (lambda: torch.ops.resfused.add_relu(torch.randn(2, 3), torch.randn(3, 2)), "'residual' must have the shape"),
-        (lambda: torch.ops.resfused.scale_shift_act(torch.randn(2, 3), torch.randn(2), torch.randn(3), True), "'scale' must have shape"),
+        (
+            lambda: torch.ops.resfused.scale_shift_act(torch.randn(2, 3), torch.randn(2), torch.randn(3), True),
+            "'scale' must have shape",
+        ),
     ],
 )
 def test_bad_input_names_the_argument(call, match):

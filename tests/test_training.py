@@ -8,13 +8,13 @@ import torch
 import torch.nn as nn
 
 import resfused
-from cases import PROJECTION_CASES, parametrize_cases
-from harness import assert_matches_reference, randomize_bn
 from resfused import _native
 from resfused import reference as R
 
-pytestmark = pytest.mark.skipif(not _native.has_kernel("bn_train_act", "cpu"), reason="resfused._C is not built")
+from cases import PROJECTION_CASES, parametrize_cases
+from harness import assert_matches_reference, randomize_bn
 
+pytestmark = pytest.mark.skipif(not _native.has_kernel("bn_train_act", "cpu"), reason="resfused._C is not built")
 
 
 def _pair(name, args, dtype=torch.float32):
@@ -140,8 +140,13 @@ def test_bn_train_act_bf16(relu, channels_last):
     ref = run(eager, x.double(), w.double(), b.double())
     base = run(eager, x, w.bfloat16(), b.bfloat16())
     for name, a, e, bl in zip(("y", "grad_x", "grad_weight", "grad_bias"), ours, ref, base):
-        assert_matches_reference(a, e, torch.bfloat16 if name in ("y", "grad_x") else torch.float32,
-                                 bl if name in ("y", "grad_x") else None, name)
+        assert_matches_reference(
+            a,
+            e,
+            torch.bfloat16 if name in ("y", "grad_x") else torch.float32,
+            bl if name in ("y", "grad_x") else None,
+            name,
+        )
 
 
 def test_bn_train_act_opcheck():
@@ -149,7 +154,10 @@ def test_bn_train_act_opcheck():
     w, b = torch.rand(6, requires_grad=True), torch.randn(6, requires_grad=True)
     torch.library.opcheck(torch.ops.resfused.bn_train_act, (x, w, b, 1e-5, True))
     mean, var = x.detach().mean((0, 2, 3)), x.detach().var((0, 2, 3), unbiased=False)
-    torch.library.opcheck(torch.ops.resfused.bn_train_act_backward, (torch.randn(2, 6, 4, 4), x.detach(), w.detach(), b.detach(), mean, var, 1e-5, True))
+    torch.library.opcheck(
+        torch.ops.resfused.bn_train_act_backward,
+        (torch.randn(2, 6, 4, 4), x.detach(), w.detach(), b.detach(), mean, var, 1e-5, True),
+    )
 
 
 def test_batch_statistics_are_accurate_when_the_mean_dominates():
@@ -216,7 +224,7 @@ def test_sgd_step_of_converted_resnet18_matches_eager():
         out = {}
         for key, value in d.items():
             for new, old in stem.items():
-                key = old + key[len(new):] if key.startswith(new) else key
+                key = old + key[len(new) :] if key.startswith(new) else key
             out[key] = value
         return out
 

@@ -8,7 +8,8 @@ the per-config report; this test asserts on its JSON.
 Scope: the test set (35 compiles, ~1 min on 2 cores with a cold Triton cache) is every config of
 both tables (tensor-core MMA and fp32 FMA) on both targets for the register-heaviest variant (3x3,
 prologue, strided residual, bias, ReLU) in fp16 and fp32-without-TF32, every config of fp32 with
-TF32 on sm_80, plus one config each of bf16, fp32-TF32 on sm_90 and the 1x1 GEMM specialization. Every variant x every config (`--set all`, ~1 h on 2 cores) and
+TF32 on sm_80, plus one config each of bf16, fp32-TF32 on sm_90 and the 1x1 GEMM specialization.
+Every variant x every config (`--set all`, ~1 h on 2 cores) and
 the worst variant of every dtype x form (`--set worst`) are run by the script, not here.
 """
 
@@ -35,7 +36,11 @@ def report(tmp_path_factory):
     env = dict(os.environ, TRITON_INTERPRET="0")
     run = subprocess.run(
         [sys.executable, "-m", "benchmarks.triton_report", "--set", "test", "--json", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert out.exists(), f"triton_report failed (rc {run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-5000:]}"
     return json.loads(out.read_text()), run.stdout

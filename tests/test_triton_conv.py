@@ -60,7 +60,9 @@ def _check_conv(n, c_in, c_out, hw, k, stride, groups, epilogue, prologue, dtype
     pad = k // 2
     weight = torch.randn(c_out, c_in // groups, k, k) / (k * (c_in // groups) ** 0.5)
     bias = torch.randn(c_out) if has_bias else None
-    p = ConvParams(weight.to(dtype), None if bias is None else bias.to(dtype), (stride, stride), (pad, pad), (1, 1), groups)
+    p = ConvParams(
+        weight.to(dtype), None if bias is None else bias.to(dtype), (stride, stride), (pad, pad), (1, 1), groups
+    )
     x = torch.randn(n, c_in, *hw).to(dtype)
     if nan:
         x[0, 0, 1, 2] = float("nan")
@@ -206,8 +208,6 @@ def test_opcheck():
         (x, w, None, None, None, None, [1, 1], [0, 0], False, False),
     ):
         torch.library.opcheck(torch.ops.resfused.conv2d_triton, args, test_utils=utils)
-
-
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16), ids=str)

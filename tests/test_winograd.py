@@ -16,13 +16,14 @@ import torch
 import torch.nn.functional as F
 
 import resfused
-from harness import assert_matches_reference, randomize_bn
 from resfused import _native
 from resfused import reference as R
 from resfused.kernels import winograd_f43
-from resfused.ops import conv2d_train, conv_bias_act, trace_kernels
 from resfused.kernels.base import ConvParams
 from resfused.kernels.conv_winograd import WinogradConv
+from resfused.ops import conv2d_train, conv_bias_act, trace_kernels
+
+from harness import assert_matches_reference, randomize_bn
 
 pytestmark = pytest.mark.skipif(
     not _native.has_kernel("winograd_f43_input", "cpu"), reason="resfused._C has no CPU Winograd kernels"
@@ -156,8 +157,9 @@ print("ok")
 def test_baseline_instance_under_a_narrower_capability():
     env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", _BASELINE_CHECK], env=env, cwd=root, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", _BASELINE_CHECK], env=env, cwd=root, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0 and "ok" in out.stdout, out.stdout + out.stderr
 
 
@@ -200,8 +202,9 @@ def test_adapter_selection():
     adapter = WinogradConv()
 
     def p(c_in, stride=1, groups=1, dilation=1):
-        return ConvParams(torch.empty(c_in, c_in // groups, 3, 3), None, (stride,) * 2, (dilation,) * 2,
-                          (dilation,) * 2, groups)
+        return ConvParams(
+            torch.empty(c_in, c_in // groups, 3, 3), None, (stride,) * 2, (dilation,) * 2, (dilation,) * 2, groups
+        )
 
     x = lambda c, hw, dtype=torch.float32: torch.empty(2, c, hw, hw, dtype=dtype)  # noqa: E731
     assert adapter.supports(x(64, 56), p(64), None, False)
@@ -270,8 +273,12 @@ def test_opcheck():
     out = torch.empty(3, 7, 9, 6).contiguous(memory_format=torch.channels_last)[1:]  # a batch slice
     torch.library.opcheck(torch.ops.resfused.winograd_f43_output_into, (m, b, r, True, out))
     torch.ops.resfused.winograd_f43_output_into(m, b, r, True, out)
-    assert_matches_reference(out, torch.ops.resfused.winograd_f43_output(m.double(), 2, 9, 6, b.double(), r.double(), True),
-                             torch.float32, what="output_into")
+    assert_matches_reference(
+        out,
+        torch.ops.resfused.winograd_f43_output(m.double(), 2, 9, 6, b.double(), r.double(), True),
+        torch.float32,
+        what="output_into",
+    )
 
 
 @pytest.mark.parametrize(
@@ -279,12 +286,24 @@ def test_opcheck():
     [
         (lambda: torch.ops.resfused.winograd_f43_input(torch.randn(2, 3, 4)), "'x' must be 4-D"),
         (lambda: torch.ops.resfused.winograd_f43_input(torch.randn(1, 2, 4, 4).bfloat16()), "float32 or float64"),
-        (lambda: torch.ops.resfused.winograd_f43_output(torch.randn(1, 35, 2), 1, 4, 4, None, None, False), r"\[T, 36, C\]"),
-        (lambda: torch.ops.resfused.winograd_f43_output(torch.randn(2, 36, 2), 1, 4, 4, None, None, False), "has 2 tiles"),
-        (lambda: torch.ops.resfused.winograd_f43_output(torch.randn(1, 36, 2), 1, 4, 4, torch.randn(3), None, False),
-         "'bias' must have shape"),
-        (lambda: torch.ops.resfused.winograd_f43_output(torch.randn(1, 36, 2), 1, 4, 4, None, torch.randn(1, 2, 4, 5), False),
-         "'residual' must have the output's shape"),
+        (
+            lambda: torch.ops.resfused.winograd_f43_output(torch.randn(1, 35, 2), 1, 4, 4, None, None, False),
+            r"\[T, 36, C\]",
+        ),
+        (
+            lambda: torch.ops.resfused.winograd_f43_output(torch.randn(2, 36, 2), 1, 4, 4, None, None, False),
+            "has 2 tiles",
+        ),
+        (
+            lambda: torch.ops.resfused.winograd_f43_output(torch.randn(1, 36, 2), 1, 4, 4, torch.randn(3), None, False),
+            "'bias' must have shape",
+        ),
+        (
+            lambda: torch.ops.resfused.winograd_f43_output(
+                torch.randn(1, 36, 2), 1, 4, 4, None, torch.randn(1, 2, 4, 5), False
+            ),
+            "'residual' must have the output's shape",
+        ),
     ],
 )
 def test_bad_arguments_are_named(call, match):

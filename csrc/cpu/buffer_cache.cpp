@@ -114,9 +114,7 @@ class ScopedCachingAllocator final : public c10::Allocator {
 
   c10::DeleterFnPtr raw_deleter() const override { return &release; }
 
-  void copy_data(void* dest, const void* src, std::size_t count) const override {
-    default_copy_data(dest, src, count);
-  }
+  void copy_data(void* dest, const void* src, std::size_t count) const override { default_copy_data(dest, src, count); }
 };
 
 // Wraps the CPU allocator once. If another allocator of higher priority is installed, ours is
@@ -150,8 +148,12 @@ std::vector<int64_t> buffer_cache_stats() {
   std::lock_guard<std::mutex> guard(s.mu);
   size_t live = 0;
   for (const auto& kv : s.live) live += kv.second;
-  return {static_cast<int64_t>(s.idle_bytes), static_cast<int64_t>(live), s.hits, s.misses,
-          static_cast<int64_t>(s.limit), installed};
+  return {static_cast<int64_t>(s.idle_bytes),
+          static_cast<int64_t>(live),
+          s.hits,
+          s.misses,
+          static_cast<int64_t>(s.limit),
+          installed};
 }
 
 // Frees every idle block; blocks in use return to the cache when their tensors die.

@@ -60,21 +60,19 @@ namespace resfused::cpu::gc3 {
 
 // Everything a vector kernel needs, as plain data (the ISA passes see no ATen types).
 struct Args {
-  const void* x;       // NHWC input, float or bf16 bits
-  const float* w;      // packed weights [C/V][3][3][G][V]
-  const float* bias;   // [C] (zeros when the op got no bias)
-  void* y;             // NHWC output, same dtype as x
+  const void* x;      // NHWC input, float or bf16 bits
+  const float* w;     // packed weights [C/V][3][3][G][V]
+  const float* bias;  // [C] (zeros when the op got no bias)
+  void* y;            // NHWC output, same dtype as x
   int64_t H, W, C, Ho, Wo;
-  int64_t rows;        // output rows per strip (see run_items_t)
+  int64_t rows;  // output rows per strip (see run_items_t)
   int stride, cpg;
   bool relu, bf16;
-  bool stream;         // write the output with non-temporal stores (float32, 64-byte aligned)
+  bool stream;  // write the output with non-temporal stores (float32, 64-byte aligned)
 };
 
 // The lane rotation of the header comment: which input channel of the group lane j sees in r_s.
-inline int rot_channel(int j, int s, int G) {
-  return ((j / 4 + s / 4) % (G / 4)) * 4 + (j % 4 + s % 4) % 4;
-}
+inline int rot_channel(int j, int s, int G) { return ((j / 4 + s / 4) % (G / 4)) * 4 + (j % 4 + s % 4) % 4; }
 
 }  // namespace resfused::cpu::gc3
 
@@ -271,9 +269,8 @@ at::Tensor grouped_conv3x3(const at::Tensor& x_in, const at::Tensor& weight, con
   if (!(vec_dtype && handles && Co == C && C % V == 0 && (stride == 1 || stride == 2))) path = Path::kScalar;
 
   if (path == Path::kScalar) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "resfused_grouped_conv3x3_cpu", [&] {
-      grouped_conv3x3_scalar<scalar_t>(x, weight, bias, y, stride, relu);
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "resfused_grouped_conv3x3_cpu",
+                                    [&] { grouped_conv3x3_scalar<scalar_t>(x, weight, bias, y, stride, relu); });
     return y;
   }
 
@@ -292,15 +289,30 @@ at::Tensor grouped_conv3x3(const at::Tensor& x_in, const at::Tensor& weight, con
   // skip the read-for-ownership of every output line (measured on 8x128x56x56, 4 channels/group:
   // 4.9 -> 4.2 ms; docs/measurements.md, Grouped 3x3 (CPU)).
   const bool stream = x.scalar_type() == at::kFloat && reinterpret_cast<uintptr_t>(y.data_ptr()) % 64 == 0;
-  const Args args{x.const_data_ptr(), wp.data(), bp.data(), y.data_ptr(), H, W, C, Ho, Wo, rows,
-                  static_cast<int>(stride), G, relu, x.scalar_type() == at::kBFloat16, stream};
+  const Args args{x.const_data_ptr(),
+                  wp.data(),
+                  bp.data(),
+                  y.data_ptr(),
+                  H,
+                  W,
+                  C,
+                  Ho,
+                  Wo,
+                  rows,
+                  static_cast<int>(stride),
+                  G,
+                  relu,
+                  x.scalar_type() == at::kBFloat16,
+                  stream};
   // Work items: (image, strip, block of V channels); one output row of a block is Wo*9*G vector FMAs.
   const int64_t items = N * ((Ho + rows - 1) / rows) * (C / V);
   const int64_t grain = std::max<int64_t>(1, 4096 / (rows * Wo * 9 * G));
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
 #ifdef RESFUSED_X86_TARGETS
-    if (path == Path::kAvx512) gc3::avx512::run_items(args, begin, end);
-    else gc3::avx2::run_items(args, begin, end);
+    if (path == Path::kAvx512)
+      gc3::avx512::run_items(args, begin, end);
+    else
+      gc3::avx2::run_items(args, begin, end);
 #endif
   });
   return y;
@@ -324,9 +336,7 @@ std::string grouped_conv3x3_path(int64_t channels_per_group) {
 // No tensor argument: a catch-all kernel (the dispatcher has no device to pick by).
 TORCH_LIBRARY_IMPL(resfused, CatchAll, m) { m.impl("grouped_conv3x3_cpu_path", &resfused::cpu::grouped_conv3x3_path); }
 
-TORCH_LIBRARY_IMPL(resfused, CPU, m) {
-  m.impl("grouped_conv3x3", &resfused::cpu::grouped_conv3x3);
-}
+TORCH_LIBRARY_IMPL(resfused, CPU, m) { m.impl("grouped_conv3x3", &resfused::cpu::grouped_conv3x3); }
 
 #else  // RESFUSED_GC3_ISA_PASS: the vector kernel, compiled once per ISA inside its namespace.
 
@@ -341,8 +351,8 @@ TORCH_LIBRARY_IMPL(resfused, CPU, m) {
 // to 24/G pixels; it measured up to 25% slower. Other variants tried: docs/measurements.md,
 // Grouped 3x3 (CPU).)
 template <int G, int S, int P, typename T>
-__attribute__((flatten)) void row_tile(const T* x, const float* w, const float* bias, T* y, const Args& a,
-                                       int64_t oh, int64_t ow0) {
+__attribute__((flatten)) void row_tile(const T* x, const float* w, const float* bias, T* y, const Args& a, int64_t oh,
+                                       int64_t ow0) {
   using V = typename Isa::V;
   constexpr int L = Isa::kLanes;
   V acc[P];
@@ -362,8 +372,7 @@ __attribute__((flatten)) void row_tile(const T* x, const float* w, const float* 
         static_for<P>([&](auto p_) {
           constexpr int p = decltype(p_)::value;
           constexpr int kw = t - p * S;
-          if constexpr (kw >= 0 && kw < 3)
-            acc[p] = Isa::fma(r, Isa::load(wk + (kw * G + s) * L), acc[p]);
+          if constexpr (kw >= 0 && kw < 3) acc[p] = Isa::fma(r, Isa::load(wk + (kw * G + s) * L), acc[p]);
         });
       });
     });
@@ -373,8 +382,10 @@ __attribute__((flatten)) void row_tile(const T* x, const float* w, const float* 
     constexpr int p = decltype(p_)::value;
     V out = Isa::add(b, acc[p]);
     if (a.relu) out = Isa::relu(out);
-    if (a.stream) Isa::stream(y + p * a.C, out);
-    else Isa::store(y + p * a.C, out);
+    if (a.stream)
+      Isa::stream(y + p * a.C, out);
+    else
+      Isa::store(y + p * a.C, out);
   });
 }
 
@@ -433,12 +444,18 @@ void run_items_g(const Args& a, int64_t begin, int64_t end) {
 
 void run_items(const Args& a, int64_t begin, int64_t end) {
   // Non-temporal stores are weakly ordered: fence them before the caller's threads join.
-  struct Fence { ~Fence() { _mm_sfence(); } } fence;
+  struct Fence {
+    ~Fence() { _mm_sfence(); }
+  } fence;
   switch (a.cpg) {
-    case 4: return run_items_g<4>(a, begin, end);
-    case 8: return run_items_g<8>(a, begin, end);
-    case 16: return run_items_g<16>(a, begin, end);
-    default: return;  // not reached: the caller checks Isa::handles
+    case 4:
+      return run_items_g<4>(a, begin, end);
+    case 8:
+      return run_items_g<8>(a, begin, end);
+    case 16:
+      return run_items_g<16>(a, begin, end);
+    default:
+      return;  // not reached: the caller checks Isa::handles
   }
 }
 

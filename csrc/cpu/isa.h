@@ -14,9 +14,7 @@ namespace resfused::cpu {
 
 enum class Path { kAvx512, kAvx2, kScalar };
 
-inline const char* path_name(Path p) {
-  return p == Path::kAvx512 ? "avx512" : p == Path::kAvx2 ? "avx2" : "scalar";
-}
+inline const char* path_name(Path p) { return p == Path::kAvx512 ? "avx512" : p == Path::kAvx2 ? "avx2" : "scalar"; }
 
 // The widest vector path this process may use: ATen's capability (so ATEN_CPU_CAPABILITY=avx2
 // or =default narrows it, as for ATen's own kernels), confirmed against the CPU itself.

@@ -19,7 +19,8 @@ void binary_map(T* out, const T* a, const T* b, int64_t n, VecOp vec_op, ScalarO
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
     int64_t i = begin;
     for (; i + IO::kSize <= end; i += IO::kSize) IO::store(out + i, vec_op(IO::load(a + i), IO::load(b + i)));
-    for (; i < end; ++i) out[i] = static_cast<T>(scalar_op(static_cast<typename IO::Acc>(a[i]), static_cast<typename IO::Acc>(b[i])));
+    for (; i < end; ++i)
+      out[i] = static_cast<T>(scalar_op(static_cast<typename IO::Acc>(a[i]), static_cast<typename IO::Acc>(b[i])));
   });
 }
 
@@ -33,9 +34,9 @@ at::Tensor add_relu(const at::Tensor& x, const at::Tensor& residual) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "resfused_add_relu_cpu", [&] {
     using Vec = typename VecIO<scalar_t>::Vec;
     using Acc = typename VecIO<scalar_t>::Acc;
-    binary_map(out.data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), rc.const_data_ptr<scalar_t>(), xc.numel(),
-               [](Vec a, Vec b) { return at::vec::maximum(a + b, Vec(0)); },
-               [](Acc a, Acc b) { return relu_scalar(a + b); });
+    binary_map(
+        out.data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), rc.const_data_ptr<scalar_t>(), xc.numel(),
+        [](Vec a, Vec b) { return at::vec::maximum(a + b, Vec(0)); }, [](Acc a, Acc b) { return relu_scalar(a + b); });
   });
   return out;
 }
@@ -49,9 +50,10 @@ at::Tensor add_relu_backward(const at::Tensor& grad_out, const at::Tensor& out) 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "resfused_add_relu_backward_cpu", [&] {
     using Vec = typename VecIO<scalar_t>::Vec;
     using Acc = typename VecIO<scalar_t>::Acc;
-    binary_map(grad_in.data_ptr<scalar_t>(), gc.const_data_ptr<scalar_t>(), oc.const_data_ptr<scalar_t>(), oc.numel(),
-               [](Vec g, Vec o) { return Vec::blendv(Vec(0), g, o > Vec(0)); },
-               [](Acc g, Acc o) { return o > Acc(0) ? g : Acc(0); });
+    binary_map(
+        grad_in.data_ptr<scalar_t>(), gc.const_data_ptr<scalar_t>(), oc.const_data_ptr<scalar_t>(), oc.numel(),
+        [](Vec g, Vec o) { return Vec::blendv(Vec(0), g, o > Vec(0)); },
+        [](Acc g, Acc o) { return o > Acc(0) ? g : Acc(0); });
   });
   return grad_in;
 }
@@ -83,8 +85,8 @@ at::Tensor scale_shift_act(const at::Tensor& x, const at::Tensor& scale, const a
 // with g' = grad_out masked by (x*scale + shift > 0) when relu. Per-channel sums are accumulated
 // per task in the arithmetic precision and added up in double (see per_channel_sums).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> scale_shift_act_backward(const at::Tensor& grad_out, const at::Tensor& x,
-                                                                        const at::Tensor& scale, const at::Tensor& shift,
-                                                                        bool relu) {
+                                                                        const at::Tensor& scale,
+                                                                        const at::Tensor& shift, bool relu) {
   check_scale_shift(x, scale, shift);
   check_like(x, "x", grad_out, "grad_out", "scale_shift_act_backward");
   const auto fmt = x.suggest_memory_format();
@@ -93,19 +95,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scale_shift_act_backward(const at
   const ChannelGeometry geo(xc);
   const int64_t C = geo.channels;
   at::Tensor grad_scale, grad_shift;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "resfused_scale_shift_act_backward_cpu", [&] {
-    using Acc = at::opmath_type<scalar_t>;
-    constexpr auto acc_type = c10::CppTypeToScalarType<Acc>::value;
-    auto sc = scale.to(acc_type).contiguous(), sh = shift.to(acc_type).contiguous();
-    const Acc* s = sc.const_data_ptr<Acc>();
-    const Acc* b = sh.const_data_ptr<Acc>();
-    auto sums = affine_act_backward(geo, gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), s, b, relu,
-                                    grad_x.data_ptr<scalar_t>(), nullptr, nullptr, /*want_sums=*/true);
-    auto totals = at::from_blob(sums.data(), {2, C}, at::kDouble);
-    // own storage per output (outputs must not alias), in the dtype of scale / shift
-    grad_scale = totals[0].to(scale.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
-    grad_shift = totals[1].to(shift.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, x.scalar_type(), "resfused_scale_shift_act_backward_cpu", [&] {
+        using Acc = at::opmath_type<scalar_t>;
+        constexpr auto acc_type = c10::CppTypeToScalarType<Acc>::value;
+        auto sc = scale.to(acc_type).contiguous(), sh = shift.to(acc_type).contiguous();
+        const Acc* s = sc.const_data_ptr<Acc>();
+        const Acc* b = sh.const_data_ptr<Acc>();
+        auto sums = affine_act_backward(geo, gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), s, b, relu,
+                                        grad_x.data_ptr<scalar_t>(), nullptr, nullptr, /*want_sums=*/true);
+        auto totals = at::from_blob(sums.data(), {2, C}, at::kDouble);
+        // own storage per output (outputs must not alias), in the dtype of scale / shift
+        grad_scale = totals[0].to(scale.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
+        grad_shift = totals[1].to(shift.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
+      });
   return {grad_x, grad_scale, grad_shift};
 }
 

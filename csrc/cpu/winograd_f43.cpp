@@ -50,10 +50,8 @@ constexpr Mat<6, 6> kBT{{{2, -3, -4, 3, 2, 0},
                          {0, 1, -2, -1, 2, 0},
                          {0, 2, -3, -4, 3, 2}}};
 // A^T[i][j] = p_j^i for the finite points p_j; the last column is the point at infinity.
-constexpr Mat<4, 6> kAT{{{1, 1, 1, 1, 1, 0},
-                         {0, -1, 1, 0.5f, -2, 0},
-                         {0, 1, 1, 0.25f, 4, 0},
-                         {0, -1, 1, 0.125f, -8, 1}}};
+constexpr Mat<4, 6> kAT{
+    {{1, 1, 1, 1, 1, 0}, {0, -1, 1, 0.5f, -2, 0}, {0, 1, 1, 0.25f, 4, 0}, {0, -1, 1, 0.125f, -8, 1}}};
 
 template <int R, int K>
 constexpr Mat<K, R> transpose(const Mat<R, K>& a) {
@@ -77,7 +75,9 @@ struct Geometry {
 };
 
 // Tile t's position e in the [T, 36, C] transformed domain.
-inline int64_t position_offset(const Geometry& g, int64_t t, int e, int64_t c0) { return (t * kPositions + e) * g.c + c0; }
+inline int64_t position_offset(const Geometry& g, int64_t t, int e, int64_t c0) {
+  return (t * kPositions + e) * g.c + c0;
+}
 
 namespace generic {
 #include "cpu/winograd_f43_tiles.h"
@@ -105,8 +105,10 @@ struct Vec16 {
     return count >= 16 ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(lanes(count), p);
   }
   void store(float* p, int64_t count) const {
-    if (count >= 16) _mm512_storeu_ps(p, v);
-    else _mm512_mask_storeu_ps(p, lanes(count), v);
+    if (count >= 16)
+      _mm512_storeu_ps(p, v);
+    else
+      _mm512_mask_storeu_ps(p, lanes(count), v);
   }
   bool has_inf_nan() const {  // x - x is NaN exactly for NaN and +-Inf
     const __m512 d = _mm512_sub_ps(v, v);
@@ -201,13 +203,13 @@ void output_into(const at::Tensor& m, const at::Tensor& y, const std::optional<a
                  const std::optional<at::Tensor>& residual_in, bool relu) {
   check_float_tensor(m, "m");
   const int64_t n = y.size(0), h = y.size(2), w = y.size(3);
-  TORCH_CHECK(n > 0 && h > 0 && w > 0, "resfused.winograd_f43_output: 'n', 'h', 'w' must be positive, got ", n, ", ",
-              h, ", ", w);
-  TORCH_CHECK(m.dim() == 3 && m.size(1) == kPositions, "resfused.winograd_f43_output: 'm' must have shape [T, 36, C], got ",
-              m.sizes());
+  TORCH_CHECK(n > 0 && h > 0 && w > 0, "resfused.winograd_f43_output: 'n', 'h', 'w' must be positive, got ", n, ", ", h,
+              ", ", w);
+  TORCH_CHECK(m.dim() == 3 && m.size(1) == kPositions,
+              "resfused.winograd_f43_output: 'm' must have shape [T, 36, C], got ", m.sizes());
   const auto g = Geometry::of(n, h, w, m.size(2));
-  TORCH_CHECK(m.size(0) == g.tiles(), "resfused.winograd_f43_output: 'm' has ", m.size(0), " tiles but an output of ", n,
-              "x", h, "x", w, " has ", g.tiles());
+  TORCH_CHECK(m.size(0) == g.tiles(), "resfused.winograd_f43_output: 'm' has ", m.size(0), " tiles but an output of ",
+              n, "x", h, "x", w, " has ", g.tiles());
   TORCH_CHECK(m.scalar_type() == at::kFloat || m.scalar_type() == at::kDouble,
               "resfused.winograd_f43_output: 'm' must be float32 or float64, got ", m.scalar_type());
   const auto mc = m.contiguous();
@@ -215,8 +217,8 @@ void output_into(const at::Tensor& m, const at::Tensor& y, const std::optional<a
   if (bias.has_value()) {
     b = bias->contiguous();
     check_same_dtype(m, "m", b, "bias");
-    TORCH_CHECK(b.dim() == 1 && b.size(0) == g.c, "resfused.winograd_f43_output: 'bias' must have shape [", g.c, "], got ",
-                b.sizes());
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == g.c, "resfused.winograd_f43_output: 'bias' must have shape [", g.c,
+                "], got ", b.sizes());
   }
   if (residual_in.has_value()) {
     res = channels_last(*residual_in);
@@ -229,17 +231,16 @@ void output_into(const at::Tensor& m, const at::Tensor& y, const std::optional<a
     const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* rp = res.defined() ? res.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.data_ptr<scalar_t>();
-    parallel_tiles<scalar_t>(g, [&](auto tiles, int64_t t0, int64_t t1) {
-      tiles.output(mp, bp, rp, relu, yp, g, t0, t1);
-    });
+    parallel_tiles<scalar_t>(
+        g, [&](auto tiles, int64_t t0, int64_t t1) { tiles.output(mp, bp, rp, relu, yp, g, t0, t1); });
   });
 }
 
 at::Tensor winograd_f43_output(const at::Tensor& m, int64_t n, int64_t h, int64_t w,
                                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
                                bool relu) {
-  TORCH_CHECK(n > 0 && h > 0 && w > 0, "resfused.winograd_f43_output: 'n', 'h', 'w' must be positive, got ", n, ", ",
-              h, ", ", w);
+  TORCH_CHECK(n > 0 && h > 0 && w > 0, "resfused.winograd_f43_output: 'n', 'h', 'w' must be positive, got ", n, ", ", h,
+              ", ", w);
   TORCH_CHECK(m.dim() == 3, "resfused.winograd_f43_output: 'm' must have shape [T, 36, C], got ", m.sizes());
   auto y = at::empty({n, m.size(2), h, w}, m.options().memory_format(at::MemoryFormat::ChannelsLast));
   output_into(m, y, bias, residual, relu);

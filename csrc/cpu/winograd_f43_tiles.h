@@ -102,38 +102,40 @@ struct Tiles {
     // is. Two accumulators, so that the FMAs are not one long chain of dependent ones.
     const Vec zero(0);
     Vec p0(0), p1(0);
-    for_tile_vectors<Vec>(g, t0, t1, [&](int64_t t, int64_t n, int64_t ti, int64_t tj, int64_t c0, int64_t count)
-                                         __attribute__((always_inline)) {
-      T* vt = v + position_offset(g, t, 0, c0);
-      transform2d<kBT, 6, 6, Vec>(
-          [&](int i, Vec* row) __attribute__((always_inline)) {
-            load_row<kAlpha>(x, g, n, ti * kTile - 1 + i, tj * kTile - 1, c0, count, row);
-            static_for<kAlpha>([&](auto j) __attribute__((always_inline)) {
-              if constexpr (j % 2 == 0) p0 = fmadd(row[j], zero, p0);
-              else p1 = fmadd(row[j], zero, p1);
-            });
-          },
-          [&](int r, int c, const Vec& value) __attribute__((always_inline)) {
-            value.store(vt + (r * kAlpha + c) * g.c, count);
-          });
-    });
+    for_tile_vectors<Vec>(
+        g, t0, t1,
+        [&](int64_t t, int64_t n, int64_t ti, int64_t tj, int64_t c0, int64_t count) __attribute__((always_inline)) {
+          T* vt = v + position_offset(g, t, 0, c0);
+          transform2d<kBT, 6, 6, Vec>(
+              [&](int i, Vec* row) __attribute__((always_inline)) {
+                load_row<kAlpha>(x, g, n, ti * kTile - 1 + i, tj * kTile - 1, c0, count, row);
+                static_for<kAlpha>([&](auto j) __attribute__((always_inline)) {
+                  if constexpr (j % 2 == 0)
+                    p0 = fmadd(row[j], zero, p0);
+                  else
+                    p1 = fmadd(row[j], zero, p1);
+                });
+              },
+              [&](int r, int c, const Vec& value)
+                  __attribute__((always_inline)) { value.store(vt + (r * kAlpha + c) * g.c, count); });
+        });
     return !(p0 + p1).has_inf_nan();
   }
 
   // Z = A g A^T for 4x4 output-gradient tiles.
   template <typename T>
   static void grad_output(const T* grad, T* z, const Geometry& g, int64_t t0, int64_t t1) {
-    for_tile_vectors<Vec>(g, t0, t1, [&](int64_t t, int64_t n, int64_t ti, int64_t tj, int64_t c0, int64_t count)
-                                         __attribute__((always_inline)) {
-      T* zt = z + position_offset(g, t, 0, c0);
-      transform2d<kA, 6, 4, Vec>(
-          [&](int i, Vec* row) __attribute__((always_inline)) {
-            load_row<kTile>(grad, g, n, ti * kTile + i, tj * kTile, c0, count, row);
-          },
-          [&](int r, int c, const Vec& value) __attribute__((always_inline)) {
-            value.store(zt + (r * kAlpha + c) * g.c, count);
-          });
-    });
+    for_tile_vectors<Vec>(
+        g, t0, t1,
+        [&](int64_t t, int64_t n, int64_t ti, int64_t tj, int64_t c0, int64_t count) __attribute__((always_inline)) {
+          T* zt = z + position_offset(g, t, 0, c0);
+          transform2d<kA, 6, 4, Vec>(
+              [&](int i, Vec* row) __attribute__((always_inline)) {
+                load_row<kTile>(grad, g, n, ti * kTile + i, tj * kTile, c0, count, row);
+              },
+              [&](int r, int c, const Vec& value)
+                  __attribute__((always_inline)) { value.store(zt + (r * kAlpha + c) * g.c, count); });
+        });
   }
 
   // y = act(A^T M A + bias [+ residual]) for the output pixels of each tile inside g.h x g.w;
@@ -141,25 +143,26 @@ struct Tiles {
   template <typename T>
   static void output(const T* m, const T* bias, const T* residual, bool relu, T* y, const Geometry& g, int64_t t0,
                      int64_t t1) {
-    for_tile_vectors<Vec>(g, t0, t1, [&](int64_t t, int64_t n, int64_t ti, int64_t tj, int64_t c0, int64_t count)
-                                         __attribute__((always_inline)) {
-      const T* mt = m + position_offset(g, t, 0, c0);
-      const Vec bv = bias ? Vec::loadu(bias + c0, count) : Vec(0);
-      transform2d<kAT, 4, 6, Vec>(
-          [&](int i, Vec* row) __attribute__((always_inline)) {
-            static_for<kAlpha>([&](auto k) __attribute__((always_inline)) {
-              row[k] = Vec::loadu(mt + (i * kAlpha + k) * g.c, count);
-            });
-          },
-          [&](int i, int j, const Vec& value) __attribute__((always_inline)) {
-            const int64_t oh = ti * kTile + i, ow = tj * kTile + j;
-            if (oh >= g.h || ow >= g.w) return;
-            const int64_t at = ((n * g.h + oh) * g.w + ow) * g.c + c0;
-            Vec val = value + bv;
-            if (residual) val = val + Vec::loadu(residual + at, count);
-            if (relu) val = maximum(val, Vec(0));  // NaN passes, as in torch.relu
-            val.store(y + at, count);
-          });
-    });
+    for_tile_vectors<Vec>(g, t0, t1,
+                          [&](int64_t t, int64_t n, int64_t ti, int64_t tj, int64_t c0, int64_t count)
+                              __attribute__((always_inline)) {
+                                const T* mt = m + position_offset(g, t, 0, c0);
+                                const Vec bv = bias ? Vec::loadu(bias + c0, count) : Vec(0);
+                                transform2d<kAT, 4, 6, Vec>(
+                                    [&](int i, Vec* row) __attribute__((always_inline)) {
+                                      static_for<kAlpha>([&](auto k) __attribute__((always_inline)) {
+                                        row[k] = Vec::loadu(mt + (i * kAlpha + k) * g.c, count);
+                                      });
+                                    },
+                                    [&](int i, int j, const Vec& value) __attribute__((always_inline)) {
+                                      const int64_t oh = ti * kTile + i, ow = tj * kTile + j;
+                                      if (oh >= g.h || ow >= g.w) return;
+                                      const int64_t at = ((n * g.h + oh) * g.w + ow) * g.c + c0;
+                                      Vec val = value + bv;
+                                      if (residual) val = val + Vec::loadu(residual + at, count);
+                                      if (relu) val = maximum(val, Vec(0));  // NaN passes, as in torch.relu
+                                      val.store(y + at, count);
+                                    });
+                              });
   }
 };

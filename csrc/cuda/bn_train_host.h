@@ -38,8 +38,8 @@ BnTrainArgs<T> bn_train_args(const at::Tensor& xc, const at::Tensor& w64, const 
 }
 
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_train_act_impl(const at::Tensor& x, const at::Tensor& weight,
-                                                                         const at::Tensor& bias, double eps, bool relu,
-                                                                         cudaStream_t stream) {
+                                                                        const at::Tensor& bias, double eps, bool relu,
+                                                                        cudaStream_t stream) {
   check_bn_train_args(x, weight, bias, eps);
   const auto fmt = x.suggest_memory_format();
   const auto xc = x.contiguous(fmt);
@@ -84,31 +84,32 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_train_act_backward_impl
   const auto w64 = weight.to(at::kDouble).contiguous(), b64 = bias.to(at::kDouble).contiguous();
   auto grad_x = at::empty_like(xc, fmt);
   at::Tensor grad_weight, grad_bias;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "resfused_bn_train_act_backward_cuda", [&] {
-    using T = typename Native<scalar_t>::type;
-    using A = acc_t<scalar_t>;
-    const auto stats_opts = xc.options().dtype(c10::CppTypeToScalarType<A>::value);
-    const auto mean_a = mean.to(stats_opts.dtype()).contiguous(), var_a = var.to(stats_opts.dtype()).contiguous();
-    auto a = bn_train_args<T, scalar_t>(xc, w64, b64, eps, relu);
-    a.grad = kernel_ptr<const T, scalar_t>(gc, "grad_out");
-    a.out = kernel_ptr<T, scalar_t>(grad_x, "grad_x");
-    // The backward kernels only read mean/var (the forward's statistics).
-    a.mean = kernel_ptr<A, A>(mean_a, "mean");
-    a.var = kernel_ptr<A, A>(var_a, "var");
-    bn_reduce_config(a);
-    auto partial = at::empty({a.slots, 2, C}, stats_opts);
-    auto coef = at::empty({4, C}, stats_opts);
-    auto totals = at::empty({2, C}, stats_opts);
-    a.partial = kernel_ptr<A, A>(partial, "partial sums");
-    a.coef = kernel_ptr<A, A>(coef, "coef");
-    a.totals = kernel_ptr<A, A>(totals, "totals");
-    a.vec = aligned_to(xc.const_data_ptr(), 16) && aligned_to(gc.const_data_ptr(), 16) &&
-            aligned_to(grad_x.const_data_ptr(), 16) && scale_shift_vec_ok<T>(a.C, a.inner);
-    check_launch(launch_bn_train_backward(a, stream), "bn_train_act_backward", x);
-    // Own storage for each output (outputs of an op must not alias one another).
-    grad_weight = totals[0].to(weight.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
-    grad_bias = totals[1].to(bias.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "resfused_bn_train_act_backward_cuda", [&] {
+        using T = typename Native<scalar_t>::type;
+        using A = acc_t<scalar_t>;
+        const auto stats_opts = xc.options().dtype(c10::CppTypeToScalarType<A>::value);
+        const auto mean_a = mean.to(stats_opts.dtype()).contiguous(), var_a = var.to(stats_opts.dtype()).contiguous();
+        auto a = bn_train_args<T, scalar_t>(xc, w64, b64, eps, relu);
+        a.grad = kernel_ptr<const T, scalar_t>(gc, "grad_out");
+        a.out = kernel_ptr<T, scalar_t>(grad_x, "grad_x");
+        // The backward kernels only read mean/var (the forward's statistics).
+        a.mean = kernel_ptr<A, A>(mean_a, "mean");
+        a.var = kernel_ptr<A, A>(var_a, "var");
+        bn_reduce_config(a);
+        auto partial = at::empty({a.slots, 2, C}, stats_opts);
+        auto coef = at::empty({4, C}, stats_opts);
+        auto totals = at::empty({2, C}, stats_opts);
+        a.partial = kernel_ptr<A, A>(partial, "partial sums");
+        a.coef = kernel_ptr<A, A>(coef, "coef");
+        a.totals = kernel_ptr<A, A>(totals, "totals");
+        a.vec = aligned_to(xc.const_data_ptr(), 16) && aligned_to(gc.const_data_ptr(), 16) &&
+                aligned_to(grad_x.const_data_ptr(), 16) && scale_shift_vec_ok<T>(a.C, a.inner);
+        check_launch(launch_bn_train_backward(a, stream), "bn_train_act_backward", x);
+        // Own storage for each output (outputs of an op must not alias one another).
+        grad_weight = totals[0].to(weight.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
+        grad_bias = totals[1].to(bias.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
+      });
   return {grad_x, grad_weight, grad_bias};
 }
 

@@ -34,8 +34,10 @@ struct Native<at::BFloat16> {
 template <class T, class S>
 gptr<T> kernel_ptr(const at::Tensor& t, const char* name) {
   S* p;
-  if constexpr (std::is_const_v<T>) p = const_cast<S*>(t.const_data_ptr<S>());  // read-only inputs
-  else p = t.data_ptr<S>();
+  if constexpr (std::is_const_v<T>)
+    p = const_cast<S*>(t.const_data_ptr<S>());  // read-only inputs
+  else
+    p = t.data_ptr<S>();
 #ifdef RESFUSED_EMULATION
   return gptr<T>(reinterpret_cast<T*>(p), t.numel(), name);
 #else
@@ -52,8 +54,10 @@ inline void check_grouped_args(const at::Tensor& x, const at::Tensor& weight, co
   TORCH_CHECK(x.scalar_type() != at::kDouble,
               "resfused.grouped_conv3x3 (CUDA kernel): 'x' must be float32, float16 or bfloat16, got float64");
   const int64_t C = x.size(1), cpg = weight.size(1);
-  TORCH_CHECK(grouped_cpg_supported(cpg), "resfused.grouped_conv3x3 (CUDA kernel): channels per group (weight.size(1)) "
-              "must be 4, 8, 16 or 32, got ", cpg);
+  TORCH_CHECK(grouped_cpg_supported(cpg),
+              "resfused.grouped_conv3x3 (CUDA kernel): channels per group (weight.size(1)) "
+              "must be 4, 8, 16 or 32, got ",
+              cpg);
   TORCH_CHECK(weight.size(0) == C, "resfused.grouped_conv3x3 (CUDA kernel): 'weight' must have C_out == C_in == ", C,
               " (as many output as input channels per group), got C_out = ", weight.size(0));
   TORCH_CHECK(stride == 1 || stride == 2, "resfused.grouped_conv3x3 (CUDA kernel): 'stride' must be 1 or 2, got ",
@@ -65,7 +69,7 @@ inline at::Tensor grouped_conv3x3_impl(const at::Tensor& x_in, const at::Tensor&
                                        cudaStream_t stream) {
   check_grouped_args(x_in, weight_in, bias_in, stride);
   const auto x = x_in.contiguous(at::MemoryFormat::ChannelsLast);  // NHWC storage
-  const auto w = weight_in.contiguous();                            // OIHW
+  const auto w = weight_in.contiguous();                           // OIHW
   const bool has_bias = bias_in.has_value() && bias_in->defined();
   const auto bias = has_bias ? bias_in->contiguous() : at::Tensor();
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
@@ -85,8 +89,8 @@ inline at::Tensor grouped_conv3x3_impl(const at::Tensor& x_in, const at::Tensor&
       a.has_bias = has_bias;
       a.relu = relu;
       const cudaError_t err = launch_grouped_conv3x3<T>(a, stream);
-      TORCH_CHECK(err == cudaSuccess, "resfused.grouped_conv3x3: CUDA launch failed for x of shape ", x.sizes(),
-                  " (", cudaGetErrorString(err), ")");
+      TORCH_CHECK(err == cudaSuccess, "resfused.grouped_conv3x3: CUDA launch failed for x of shape ", x.sizes(), " (",
+                  cudaGetErrorString(err), ")");
     }
   });
   return y;

@@ -32,8 +32,8 @@ at::Tensor scale_shift_act(const at::Tensor& x, const at::Tensor& scale, const a
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> scale_shift_act_backward(const at::Tensor& grad_out, const at::Tensor& x,
-                                                                        const at::Tensor& scale, const at::Tensor& shift,
-                                                                        bool relu) {
+                                                                        const at::Tensor& scale,
+                                                                        const at::Tensor& shift, bool relu) {
   check_cuda(x, "scale_shift_act_backward", "x");
   const c10::cuda::CUDAGuard guard(x.device());
   return scale_shift_act_backward_impl(grad_out, x, scale, shift, relu, c10::cuda::getCurrentCUDAStream());

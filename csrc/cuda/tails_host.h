@@ -28,8 +28,8 @@ inline int64_t channel_inner(const at::Tensor& x) {
 }
 
 template <class Launch>
-at::Tensor binary_impl(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name,
-                       const char* op, cudaStream_t stream, Launch launch) {
+at::Tensor binary_impl(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name, const char* op,
+                       cudaStream_t stream, Launch launch) {
   check_activation(b, b_name);
   check_same_device(b, b_name, a, a_name);
   check_same_dtype(b, b_name, a, a_name);
@@ -83,8 +83,8 @@ ScaleShiftArgs<T> scale_shift_args(const at::Tensor& xc, const at::Tensor& sc, c
   return a;
 }
 
-inline at::Tensor scale_shift_act_impl(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
-                                       bool relu, cudaStream_t stream) {
+inline at::Tensor scale_shift_act_impl(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, bool relu,
+                                       cudaStream_t stream) {
   check_scale_shift(x, scale, shift);
   const auto fmt = x.suggest_memory_format();
   const auto xc = x.contiguous(fmt);
@@ -102,14 +102,17 @@ inline at::Tensor scale_shift_act_impl(const at::Tensor& x, const at::Tensor& sc
   return out;
 }
 
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> scale_shift_act_backward_impl(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, bool relu,
-    cudaStream_t stream) {
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> scale_shift_act_backward_impl(const at::Tensor& grad_out,
+                                                                                    const at::Tensor& x,
+                                                                                    const at::Tensor& scale,
+                                                                                    const at::Tensor& shift, bool relu,
+                                                                                    cudaStream_t stream) {
   check_scale_shift(x, scale, shift);
   check_same_device(x, "x", grad_out, "grad_out");
   check_same_dtype(x, "x", grad_out, "grad_out");
-  TORCH_CHECK(grad_out.sizes() == x.sizes(), "resfused.scale_shift_act_backward: 'grad_out' must have the shape of 'x' ",
-              x.sizes(), ", got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.sizes() == x.sizes(),
+              "resfused.scale_shift_act_backward: 'grad_out' must have the shape of 'x' ", x.sizes(), ", got ",
+              grad_out.sizes());
   const auto fmt = x.suggest_memory_format();
   const auto xc = x.contiguous(fmt), gc = grad_out.contiguous(fmt);
   auto grad_x = at::empty_like(xc, fmt);

@@ -2,10 +2,10 @@
 #include "cuda/kernels/tails.cuh"
 
 namespace resfused::cuda {
-#define RESFUSED_TAILS_INSTANTIATE(T)                                                  \
-  template cudaError_t launch_add_relu<T>(BinaryArgs<T>, cudaStream_t);                \
-  template cudaError_t launch_add_relu_backward<T>(BinaryArgs<T>, cudaStream_t);       \
-  template cudaError_t launch_scale_shift_act<T>(ScaleShiftArgs<T>, cudaStream_t);     \
+#define RESFUSED_TAILS_INSTANTIATE(T)                                              \
+  template cudaError_t launch_add_relu<T>(BinaryArgs<T>, cudaStream_t);            \
+  template cudaError_t launch_add_relu_backward<T>(BinaryArgs<T>, cudaStream_t);   \
+  template cudaError_t launch_scale_shift_act<T>(ScaleShiftArgs<T>, cudaStream_t); \
   template cudaError_t launch_scale_shift_act_backward<T>(ScaleShiftArgs<T>, cudaStream_t);
 RESFUSED_TAILS_INSTANTIATE(float)
 RESFUSED_TAILS_INSTANTIATE(double)

@@ -102,8 +102,7 @@ template <class K>
 cudaError_t launch(dim3 grid, dim3 block, size_t smem_bytes, const typename K::Params& p) {
   const uint64_t threads = uint64_t(block.x) * block.y * block.z;
   if (threads == 0 || threads > 1024 || threads > uint64_t(K::kMaxThreads) || block.z > 64 || grid.x == 0 ||
-      grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535 || grid.x > 2147483647u ||
-      smem_bytes > 227 * 1024)
+      grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535 || grid.x > 2147483647u || smem_bytes > 227 * 1024)
     return cudaErrorInvalidConfiguration;
   std::vector<float> smem((smem_bytes + sizeof(float) - 1) / sizeof(float) + 16);
   // Exactly 16-byte aligned (and never 32): CUDA only promises 16 for dynamic shared memory, so a

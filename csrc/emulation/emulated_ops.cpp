@@ -42,11 +42,20 @@ std::vector<int64_t> grouped_conv3x3_config(int64_t N, int64_t C, int64_t H, int
   alignas(16) static float dummy[4];
   bool ok = false;
   switch (cpg) {
-    case 4: ok = grouped_conv_config<4>(a, cfg, dummy, dummy); break;
-    case 8: ok = grouped_conv_config<8>(a, cfg, dummy, dummy); break;
-    case 16: ok = grouped_conv_config<16>(a, cfg, dummy, dummy); break;
-    case 32: ok = grouped_conv_config<32>(a, cfg, dummy, dummy); break;
-    default: TORCH_CHECK(false, "cpg must be 4, 8, 16 or 32");
+    case 4:
+      ok = grouped_conv_config<4>(a, cfg, dummy, dummy);
+      break;
+    case 8:
+      ok = grouped_conv_config<8>(a, cfg, dummy, dummy);
+      break;
+    case 16:
+      ok = grouped_conv_config<16>(a, cfg, dummy, dummy);
+      break;
+    case 32:
+      ok = grouped_conv_config<32>(a, cfg, dummy, dummy);
+      break;
+    default:
+      TORCH_CHECK(false, "cpg must be 4, 8, 16 or 32");
   }
   TORCH_CHECK(ok, "shape exceeds the launch limits");
   return {a.tile_h, cfg.grid.x, cfg.grid.y, cfg.block.x, static_cast<int64_t>(cfg.smem_bytes), a.vec_io};
@@ -67,8 +76,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scale_shift_act_backward(const at
   return guarded([&] { return scale_shift_act_backward_impl(g, x, s, b, relu, nullptr); });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_train_act(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
-                                                            double eps, bool relu) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_train_act(const at::Tensor& x, const at::Tensor& w,
+                                                            const at::Tensor& b, double eps, bool relu) {
   return guarded([&] { return bn_train_act_impl(x, w, b, eps, relu, nullptr); });
 }
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_train_act_backward(const at::Tensor& g, const at::Tensor& x,
@@ -95,10 +104,14 @@ struct SelfTestKernel {
     const int t = threadIdx.x, n = blockDim.x;
     const int64_t g = int64_t(blockIdx.x) * n + t;
     if constexpr (Phase == 0) {
-      if (a.mode == 1 && t == n - 1) smem[t] = a.in[g + 1];
-      else if (a.mode == 2) smem[t] = load_pack<4>(a.in, 1).v[0];
-      else if (a.mode == 3) smem[t + 1] = a.in[g];
-      else if (a.mode != 4) smem[t] = a.in[g];
+      if (a.mode == 1 && t == n - 1)
+        smem[t] = a.in[g + 1];
+      else if (a.mode == 2)
+        smem[t] = load_pack<4>(a.in, 1).v[0];
+      else if (a.mode == 3)
+        smem[t + 1] = a.in[g];
+      else if (a.mode != 4)
+        smem[t] = a.in[g];
     } else {
       a.out[g] = smem[n - 1 - t];
     }
@@ -127,10 +140,15 @@ TORCH_LIBRARY(resfused_emu, m) {
   m.def("add_relu(Tensor x, Tensor residual) -> Tensor", &add_relu);
   m.def("add_relu_backward(Tensor grad_out, Tensor out) -> Tensor", &add_relu_backward);
   m.def("scale_shift_act(Tensor x, Tensor scale, Tensor shift, bool relu) -> Tensor", &scale_shift_act);
-  m.def("scale_shift_act_backward(Tensor grad_out, Tensor x, Tensor scale, Tensor shift, bool relu) -> (Tensor, Tensor, Tensor)",
-        &scale_shift_act_backward);
-  m.def("bn_train_act(Tensor x, Tensor weight, Tensor bias, float eps, bool relu) -> (Tensor, Tensor, Tensor)", &bn_train_act);
-  m.def("bn_train_act_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor bias, Tensor mean, Tensor var, float eps, bool relu) -> (Tensor, Tensor, Tensor)",
-        &bn_train_act_backward);
+  m.def(
+      "scale_shift_act_backward(Tensor grad_out, Tensor x, Tensor scale, Tensor shift, bool relu) -> (Tensor, Tensor, "
+      "Tensor)",
+      &scale_shift_act_backward);
+  m.def("bn_train_act(Tensor x, Tensor weight, Tensor bias, float eps, bool relu) -> (Tensor, Tensor, Tensor)",
+        &bn_train_act);
+  m.def(
+      "bn_train_act_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor bias, Tensor mean, Tensor var, float "
+      "eps, bool relu) -> (Tensor, Tensor, Tensor)",
+      &bn_train_act_backward);
   m.def("emulator_selftest(Tensor input, int mode) -> Tensor", &emulator_selftest);
 }

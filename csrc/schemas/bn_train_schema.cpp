@@ -9,5 +9,7 @@ TORCH_LIBRARY_FRAGMENT(resfused, m) {
   // are float32 (float64 for float64 x), for the caller's running-statistics update.
   m.def("bn_train_act(Tensor x, Tensor weight, Tensor bias, float eps, bool relu) -> (Tensor, Tensor, Tensor)");
   // Backward of bn_train_act with respect to (x, weight, bias), the ReLU mask recomputed from x.
-  m.def("bn_train_act_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor bias, Tensor mean, Tensor var, float eps, bool relu) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "bn_train_act_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor bias, Tensor mean, Tensor var, float "
+      "eps, bool relu) -> (Tensor, Tensor, Tensor)");
 }

@@ -10,5 +10,7 @@ TORCH_LIBRARY_FRAGMENT(resfused, m) {
   // y = x * scale[c] + shift[c], then ReLU if `relu`: an eval-mode BatchNorm (+ReLU), channels in dim 1.
   m.def("scale_shift_act(Tensor x, Tensor scale, Tensor shift, bool relu) -> Tensor");
   // Returns (grad_x, grad_scale, grad_shift); the ReLU mask is recomputed from x, scale and shift.
-  m.def("scale_shift_act_backward(Tensor grad_out, Tensor x, Tensor scale, Tensor shift, bool relu) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "scale_shift_act_backward(Tensor grad_out, Tensor x, Tensor scale, Tensor shift, bool relu) -> (Tensor, Tensor, "
+      "Tensor)");
 }

@@ -51,7 +51,11 @@ def _register() -> None:
 
     @torch.library.register_fake("resfused::bn_train_act_backward")
     def _(grad_out, x, weight, bias, mean, var, eps, relu):
-        return torch.empty_like(x, memory_format=suggest_memory_format(x)), torch.empty_like(weight), torch.empty_like(bias)
+        return (
+            torch.empty_like(x, memory_format=suggest_memory_format(x)),
+            torch.empty_like(weight),
+            torch.empty_like(bias),
+        )
 
     def setup(ctx, inputs, output):
         x, weight, bias, eps, relu = inputs

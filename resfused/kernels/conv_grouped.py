@@ -88,9 +88,15 @@ class GroupedConv3x3(Kernel):
         if width == 0:
             yield f"no vector path for {cpg} channels per group on this CPU"
         elif p.out_channels != p.in_channels or p.in_channels % width:
-            yield f"channels {p.in_channels} -> {p.out_channels} (the vector path needs equal counts, a multiple of {width})"
+            yield (
+                f"channels {p.in_channels} -> {p.out_channels} "
+                f"(the vector path needs equal counts, a multiple of {width})"
+            )
         elif x.shape[0] < _CPU_WINS.get((x.dtype, cpg, p.stride[0]), float("inf")):
-            yield f"oneDNN measured faster for {x.dtype}, {cpg} channels per group, stride {p.stride[0]}, batch {x.shape[0]}"
+            yield (
+                f"oneDNN measured faster for {x.dtype}, {cpg} channels per group, "
+                f"stride {p.stride[0]}, batch {x.shape[0]}"
+            )
 
     def run(self, x, p: ConvParams, residual, relu, prologue):
         return torch.ops.resfused.grouped_conv3x3(x, p.weight, p.bias, p.stride[0], bool(relu))
@@ -100,11 +106,14 @@ def _register_fake() -> None:
     @torch.library.register_fake("resfused::grouped_conv3x3")
     def _(x, weight, bias, stride, relu):
         torch._check(x.dim() == 4, lambda: f"resfused.grouped_conv3x3: 'x' must be 4-D, got {x.dim()}-D")
-        torch._check(weight.dim() == 4, lambda: "resfused.grouped_conv3x3: 'weight' must be 4-D [C_out, C_in/groups, 3, 3]")
+        torch._check(
+            weight.dim() == 4, lambda: "resfused.grouped_conv3x3: 'weight' must be 4-D [C_out, C_in/groups, 3, 3]"
+        )
         n, _, h, w = x.shape
         ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
-        return torch.empty((n, weight.shape[0], ho, wo), dtype=x.dtype, device=x.device,
-                           memory_format=torch.channels_last)
+        return torch.empty(
+            (n, weight.shape[0], ho, wo), dtype=x.dtype, device=x.device, memory_format=torch.channels_last
+        )
 
 
 if _native.has_op("grouped_conv3x3"):

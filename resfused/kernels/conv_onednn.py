@@ -48,7 +48,9 @@ class OneDNNConv(Kernel):
         # it picks a layout that its 1x1 kernels then reorder on every call (measured: a 1x1
         # 1024->512 conv at 14x14, batch 1, took 15.2 ms instead of 1.06; docs/measurements.md,
         # oneDNN weight packing). It can depend on whether the batch is 1 too (runtime/packing.py).
-        packed = p.state_for(self.name, lambda: packing.onednn_conv_weight(p.weight, p.padding, p.stride, p.dilation, p.groups))
+        packed = p.state_for(
+            self.name, lambda: packing.onednn_conv_weight(p.weight, p.padding, p.stride, p.dilation, p.groups)
+        )
         return packed(packing.conv_layout_shape(tuple(x.shape)))
 
     def _args(self, x, p: ConvParams) -> tuple:

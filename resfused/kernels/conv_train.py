@@ -69,7 +69,9 @@ class WinogradTrainConv(Kernel):
     def run(self, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
         y = winograd_f43.conv3x3_train(x, conv.weight, conv.bias)
         if y is None:  # x is not finite: the direct conv keeps the reference's NaN pattern
-            record_runtime_fallback("conv_train", _ATEN.name, "the input holds NaN or Inf (found by the input transform)")
+            record_runtime_fallback(
+                "conv_train", _ATEN.name, "the input holds NaN or Inf (found by the input transform)"
+            )
             return _ATEN.run(x, conv)
         return y
 

@@ -40,23 +40,38 @@ def _output(x: torch.Tensor, weight_hwio: torch.Tensor, stride, padding) -> torc
 def _check(x, weight_hwio, bias, residual, scale, shift, stride, padding) -> None:
     """Argument consistency, with messages naming the argument (the op can be called directly)."""
     if x.dim() != 4 or weight_hwio.dim() != 4:
-        raise ValueError(f"conv2d_triton: 'x' and 'weight_hwio' must be 4-D, got {tuple(x.shape)} and {tuple(weight_hwio.shape)}")
+        raise ValueError(
+            f"conv2d_triton: 'x' and 'weight_hwio' must be 4-D, got {tuple(x.shape)} and {tuple(weight_hwio.shape)}"
+        )
     if x.dtype not in _DTYPES or weight_hwio.dtype != x.dtype:
-        raise TypeError(f"conv2d_triton: 'x' and 'weight_hwio' must share one dtype of {_DTYPES}, got {x.dtype} / {weight_hwio.dtype}")
+        raise TypeError(
+            f"conv2d_triton: 'x' and 'weight_hwio' must share one dtype of {_DTYPES}, "
+            f"got {x.dtype} / {weight_hwio.dtype}"
+        )
     cig, c_out = weight_hwio.shape[2], weight_hwio.shape[3]
     if cig == 0 or x.shape[1] % cig != 0:
-        raise ValueError(f"conv2d_triton: 'x' channels ({x.shape[1]}) must be a multiple of weight_hwio.shape[2] ({cig})")
+        raise ValueError(
+            f"conv2d_triton: 'x' channels ({x.shape[1]}) must be a multiple of weight_hwio.shape[2] ({cig})"
+        )
     groups = x.shape[1] // cig
     if c_out % groups != 0:
         raise ValueError(f"conv2d_triton: 'weight_hwio' C_out ({c_out}) must be divisible by groups ({groups})")
     if len(stride) != 2 or len(padding) != 2 or min(stride) < 1 or min(padding) < 0:
-        raise ValueError(f"conv2d_triton: 'stride' (>= 1) and 'padding' (>= 0) must have 2 entries, got {stride} / {padding}")
+        raise ValueError(
+            f"conv2d_triton: 'stride' (>= 1) and 'padding' (>= 0) must have 2 entries, got {stride} / {padding}"
+        )
     for name, v, size in (("bias", bias, c_out), ("scale", scale, x.shape[1]), ("shift", shift, x.shape[1])):
         if v is not None and (v.dim() != 1 or v.shape[0] != size):
             raise ValueError(f"conv2d_triton: '{name}' must have shape [{size}], got {tuple(v.shape)}")
     if (scale is None) != (shift is None):
         raise ValueError("conv2d_triton: 'scale' and 'shift' must be given together (the prologue)")
-    for name, t in (("weight_hwio", weight_hwio), ("bias", bias), ("residual", residual), ("scale", scale), ("shift", shift)):
+    for name, t in (
+        ("weight_hwio", weight_hwio),
+        ("bias", bias),
+        ("residual", residual),
+        ("scale", scale),
+        ("shift", shift),
+    ):
         if t is not None and t.device != x.device:
             raise RuntimeError(f"conv2d_triton: '{name}' is on {t.device} but 'x' is on {x.device}")
 
@@ -79,7 +94,9 @@ def conv2d_triton(
     _check(x, weight_hwio, bias, residual, scale, shift, stride, padding)
     y = _output(x, weight_hwio, stride, padding)
     if residual is not None and residual.shape != y.shape:
-        raise ValueError(f"conv2d_triton: 'residual' must have the output shape {tuple(y.shape)}, got {tuple(residual.shape)}")
+        raise ValueError(
+            f"conv2d_triton: 'residual' must have the output shape {tuple(y.shape)}, got {tuple(residual.shape)}"
+        )
     # The kernel reads x with unit channel stride; a channels_last input passes through unchanged.
     x = x.contiguous(memory_format=torch.channels_last)
     weight_hwio = weight_hwio.contiguous()
@@ -89,8 +106,20 @@ def conv2d_triton(
     else:  # TRITON_INTERPRET=1 on CPU tensors: no autotuning (it times on a CUDA device)
         kernel, config = kernels.conv2d_nhwc_kernel, kernels.INTERPRETER_CONFIG
     kernels.launch(
-        wrap_triton(kernel), x, weight_hwio, bias, residual, scale, shift, y,
-        stride, padding, groups, relu, allow_tf32, config=config,
+        wrap_triton(kernel),
+        x,
+        weight_hwio,
+        bias,
+        residual,
+        scale,
+        shift,
+        y,
+        stride,
+        padding,
+        groups,
+        relu,
+        allow_tf32,
+        config=config,
     )
     return y
 
@@ -130,6 +159,14 @@ class TritonConv(Kernel):
         scale, shift = prologue if prologue is not None else (None, None)
         allow_tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
         return torch.ops.resfused.conv2d_triton(
-            x, self._weight(p), p.bias, residual, scale, shift,
-            list(p.stride), list(p.padding), bool(relu), bool(allow_tf32),
+            x,
+            self._weight(p),
+            p.bias,
+            residual,
+            scale,
+            shift,
+            list(p.stride),
+            list(p.padding),
+            bool(relu),
+            bool(allow_tf32),
         )

@@ -53,7 +53,10 @@ class WinogradConv(Kernel):
         if why is not None:
             yield why
         elif not faster_than_direct(x.shape[0], p.in_channels, x.shape[2], x.shape[3]):
-            yield f"the direct conv measured faster at {p.in_channels} channels, {x.shape[2]}x{x.shape[3]}, batch {x.shape[0]}"
+            yield (
+                f"the direct conv measured faster at {p.in_channels} channels, "
+                f"{x.shape[2]}x{x.shape[3]}, batch {x.shape[0]}"
+            )
 
     def run(self, x, p: ConvParams, residual, relu, prologue):
         u = p.state_for(self.name, lambda: winograd_f43.TransformedWeight(p.weight, torch.float64))

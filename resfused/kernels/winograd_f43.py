@@ -156,7 +156,9 @@ class TransformedWeight:
             return torch.bmm(v.transpose(0, 1), u.transpose(1, 2)).transpose(0, 1).contiguous()
         image = _as_image(v)
         packed = self.packed((1, POSITIONS * self.c_in, 1, packed_height or t))
-        m = torch.ops.mkldnn._convolution_pointwise(image, packed, None, [0, 0], [1, 1], [1, 1], POSITIONS, "none", [], None)
+        m = torch.ops.mkldnn._convolution_pointwise(
+            image, packed, None, [0, 0], [1, 1], [1, 1], POSITIONS, "none", [], None
+        )
         return m.permute(0, 2, 3, 1).reshape(t, POSITIONS, self.c_out)
 
 

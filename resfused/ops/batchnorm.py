@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from resfused import folding
 from resfused.kernels.batchnorm_train import CompiledBatchNormTrain, ReferenceBatchNormTrain
 from resfused.ops import checks, tails

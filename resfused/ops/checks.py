@@ -22,7 +22,9 @@ def activation(x, name: str, rank: int | None = None) -> None:
 
 def same_device(a, a_name: str, b, b_name: str) -> None:
     if a.device != b.device:
-        raise RuntimeError(f"resfused: {b_name!r} is on {b.device} but {a_name!r} is on {a.device}; move them to one device")
+        raise RuntimeError(
+            f"resfused: {b_name!r} is on {b.device} but {a_name!r} is on {a.device}; move them to one device"
+        )
 
 
 def same_dtype(a, a_name: str, b, b_name: str) -> None:
@@ -32,7 +34,9 @@ def same_dtype(a, a_name: str, b, b_name: str) -> None:
 
 def same_shape(a, a_name: str, b, b_name: str) -> None:
     if a.shape != b.shape:
-        raise ValueError(f"resfused: {b_name!r} must have the shape of {a_name!r} {tuple(a.shape)}, got {tuple(b.shape)}")
+        raise ValueError(
+            f"resfused: {b_name!r} must have the shape of {a_name!r} {tuple(a.shape)}, got {tuple(b.shape)}"
+        )
 
 
 def like(x, x_name: str, other, other_name: str) -> None:
@@ -49,5 +53,6 @@ def channel_vector(v, name: str, x, x_name: str) -> None:
     same_device(x, x_name, v, name)
     if v.dim() != 1 or v.shape[0] != x.shape[1]:
         raise ValueError(
-            f"resfused: {name!r} must have shape [{x.shape[1]}] (one value per channel of {x_name!r}), got {tuple(v.shape)}"
+            f"resfused: {name!r} must have shape [{x.shape[1]}] (one value per channel of {x_name!r}), "
+            f"got {tuple(v.shape)}"
         )

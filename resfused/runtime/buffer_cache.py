@@ -45,12 +45,12 @@ def enabled() -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Stats:
-    idle_bytes: int    # cached blocks waiting for reuse
-    live_bytes: int    # cached blocks held by tensors
-    hits: int          # scoped allocations served from the cache
-    misses: int        # scoped allocations that needed a new block
-    limit_bytes: int   # RESFUSED_BUFFER_CACHE_MB
-    installed: bool    # False when another CPU allocator of higher priority is in place
+    idle_bytes: int  # cached blocks waiting for reuse
+    live_bytes: int  # cached blocks held by tensors
+    hits: int  # scoped allocations served from the cache
+    misses: int  # scoped allocations that needed a new block
+    limit_bytes: int  # RESFUSED_BUFFER_CACHE_MB
+    installed: bool  # False when another CPU allocator of higher priority is in place
 
 
 @contextlib.contextmanager

@@ -94,15 +94,45 @@ def _prune_configs(configs, named_args, **kwargs):
 
 @triton.jit
 def conv2d_nhwc_kernel(
-    x_ptr, w_ptr, bias_ptr, res_ptr, scale_ptr, shift_ptr, y_ptr,
-    M, H, W, OH, OW, CIg, COg, C_out,
-    stride_h, stride_w, pad_h, pad_w,
-    sxn, sxh, sxw,
-    srn, src, srh, srw,
-    KH: tl.constexpr, KW: tl.constexpr,
-    IS_GEMM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RES_NHWC: tl.constexpr, RELU: tl.constexpr,
-    PROLOGUE: tl.constexpr, ALLOW_TF32: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    res_ptr,
+    scale_ptr,
+    shift_ptr,
+    y_ptr,
+    M,
+    H,
+    W,
+    OH,
+    OW,
+    CIg,
+    COg,
+    C_out,
+    stride_h,
+    stride_w,
+    pad_h,
+    pad_w,
+    sxn,
+    sxh,
+    sxw,
+    srn,
+    src,
+    srh,
+    srw,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    IS_GEMM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    RES_NHWC: tl.constexpr,
+    RELU: tl.constexpr,
+    PROLOGUE: tl.constexpr,
+    ALLOW_TF32: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_gn = tl.program_id(1)
@@ -234,8 +264,12 @@ def launch(kernel, x, w_hwio, bias, residual, scale, shift, y, stride, padding, 
     if m >= 2**31 or w_hwio.numel() >= 2**31 or 128 * c_out >= 2**31:
         raise ValueError(f"conv2d_nhwc: N*OH*OW={m} / weight size {w_hwio.numel()} exceed int32 indexing")
     is_gemm = (
-        kh == 1 and kw == 1 and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
-        and (n == 1 or sxn == h * w * sxw) and (h == 1 or sxh == w * sxw)
+        kh == 1
+        and kw == 1
+        and tuple(stride) == (1, 1)
+        and tuple(padding) == (0, 0)
+        and (n == 1 or sxn == h * w * sxw)
+        and (h == 1 or sxh == w * sxw)
     )
     # The interpreter (TRITON_INTERPRET=1) multiplies bf16 tiles as their raw uint16 bits in
     # tl.dot (its numpy dot does not decode bfloat16); there the tiles are upcast to fp32 first.
@@ -245,18 +279,38 @@ def launch(kernel, x, w_hwio, bias, residual, scale, shift, y, stride, padding, 
     res_nhwc = residual is not None and res_strides == dense_nhwc
     # Unused pointer arguments get a real tensor (y) so that the signature is the same for every variant.
     kernel[grid(m, groups, cog)](
-        x, w_hwio,
+        x,
+        w_hwio,
         bias if bias is not None else y,
         residual if residual is not None else y,
         scale if scale is not None else y,
         shift if shift is not None else y,
         y,
-        m, h, w, oh, ow, cig, cog, c_out,
-        stride[0], stride[1], padding[0], padding[1],
-        sxn, sxh, sxw,
+        m,
+        h,
+        w,
+        oh,
+        ow,
+        cig,
+        cog,
+        c_out,
+        stride[0],
+        stride[1],
+        padding[0],
+        padding[1],
+        sxn,
+        sxh,
+        sxw,
         *res_strides,
-        KH=kh, KW=kw, IS_GEMM=is_gemm, HAS_BIAS=bias is not None, HAS_RES=residual is not None, RES_NHWC=res_nhwc,
-        RELU=bool(relu), PROLOGUE=scale is not None, ALLOW_TF32=bool(allow_tf32),
+        KH=kh,
+        KW=kw,
+        IS_GEMM=is_gemm,
+        HAS_BIAS=bias is not None,
+        HAS_RES=residual is not None,
+        RES_NHWC=res_nhwc,
+        RELU=bool(relu),
+        PROLOGUE=scale is not None,
+        ALLOW_TF32=bool(allow_tf32),
         UPCAST_DOT=upcast_dot,
         **(config or {}),
     )

@@ -155,8 +155,10 @@ struct BnApplyKernel {
   using Params = BnTrainArgs<T>;
   static constexpr int kPhases = 1, kMaxThreads = kTailThreads;
   static RESFUSED_DEVICE T elem(const Params& a, acc_t<T> xv, acc_t<T> g, int64_t c) {
-    if constexpr (kGrad) return bn_grad_x(a, xv, g, c);
-    else return bn_y(a, xv, g, c);
+    if constexpr (kGrad)
+      return bn_grad_x(a, xv, g, c);
+    else
+      return bn_y(a, xv, g, c);
   }
   template <int>
   static RESFUSED_DEVICE void run(const Params& a, gptr<float>) {

@@ -38,7 +38,7 @@ struct BnTrainArgs {
   int64_t slots = 0;                // set by bn_reduce_config
   int64_t rows = 0, row_len = 0;    // the apply kernels: set by bn_apply_config
   double eps = 0;
-  bool relu = false, vec = false;   // vec: 16-byte accesses allowed (apply kernels)
+  bool relu = false, vec = false;  // vec: 16-byte accesses allowed (apply kernels)
 };
 
 // The reduction passes use the launch shape of the scale_shift backward partial pass: sets

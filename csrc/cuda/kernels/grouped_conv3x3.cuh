@@ -15,8 +15,8 @@ struct GroupedConv3x3Kernel {
   static constexpr int kPhases = 2;
   static constexpr int kMaxThreads = Tile::kMaxThreads;
   static constexpr int V = Tile::V, P = Tile::P, CB = Tile::CB, TW = Tile::TW;
-  static constexpr int IW = (TW - 1) * S + 3;     // halo width
-  static constexpr int RUN = (P - 1) * S + 3;     // input columns one thread reads per row
+  static constexpr int IW = (TW - 1) * S + 3;  // halo width
+  static constexpr int RUN = (P - 1) * S + 3;  // input columns one thread reads per row
   static constexpr int kWeightFloats = CPG * 9 * CB;
   static_assert(CPG % 4 == 0 && CB % CPG == 0 && CPG % V == 0, "tile shape");
 
@@ -40,8 +40,10 @@ struct GroupedConv3x3Kernel {
 
   template <int Phase>
   static RESFUSED_DEVICE void run(const Params& a, gptr<float> smem) {
-    if constexpr (Phase == 0) stage(a, smem);
-    else compute(a, smem);
+    if constexpr (Phase == 0)
+      stage(a, smem);
+    else
+      compute(a, smem);
   }
 
   // Phase 0: weights -> smem[(ci*9 + tap)*CB + co], input halo -> smem[W + (r*IW + c)*CB + ch].
@@ -197,11 +199,16 @@ template <class T>
 cudaError_t launch_grouped_conv3x3(GroupedConvArgs<T> a, cudaStream_t stream) {
   if (a.N == 0 || a.OH == 0 || a.OW == 0 || a.C == 0) return cudaSuccess;  // nothing to write
   switch (a.cpg) {
-    case 4: return launch_grouped_cpg<T, 4>(a, stream);
-    case 8: return launch_grouped_cpg<T, 8>(a, stream);
-    case 16: return launch_grouped_cpg<T, 16>(a, stream);
-    case 32: return launch_grouped_cpg<T, 32>(a, stream);
-    default: return cudaErrorInvalidConfiguration;
+    case 4:
+      return launch_grouped_cpg<T, 4>(a, stream);
+    case 8:
+      return launch_grouped_cpg<T, 8>(a, stream);
+    case 16:
+      return launch_grouped_cpg<T, 16>(a, stream);
+    case 32:
+      return launch_grouped_cpg<T, 32>(a, stream);
+    default:
+      return cudaErrorInvalidConfiguration;
   }
 }
 

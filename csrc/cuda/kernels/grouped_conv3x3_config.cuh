@@ -18,11 +18,11 @@ namespace resfused::cuda {
 template <int CPG>
 struct GroupedConvTile {
   static_assert(CPG == 4 || CPG == 8 || CPG == 16 || CPG == 32, "channels per group must be 4, 8, 16 or 32");
-  static constexpr int V = CPG >= 16 ? 8 : 4;   // output channels per thread
-  static constexpr int P = 4;                   // output columns per thread
-  static constexpr int CB = CPG == 4 ? 64 : 32; // channels per block (CB / CPG groups)
-  static constexpr int TW = 8;                  // output tile width
-  static constexpr int kMaxTH = 8;              // output tile height (chosen per shape, <= this)
+  static constexpr int V = CPG >= 16 ? 8 : 4;    // output channels per thread
+  static constexpr int P = 4;                    // output columns per thread
+  static constexpr int CB = CPG == 4 ? 64 : 32;  // channels per block (CB / CPG groups)
+  static constexpr int TW = 8;                   // output tile width
+  static constexpr int kMaxTH = 8;               // output tile height (chosen per shape, <= this)
   static constexpr int kThreadsPerRow = (CB / V) * (TW / P);
   static constexpr int kMaxThreads = kThreadsPerRow * kMaxTH;
 };

@@ -71,9 +71,12 @@ RESFUSED_DEVICE T from_acc(acc_t<T> v) {
 #ifdef RESFUSED_EMULATION
   return static_cast<T>(v);
 #else
-  if constexpr (std::is_same_v<T, __half>) return __float2half_rn(v);
-  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16_rn(v);
-  else return v;
+  if constexpr (std::is_same_v<T, __half>)
+    return __float2half_rn(v);
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    return __float2bfloat16_rn(v);
+  else
+    return v;
 #endif
 }
 
@@ -116,16 +119,14 @@ RESFUSED_DEVICE void store_pack(T* p, int64_t i, const Pack<T, N>& v) {
 RESFUSED_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Whether a pointer allows `bytes`-wide vector accesses (host side, for the launch config).
-inline bool aligned_to(const void* p, size_t bytes) {
-  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
-}
+inline bool aligned_to(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 // Hardware limits the launch configuration must respect (sm_80 / sm_90).
 constexpr int kMaxThreadsPerBlock = 1024;
 constexpr int64_t kMaxGridX = 2147483647;
 constexpr int64_t kMaxGridYZ = 65535;
-constexpr size_t kDefaultSmemBytes = 48 * 1024;   // without the opt-in attribute
-constexpr size_t kMaxOptInSmemBytes = 163 * 1024; // sm_80's opt-in maximum (sm_90: 227 KiB)
+constexpr size_t kDefaultSmemBytes = 48 * 1024;    // without the opt-in attribute
+constexpr size_t kMaxOptInSmemBytes = 163 * 1024;  // sm_80's opt-in maximum (sm_90: 227 KiB)
 
 struct LaunchConfig {
   dim3 grid, block;

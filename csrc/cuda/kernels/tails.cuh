@@ -99,8 +99,8 @@ struct ScaleShiftActKernel {
 
 // One element of the backward: writes grad_x, accumulates into (sum_gx, sum_g).
 template <class T>
-RESFUSED_DEVICE void scale_shift_backward_element(const ScaleShiftArgs<T>& a, int64_t i, int64_t c,
-                                                  acc_t<T>& sum_gx, acc_t<T>& sum_g) {
+RESFUSED_DEVICE void scale_shift_backward_element(const ScaleShiftArgs<T>& a, int64_t i, int64_t c, acc_t<T>& sum_gx,
+                                                  acc_t<T>& sum_g) {
   using A = acc_t<T>;
   const A xv = to_acc(a.x[i]), s = a.scale[c];
   A g = to_acc(a.grad[i]);
@@ -119,8 +119,8 @@ struct ScaleShiftBackwardPartialKernel {
     using A = acc_t<T>;
     A sum_gx = 0, sum_g = 0;
     int64_t c = 0, slot = 0;
-    const bool active = slot_walk(
-        a, c, slot, [](int64_t) {}, [&](int64_t i) { scale_shift_backward_element(a, i, c, sum_gx, sum_g); });
+    const bool active =
+        slot_walk(a, c, slot, [](int64_t) {}, [&](int64_t i) { scale_shift_backward_element(a, i, c, sum_gx, sum_g); });
     if (active) store_slot_pair(a.partial, slot, a.C, c, sum_gx, sum_g);
   }
 };

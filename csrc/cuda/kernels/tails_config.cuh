@@ -27,11 +27,11 @@ struct BinaryArgs {  // out = f(a, b) elementwise
 template <class T>
 struct ScaleShiftArgs {
   gptr<const T> x;
-  gptr<const T> grad;       // backward only
+  gptr<const T> grad;  // backward only
   gptr<const acc_t<T>> scale, shift;
-  gptr<T> out;              // forward: y; backward: grad_x
-  gptr<acc_t<T>> partial;   // backward: [slots][2][C]
-  gptr<acc_t<T>> totals;    // backward: [2][C]
+  gptr<T> out;                                  // forward: y; backward: grad_x
+  gptr<acc_t<T>> partial;                       // backward: [slots][2][C]
+  gptr<acc_t<T>> totals;                        // backward: [2][C]
   int64_t n = 0, C = 0, inner = 1, planes = 0;  // planes = n / inner (NC(spatial) only)
   int64_t slots = 0;
   int64_t rows = 0, row_len = 0;  // forward: rows of row_len elements (set by scale_shift_config)
@@ -124,10 +124,10 @@ template <class T>
 cudaError_t launch_scale_shift_act_backward(ScaleShiftArgs<T> a, cudaStream_t s);
 
 #ifndef RESFUSED_EMULATION
-#define RESFUSED_TAILS_EXTERN(T)                                                              \
-  extern template cudaError_t launch_add_relu<T>(BinaryArgs<T>, cudaStream_t);                \
-  extern template cudaError_t launch_add_relu_backward<T>(BinaryArgs<T>, cudaStream_t);       \
-  extern template cudaError_t launch_scale_shift_act<T>(ScaleShiftArgs<T>, cudaStream_t);     \
+#define RESFUSED_TAILS_EXTERN(T)                                                          \
+  extern template cudaError_t launch_add_relu<T>(BinaryArgs<T>, cudaStream_t);            \
+  extern template cudaError_t launch_add_relu_backward<T>(BinaryArgs<T>, cudaStream_t);   \
+  extern template cudaError_t launch_scale_shift_act<T>(ScaleShiftArgs<T>, cudaStream_t); \
   extern template cudaError_t launch_scale_shift_act_backward<T>(ScaleShiftArgs<T>, cudaStream_t);
 RESFUSED_TAILS_EXTERN(float)
 RESFUSED_TAILS_EXTERN(double)
