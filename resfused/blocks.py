@@ -9,7 +9,9 @@ Edits through `.data` bypass the version counter, and parameters created under
 torch.inference_mode have none: call `resfused.refresh(model)` after editing those in place.
 When autograd must reach the parameters in eval mode (frozen-BN fine-tuning), the folding is
 differentiable and rebuilt every call. On the CPU in eval mode a block checks its input for
-NaN/Inf once and runs the reference computation on one (runtime/finite.py).
+NaN/Inf once and runs the reference computation on one (runtime/finite.py). A module holding an
+nn.SyncBatchNorm in training mode runs its reference forward (torch synchronizes that BN's batch
+statistics across processes; see `FusedModule._has_synced_bn`).
 
     block = resfused.Bottleneck(256, 64).eval()
     block.load_state_dict(reference_block.state_dict())
@@ -144,6 +146,13 @@ class FusedModule(nn.Module):
         cannot be folded; the training runner follows each BN's own mode, as the reference does."""
         return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and uses_batch_statistics(m) for m in self._walk())
 
+    def _has_synced_bn(self) -> bool:
+        """Whether an nn.SyncBatchNorm of this module is in training mode. torch synchronizes such a
+        BN's batch statistics across the processes of its group (when one is initialized), and the
+        fused training kernels compute local statistics: the module runs `reference_forward`, which
+        calls the SyncBatchNorm's own forward. In eval mode a SyncBatchNorm folds like a BatchNorm2d."""
+        return any(type(m) is nn.SyncBatchNorm and m.training for m in self._walk())
+
     def _needs_autograd(self, x: torch.Tensor) -> bool:
         return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
 
@@ -167,6 +176,8 @@ class FusedModule(nn.Module):
         blocks it chains), so an identity shortcut may be overwritten by the last conv's output."""
         self._check_input(x)
         if self.training or self._has_batch_statistics_bn():
+            if self._has_synced_bn():
+                return self.reference_forward(x)
             return self._program(x, TrainingRunner(), may_overwrite_x)
         if self._needs_autograd(x):
             return self._program(x, FoldedRunner(FoldedWeights(x.dtype, differentiable=True)), may_overwrite_x)
@@ -249,13 +260,13 @@ class ResNeXtBottleneck(_FusedBottleneckBase, reference.ResNeXtBottleneck):
 class ConvBNAct(FusedModule):
     """conv -> BN -> [ReLU] as one fused conv (a model's stem, for example). Keys: conv.*, bn.*"""
 
-    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool = True):
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | nn.SyncBatchNorm, relu: bool = True):
         super().__init__()
         for name, problem in (("conv", structure.conv_problem(conv)), ("bn", structure.bn_problem(bn))):
             if problem:
                 raise TypeError(
                     f"resfused.ConvBNAct: '{name}' {problem}; a fused conv computes what a plain "
-                    "zero-padded nn.Conv2d and an nn.BatchNorm2d do, nothing else"
+                    "zero-padded nn.Conv2d and an nn.BatchNorm2d (or nn.SyncBatchNorm) do, nothing else"
                 )
         if bn.num_features != conv.out_channels:
             raise ValueError(

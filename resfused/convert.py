@@ -9,7 +9,8 @@ ResNet's conv-BN-ReLU stem) for its fused equivalent.
 A block is converted only when it computes exactly what the fused block computes, in eval mode
 *and* in train mode (the fused blocks also train: batch-statistics BN, see runners.py; so a block with
 DropBlock, DropPath > 0, SE/attention, anti-aliasing, dilation, a non-ReLU activation or a norm
-other than BatchNorm2d with running statistics is left untouched and reported). The fused
+other than BatchNorm2d / SyncBatchNorm with running statistics is left untouched and reported;
+a block with a SyncBatchNorm trains through its reference forward, see blocks.py). The fused
 blocks share the original's conv and BN modules (no copies of the weights beyond the initial
 `deepcopy` when inplace=False), so parameter and state_dict keys of converted blocks stay the
 same as the original's -- except the stem, whose conv and BN move under one `ConvBNAct`
@@ -113,6 +114,12 @@ def fuse(model: nn.Module, inplace: bool = False, verbose: bool = False) -> nn.M
         report.notes.append(
             "the model is in training mode: it trains with fused batch-norm kernels; call .eval() for folded inference"
         )
+    synced = [m for m in model.modules() if isinstance(m, blocks.FusedModule) and _holds_sync_bn(m)]
+    if synced and report.converted:
+        report.notes.append(
+            f"SyncBatchNorm: {len(synced)} fused module(s) hold one; in train mode they run the reference "
+            "forward to keep the batch statistics synchronized (eval mode folds it like BatchNorm2d)"
+        )
     model.resfused_report = report
     if verbose:
         print(report)
@@ -120,6 +127,10 @@ def fuse(model: nn.Module, inplace: bool = False, verbose: bool = False) -> nn.M
 
 
 _ALREADY_FUSED = "already a resfused fused block"
+
+
+def _holds_sync_bn(module: nn.Module) -> bool:
+    return any(type(m) is nn.SyncBatchNorm for m in module.modules())
 
 
 class _Unsupported(Exception):
@@ -181,7 +192,8 @@ def _conv(conv, what: str) -> nn.Conv2d:
 
 
 def _bn(bn, what: str, norm_act: bool = False) -> nn.BatchNorm2d:
-    """A BatchNorm2d with running statistics; norm_act=True: timm's BatchNormAct2d with a ReLU."""
+    """A BatchNorm2d or SyncBatchNorm with running statistics; norm_act=True: timm's BatchNormAct2d
+    with a ReLU."""
     if norm_act:
         if type(bn).__name__ != "BatchNormAct2d" or not isinstance(bn, nn.BatchNorm2d):
             raise _Unsupported(f"{what} is {type(bn).__name__}, not BatchNormAct2d (BN + ReLU)")
