@@ -18,7 +18,8 @@ same as the original's -- except the stem, whose conv and BN move under one `Con
 
 Supported (see the rules at the bottom of this file): resfused.reference blocks; torchvision
 `resnet*` / `resnext*` / `wide_resnet*` blocks and stem; timm `resnet*` / `resnext*` blocks and
-stem (deep stems included); timm `resnetv2_*` `PreActBasic` blocks with BatchNormAct2d(ReLU).
+stem (deep stems and the 'd' variants' avg-pool shortcuts included); timm `resnetv2_*` `PreActBasic`
+blocks with BatchNormAct2d(ReLU).
 Adding a block type: see CONTRIBUTING.md.
 """
 
@@ -235,21 +236,36 @@ def _no_drop_path(dp, what: str = "drop_path") -> None:
 
 
 class ShortcutConvBN(nn.Module):
-    """A conv [+ BN] shortcut in a layout the fused blocks read: `[0]` is the conv, `[1]` the BN or
-    None. Keeps the original's child names (and its no-op Identity children, which run in the same
-    order), so state_dict keys do not change: timm's DownsampleConv (conv, norm=Identity) and an
-    avg-down Sequential whose pool is Identity (stride 1) both fit."""
+    """A [pool +] conv [+ BN] shortcut in a layout the fused blocks read: `[0]` is the conv, `[1]`
+    the BN or None, `pre_pool` the nn.AvgPool2d that runs before the conv (ResNet-D) or None. Keeps
+    the original's child names (and its no-op Identity children, which run in the same order), so
+    state_dict keys do not change: timm's DownsampleConv (conv, norm=Identity), DownsampleAvg and
+    avg-down Sequential (pool, conv, BN; the pool is Identity at stride 1) all fit."""
 
-    def __init__(self, children: list[tuple[str, nn.Module]], conv: nn.Conv2d, bn: nn.BatchNorm2d | None):
+    _pool_name = None
+
+    def __init__(
+        self,
+        children: list[tuple[str, nn.Module]],
+        conv: nn.Conv2d,
+        bn: nn.BatchNorm2d | None,
+        pool: nn.AvgPool2d | None = None,
+    ):
         super().__init__()
         for name, child in children:
             self.add_module(name, child)
         # Names, not module references: stays right through deepcopy, _apply and reassignment.
         self._pair_names = tuple(next(n for n, c in children if c is m) if m is not None else None for m in (conv, bn))
+        if pool is not None:
+            self._pool_name = next(n for n, c in children if c is pool)
 
     def __getitem__(self, index: int):
         name = self._pair_names[index]
         return None if name is None else getattr(self, name)
+
+    @property
+    def pre_pool(self) -> nn.AvgPool2d | None:
+        return None if self._pool_name is None else getattr(self, self._pool_name)
 
     def forward(self, x):
         for child in self.children():
@@ -258,7 +274,9 @@ class ShortcutConvBN(nn.Module):
 
 
 def _shortcut(ds, what: str = "downsample", bn_required: bool = True):
-    """None, nn.Sequential(conv, BN) as is, or a ShortcutConvBN view of an equivalent layout."""
+    """None, nn.Sequential(conv, BN) as is, or a ShortcutConvBN view of an equivalent layout: an
+    optional nn.AvgPool2d first (ResNet-D's avg-down; the fused shortcut runs that pool module
+    itself, then the folded conv), the conv, the BN (optional where `bn_required` is False)."""
     if ds is None:
         return None
     if type(ds) is nn.Sequential and len(ds) == 2:
@@ -267,18 +285,21 @@ def _shortcut(ds, what: str = "downsample", bn_required: bool = True):
     children = list(ds.named_children())
     real = [(n, m) for n, m in children if type(m) is not nn.Identity]
     if type(ds) in (nn.Sequential,) or type(ds).__name__ in ("DownsampleConv", "DownsampleAvg"):
-        if any(isinstance(m, (nn.AvgPool2d, nn.MaxPool2d)) or "Pool" in type(m).__name__ for _, m in real):
-            raise _Unsupported(
-                f"{what} pools before its conv (a 'd'-variant avg-down shortcut); the fused shortcut is conv + BN only"
-            )
+        pool = None
+        if real and type(real[0][1]) is nn.AvgPool2d:
+            pool, real = real[0][1], real[1:]
+        for name, m in real:
+            if isinstance(m, (nn.AvgPool2d, nn.MaxPool2d)) or "Pool" in type(m).__name__:
+                raise _Unsupported(
+                    f"{what}.{name} is {type(m).__name__}; a fused shortcut pools only with an nn.AvgPool2d, first"
+                )
         if len(real) == 2 and type(real[0][1]) is nn.Conv2d:
-            return ShortcutConvBN(
-                children, _conv(real[0][1], f"{what}.{real[0][0]}"), _bn(real[1][1], f"{what}.{real[1][0]}")
-            )
+            conv, bn = _conv(real[0][1], f"{what}.{real[0][0]}"), _bn(real[1][1], f"{what}.{real[1][0]}")
+            return ShortcutConvBN(children, conv, bn, pool)
         if len(real) == 1 and not bn_required and type(real[0][1]) is nn.Conv2d:
-            return ShortcutConvBN(children, _conv(real[0][1], f"{what}.{real[0][0]}"), None)
+            return ShortcutConvBN(children, _conv(real[0][1], f"{what}.{real[0][0]}"), None, pool)
     raise _Unsupported(
-        f"{what} is {type(ds).__name__}({', '.join(type(m).__name__ for _, m in children)}), not conv + BN"
+        f"{what} is {type(ds).__name__}({', '.join(type(m).__name__ for _, m in children)}), not [avg-pool +] conv + BN"
     )
 
 

@@ -140,19 +140,32 @@ def test_timm_resnets_match(name, n_blocks, fused_cls):
     )
 
 
-def test_timm_resnet50d_converts_what_matches_and_explains_the_rest():
-    # Deep stem (three conv-BN-ReLU), avg-pool shortcuts: stride-1 layer1.0 has an Identity pool
-    # (converted, keys kept); layer2-4.0 pool before the conv (left alone, reported).
-    model = _timm("resnet50d")
-    fused, report, _ = _check_model(model, torch.randn(1, 3, 64, 64), "timm resnet50d")
-    skipped = {e.path: e.detail for e in report.skipped}
-    assert set(skipped) == {"layer2.0", "layer3.0", "layer4.0"}, str(report)
-    assert all("pools before its conv" in d for d in skipped.values())
-    assert isinstance(fused.layer1[0], resfused.Bottleneck)
-    assert [k for k in fused.state_dict() if k.startswith("layer1.0.downsample")] == [
-        k for k in model.state_dict() if k.startswith("layer1.0.downsample")
+@pytest.mark.parametrize(
+    "name, fused_cls", [("resnet50d", resfused.Bottleneck), ("resnext50d_32x4d", resfused.ResNeXtBottleneck)]
+)
+def test_timm_d_variants_convert_every_block_avg_down_shortcuts_included(name, fused_cls):
+    # Deep stem (three conv-BN-ReLU) and avg-pool shortcuts: layer1.0's pool is Identity (stride 1),
+    # layer2-4.0 pool (2x2, ceil_mode, count_include_pad=False) before the 1x1 conv. At 65x65 the
+    # stages see 17x17, 9x9 and 5x5 inputs: every pool has ceil_mode's partial border windows.
+    model = _timm(name)
+    fused, report, ran = _check_model(model, torch.randn(1, 3, 64, 64), f"timm {name}")
+    assert report.skipped == [], str(report)
+    assert [e.detail for e in report.converted if "stem" not in e.source] == [f"resfused.{fused_cls.__name__}"] * 16
+    assert len(ran) == sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert [type(fused.get_submodule(f"layer{i}.0").downsample.pre_pool) for i in (1, 2, 3, 4)] == [
+        type(None),
+        nn.AvgPool2d,
+        nn.AvgPool2d,
+        nn.AvgPool2d,
     ]
+    # Block keys are timm's own (downsample.0 the pool, .1 the conv, .2 the BN); only the stem moved.
+    assert {k for k in fused.state_dict() if not k.startswith(("conv1.", "bn1."))} == {
+        k for k in model.state_dict() if not k.startswith(("conv1.", "bn1."))
+    }
     assert sum(isinstance(m, resfused.ConvBNAct) for m in fused.conv1) == 3
+    x = torch.randn(1, 3, 65, 65)
+    with torch.no_grad():
+        assert_matches_reference(fused(x), _expected64(model, x), torch.float32, what=f"timm {name} at 65x65")
 
 
 def test_timm_blocks_with_extras_are_left_alone():

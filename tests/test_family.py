@@ -126,3 +126,80 @@ def test_conv_bn_act_takes_a_sync_batchnorm_and_rejects_its_subclasses():
 
     with pytest.raises(TypeError, match="'bn' is _SyncBatchNormSubclass, not nn.BatchNorm2d or nn.SyncBatchNorm"):
         resfused.ConvBNAct(nn.Conv2d(8, 16, 3), _SyncBatchNormSubclass(16))
+
+
+# ---------------------------------------------------------------------- ResNet-D avg-down shortcut
+def _timm_d_block(kind: str, stride: int) -> nn.Module:
+    """A small timm ResNet block with the 'd' variants' shortcut: Sequential(AvgPool2d(2, stride,
+    ceil_mode=True, count_include_pad=False) or Identity at stride 1, conv1x1, BN)."""
+    timm_resnet = pytest.importorskip("timm.models.resnet")
+    in_ch = 16
+    cls, planes, kwargs = {
+        "basic": (timm_resnet.BasicBlock, 32, {}),
+        "bottleneck": (timm_resnet.Bottleneck, 8, {}),
+        "resnext": (timm_resnet.Bottleneck, 16, {"cardinality": 4, "base_width": 16}),  # 4 channels per group
+    }[kind]
+    downsample = timm_resnet.downsample_avg(in_ch, planes * cls.expansion, 1, stride=stride)
+    return randomize_bn(cls(in_ch, planes, stride=stride, downsample=downsample, **kwargs))
+
+
+def _step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor | None):
+    """Forward [+ backward]; returns (output, {name: gradient}, {buffer name: value})."""
+    x = x.detach().clone().requires_grad_(grad is not None)
+    y = module(x)
+    if grad is None:
+        return y, {}, {}
+    y.backward(grad)
+    grads = {"input": x.grad} | {n: p.grad for n, p in module.named_parameters()}
+    return y, grads, {n: b.clone() for n, b in module.named_buffers()}
+
+
+D_BLOCKS = [("bottleneck", 2), ("bottleneck", 1), ("basic", 2), ("resnext", 2)]
+
+
+@pytest.mark.parametrize("mode", ["eval", "eval+autograd", "train"])
+@pytest.mark.parametrize("hw", [(64, 64), (65, 63)], ids=["even", "odd"])
+@pytest.mark.parametrize("kind, stride", D_BLOCKS, ids=[f"{k}-s{s}" for k, s in D_BLOCKS])
+def test_avg_down_shortcut_block_matches_timm(kind, stride, hw, mode):
+    # Odd sizes: ceil_mode's border windows hold 2 or 1 pixels and count_include_pad=False divides
+    # by that count, which the fused shortcut gets by running the pool module itself.
+    block = _timm_d_block(kind, stride).train(mode == "train")
+    fused = resfused.fuse(block)
+    expected_cls = {
+        "basic": resfused.BasicBlock,
+        "bottleneck": resfused.Bottleneck,
+        "resnext": resfused.ResNeXtBottleneck,
+    }
+    assert type(fused) is expected_cls[kind]
+    assert type(fused.downsample[0]) is nn.Conv2d and type(fused.downsample[1]) is nn.BatchNorm2d
+    assert type(fused.downsample.pre_pool) is (nn.AvgPool2d if stride == 2 else type(None))  # Identity: no pool
+    assert set(fused.state_dict()) == set(block.state_dict())  # downsample.0 (pool), .1 (conv), .2 (BN)
+    x = torch.randn(2, 16, *hw)
+    g = None if mode == "eval" else torch.randn(_expected64(block, x).shape)
+    with torch.set_grad_enabled(g is not None), trace_kernels() as ran:
+        y, grads, buffers = _step(fused, x, g)
+    y64, grads64, buffers64 = _step(copy.deepcopy(block).double(), x.double(), None if g is None else g.double())
+    what = f"{kind} stride {stride} {hw} {mode}"
+    assert_matches_reference(y, y64, torch.float32, what=what)
+    convs = [c.kernel for c in ran if c.op in ("conv", "conv_train")]
+    assert len(convs) == (3 if kind == "basic" else 4), ran  # the shortcut in one conv call, too
+    if mode == "eval":
+        assert "reference" not in convs and "library+tail" not in convs, ran
+    if mode == "train":
+        assert ("batch_norm", "native") in [c[:2] for c in ran], ran
+    for key, expected in grads64.items():
+        assert_matches_reference(grads[key], expected, torch.float32, what=f"{what} grad {key}")
+    for key, expected in buffers64.items():
+        assert_matches_reference(buffers[key].double(), expected, torch.float32, what=f"{what} buffer {key}")
+
+
+def test_shortcuts_that_pool_otherwise_are_left_alone():
+    timm_resnet = pytest.importorskip("timm.models.resnet")
+    for downsample, reason in [
+        (nn.Sequential(nn.MaxPool2d(2, 2), nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32)), "0 is MaxPool2d"),
+        (nn.Sequential(nn.Conv2d(16, 32, 1, bias=False), nn.AvgPool2d(2), nn.BatchNorm2d(32)), "1 is AvgPool2d"),
+    ]:
+        block = timm_resnet.BasicBlock(16, 32, stride=2, downsample=downsample)
+        report = resfused.fuse(block).resfused_report
+        assert report.converted == [] and reason in report.skipped[0].detail, str(report)
+        assert "a fused shortcut pools only with an nn.AvgPool2d, first" in report.skipped[0].detail
