@@ -76,6 +76,22 @@ def _check(x, weight_hwio, bias, residual, scale, shift, stride, padding) -> Non
             raise RuntimeError(f"conv2d_triton: '{name}' is on {t.device} but 'x' is on {x.device}")
 
 
+def _traceable(kernel):
+    """`kernel` wrapped by wrap_triton, so that torch.compile / make_fx see the launch.
+
+    Under TRITON_INTERPRET=1, @triton.jit returns an InterpretedFunction (neither a JITFunction
+    nor an Autotuner). Newer torch (2.14) passes it through wrap_triton unchanged; torch 2.11
+    raises "wrap_triton only works on functions annotated with triton.jit or triton.autotune".
+    An interpreted launch cannot be traced anyway (it would run on fake tensors; the fake
+    implementation below serves tracing), so it is launched directly. Compiled kernels
+    (TRITON_INTERPRET=0: a JITFunction or an Autotuner) always go through wrap_triton.
+    """
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    return wrap_triton(kernel) if isinstance(kernel, (JITFunction, Autotuner)) else kernel
+
+
 @triton_op("resfused::conv2d_triton", mutates_args=())
 def conv2d_triton(
     x: torch.Tensor,
@@ -106,7 +122,7 @@ def conv2d_triton(
     else:  # TRITON_INTERPRET=1 on CPU tensors: no autotuning (it times on a CUDA device)
         kernel, config = kernels.conv2d_nhwc_kernel, kernels.INTERPRETER_CONFIG
     kernels.launch(
-        wrap_triton(kernel),
+        _traceable(kernel),
         x,
         weight_hwio,
         bias,
