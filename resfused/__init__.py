@@ -1,9 +1,17 @@
 """resfused: fused conv-BN-ReLU, residual add-ReLU tails and a grouped 3x3 path for the residual
-blocks of ResNet / ResNeXt. See README.md."""
+blocks of ResNet / ResNeXt (v1 and pre-activation). See README.md."""
 
 from resfused import reference
 from resfused.backend import BackendUnavailable, get_backend, set_backend, use_backend
-from resfused.blocks import BasicBlock, Bottleneck, ConvBNAct, PreActBasicBlock, ResNeXtBottleneck, refresh
+from resfused.blocks import (
+    BasicBlock,
+    Bottleneck,
+    ConvBNAct,
+    PreActBasicBlock,
+    PreActBottleneck,
+    ResNeXtBottleneck,
+    refresh,
+)
 from resfused.convert import fuse
 from resfused.stage import ResidualStage
 
@@ -14,6 +22,7 @@ __all__ = [
     "PreActBasicBlock",
     "Bottleneck",
     "ResNeXtBottleneck",
+    "PreActBottleneck",
     "ConvBNAct",
     "ResidualStage",
     "fuse",

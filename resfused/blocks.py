@@ -29,7 +29,15 @@ from resfused.ops.batchnorm import uses_batch_statistics
 from resfused.runners import FoldedRunner, FoldedWeights, TrainingRunner
 from resfused.runtime import buffer_cache, finite
 
-__all__ = ["BasicBlock", "PreActBasicBlock", "Bottleneck", "ResNeXtBottleneck", "ConvBNAct", "refresh"]
+__all__ = [
+    "BasicBlock",
+    "PreActBasicBlock",
+    "Bottleneck",
+    "ResNeXtBottleneck",
+    "PreActBottleneck",
+    "ConvBNAct",
+    "refresh",
+]
 
 
 class FusedModule(nn.Module):
@@ -233,20 +241,38 @@ class BasicBlock(FusedModule, reference.BasicBlock):
         )
 
 
-class PreActBasicBlock(FusedModule, reference.PreActBasicBlock):
-    """relu(bn1(x)) as a prologue; conv1 with BN2 folded + ReLU; conv2 + shortcut (no ReLU)."""
+class _FusedPreActBase(FusedModule):
+    """What the pre-activation blocks share: relu(bn1(x)) feeds conv1 (BN2 folded, ReLU) and the
+    projection; the identity shortcut carries the raw x."""
 
-    def _program(self, x, runner, may_overwrite_x=False):
+    def _preact_conv1(self, x, runner, may_overwrite_x):
+        """(relu(bn2(conv1(relu(bn1(x))))), the shortcut, whether the last conv may overwrite it)."""
         if self.downsample is None:
             # Only conv1 reads the pre-activated input: kernels that can, apply it while loading.
             out = runner.conv_bn(x, self.conv1, self.bn2, relu=True, pre_bn=self.bn1)
-            identity, identity_is_temporary = x, may_overwrite_x
-        else:
-            # conv1 and the projection both read it: materialize it once.
-            act = runner.pre_act(x, self.bn1)
-            identity, identity_is_temporary = self._projection(act, runner), True
-            out = runner.conv_bn(act, self.conv1, self.bn2, relu=True)
+            return out, x, may_overwrite_x
+        # conv1 and the projection both read it: materialize it once.
+        act = runner.pre_act(x, self.bn1)
+        identity = self._projection(act, runner)
+        return runner.conv_bn(act, self.conv1, self.bn2, relu=True), identity, True
+
+
+class PreActBasicBlock(_FusedPreActBase, reference.PreActBasicBlock):
+    """relu(bn1(x)) as a prologue; conv1 with BN2 folded + ReLU; conv2 + shortcut (no ReLU)."""
+
+    def _program(self, x, runner, may_overwrite_x=False):
+        out, identity, identity_is_temporary = self._preact_conv1(x, runner, may_overwrite_x)
         return runner.conv_bn(out, self.conv2, None, residual=identity, may_overwrite_residual=identity_is_temporary)
+
+
+class PreActBottleneck(_FusedPreActBase, reference.PreActBottleneck):
+    """relu(bn1(x)) as a prologue; conv1 with BN2 folded + ReLU; conv2 (3x3, grouped or strided) with
+    BN3 folded + ReLU; conv3 + shortcut (no ReLU)."""
+
+    def _program(self, x, runner, may_overwrite_x=False):
+        out, identity, identity_is_temporary = self._preact_conv1(x, runner, may_overwrite_x)
+        out = runner.conv_bn(out, self.conv2, self.bn3, relu=True)
+        return runner.conv_bn(out, self.conv3, None, residual=identity, may_overwrite_residual=identity_is_temporary)
 
 
 class _FusedBottleneckBase(FusedModule):

@@ -19,7 +19,7 @@ same as the original's -- except the stem, whose conv and BN move under one `Con
 Supported (see the rules at the bottom of this file): resfused.reference blocks; torchvision
 `resnet*` / `resnext*` / `wide_resnet*` blocks and stem; timm `resnet*` / `resnext*` blocks and
 stem (deep stems and the 'd' variants' avg-pool shortcuts included); timm `resnetv2_*` `PreActBasic`
-blocks with BatchNormAct2d(ReLU).
+and `PreActBottleneck` blocks with BatchNormAct2d(ReLU) (not the BiT models' GroupNorm + StdConv2d).
 Adding a block type: see CONTRIBUTING.md.
 """
 
@@ -321,6 +321,8 @@ def _fused(cls, module: nn.Module, **children) -> nn.Module:
 def _reference_block(m):
     if type(m) is reference.PreActBasicBlock:
         cls, names = blocks.PreActBasicBlock, ("bn1", "conv1", "bn2", "conv2")
+    elif type(m) is reference.PreActBottleneck:
+        cls, names = blocks.PreActBottleneck, ("bn1", "conv1", "bn2", "conv2", "bn3", "conv3")
     else:
         cls = {
             reference.BasicBlock: blocks.BasicBlock,
@@ -371,14 +373,30 @@ class TimmPreActBasicBlock(blocks.PreActBasicBlock):
     bn2 = property(lambda self: self.norm2)
 
 
-def _timm_preact_basic(m):
-    _bn(m.norm1, "norm1", norm_act=True), _bn(m.norm2, "norm2", norm_act=True)
-    _conv(m.conv1, "conv1"), _conv(m.conv2, "conv2")
+class TimmPreActBottleneck(blocks.PreActBottleneck):
+    """resfused.PreActBottleneck over timm's PreActBottleneck, as TimmPreActBasicBlock: timm's child
+    names (norm1, norm2, norm3) and keys; bn1 / bn2 / bn3 are views of them."""
+
+    bn1 = property(lambda self: self.norm1)
+    bn2 = property(lambda self: self.norm2)
+    bn3 = property(lambda self: self.norm3)
+
+
+def _timm_preact(m):
+    """timm resnetv2's PreActBasic / PreActBottleneck with BatchNormAct2d(ReLU) norms and plain convs
+    (the BiT models' GroupNormAct and StdConv2d are left alone, with the reason), and a bare-conv
+    projection ([avg-pool +] conv, no norm) on the pre-activated input."""
+    n = 3 if hasattr(m, "conv3") else 2
+    children = {}
+    for i in range(1, n + 1):
+        children[f"norm{i}"] = _bn(getattr(m, f"norm{i}"), f"norm{i}", norm_act=True)
+        children[f"conv{i}"] = _conv(getattr(m, f"conv{i}"), f"conv{i}")
     _no_drop_path(m.drop_path)
     ds = _shortcut(m.downsample, bn_required=False)
     if ds is not None and ds[1] is not None:
         raise _Unsupported("downsample has a norm after its conv; timm's pre-activation shortcut is a bare conv")
-    return _fused(TimmPreActBasicBlock, m, norm1=m.norm1, conv1=m.conv1, norm2=m.norm2, conv2=m.conv2, downsample=ds)
+    cls = TimmPreActBottleneck if n == 3 else TimmPreActBasicBlock
+    return _fused(cls, m, downsample=ds, **children)
 
 
 def _unsupported(reason: str):
@@ -395,7 +413,13 @@ def _claiming_rule(m):
     if isinstance(m, blocks.FusedModule):
         return lambda m: None
     t = type(m)
-    if t in (reference.BasicBlock, reference.Bottleneck, reference.ResNeXtBottleneck, reference.PreActBasicBlock):
+    if t in (
+        reference.BasicBlock,
+        reference.Bottleneck,
+        reference.ResNeXtBottleneck,
+        reference.PreActBasicBlock,
+        reference.PreActBottleneck,
+    ):
         return _reference_block
     tv = sys.modules.get("torchvision.models.resnet")
     if tv is not None and t in (tv.BasicBlock, tv.Bottleneck):
@@ -405,10 +429,8 @@ def _claiming_rule(m):
         return _timm_block
     timm_v2 = sys.modules.get("timm.models.resnetv2")
     if timm_v2 is not None:
-        if t is timm_v2.PreActBasic:
-            return _timm_preact_basic
-        if t is timm_v2.PreActBottleneck:
-            return _unsupported("pre-activation bottleneck: resfused has no fused PreActBottleneck block yet")
+        if t in (timm_v2.PreActBasic, timm_v2.PreActBottleneck):
+            return _timm_preact
         if t is timm_v2.Bottleneck:
             return _unsupported("resnetv2 (ViT-hybrid) bottleneck with norm-act layers is not supported")
     return None

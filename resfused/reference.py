@@ -1,4 +1,4 @@
-"""The four residual blocks, in plain PyTorch: the numerical truth (their definitions, in words:
+"""The residual blocks, in plain PyTorch: the numerical truth (their definitions, in words:
 docs/design.md, "The blocks").
 
 Every fused block derives from one of these and shares its constructor arguments, defaults and
@@ -17,7 +17,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["BasicBlock", "PreActBasicBlock", "Bottleneck", "ResNeXtBottleneck", "conv3x3", "conv1x1"]
+__all__ = [
+    "BasicBlock",
+    "PreActBasicBlock",
+    "Bottleneck",
+    "ResNeXtBottleneck",
+    "PreActBottleneck",
+    "conv3x3",
+    "conv1x1",
+]
 
 
 def conv3x3(in_ch: int, out_ch: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -123,3 +131,36 @@ class ResNeXtBottleneck(_BottleneckBase):
     def __init__(self, in_ch: int, bottleneck_ch: int, stride: int = 1, groups: int = 32, base_width: int = 4):
         width = int(bottleneck_ch * (base_width / 64.0)) * groups
         super().__init__(in_ch, width, bottleneck_ch * self.expansion, stride, groups=groups)
+
+
+class PreActBottleneck(nn.Module):
+    """ResNet v2 bottleneck: BN-ReLU, conv1x1 reduce, BN-ReLU, conv3x3 (stride, optionally grouped),
+    BN-ReLU, conv1x1 expand to 4 * bottleneck_ch, add shortcut (no ReLU after the add).
+
+    As in PreActBasicBlock, the projection shortcut (1x1 conv with the block's stride + BN) is fed
+    with the *pre-activated* input relu(bn1(x)); the stride sits on the 3x3 conv (timm's resnetv2,
+    torchvision's v1.5). timm's PreActBottleneck projects with a bare conv: fuse() converts it too.
+    """
+
+    expansion = 4
+
+    def __init__(self, in_ch: int, bottleneck_ch: int, stride: int = 1, groups: int = 1):
+        super().__init__()
+        out_ch = bottleneck_ch * self.expansion
+        self.bn1 = nn.BatchNorm2d(in_ch)
+        self.conv1 = conv1x1(in_ch, bottleneck_ch)
+        self.bn2 = nn.BatchNorm2d(bottleneck_ch)
+        self.conv2 = conv3x3(bottleneck_ch, bottleneck_ch, stride=stride, groups=groups)
+        self.bn3 = nn.BatchNorm2d(bottleneck_ch)
+        self.conv3 = conv1x1(bottleneck_ch, out_ch)
+        self.downsample = _projection(in_ch, out_ch, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(x))
+        identity = x
+        if self.downsample is not None:
+            identity = self.downsample(out)
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        out = self.conv3(F.relu(self.bn3(out)))
+        return out + identity

@@ -206,14 +206,44 @@ def test_timm_resnetv2_preact_basic_matches_in_eval_and_train():
     assert_matches_reference(actual, expected, torch.float32, what="resnetv2_18 train mode")
 
 
-def test_timm_resnetv2_bottleneck_model_has_nothing_convertible():
-    model = _timm("resnetv2_50").eval()
+@pytest.mark.parametrize("name", ["resnetv2_50", "resnetv2_50d"])
+def test_timm_resnetv2_preact_bottlenecks_match_in_eval_and_train(name):
+    # PreActBottleneck with BatchNormAct2d norms; the projection is a bare 1x1 conv on the
+    # pre-activated input (resnetv2_50d: avg-pool first, then the conv).
+    model = _timm(name)
+    fused, report, ran = _check_model(model, torch.randn(2, 3, 64, 64), f"timm {name}")
+    assert report.skipped == [] and len(report.converted) == 16, str(report)
+    assert all(e.detail == "resfused.TimmPreActBottleneck" for e in report.converted), str(report)
+    assert all(isinstance(b, resfused.PreActBottleneck) for s in fused.stages for b in s.blocks)
+    assert len(ran) == 3 * 16 + 4  # three convs per block, four projections
+    assert set(fused.state_dict()) == set(model.state_dict())  # timm's norm1-3 / downsample.conv keys
+    # One forward in train mode (batch statistics, fused BN kernels) against timm in float64: the
+    # output and every running statistic. Gradients are checked per block (tests/cases.py in
+    # test_training.py): through 16 train-mode blocks even eager float32 misses the float64
+    # gradients by more than 1e-2 of their scale, so a whole-model gradient check says nothing.
+    x = torch.randn(2, 3, 64, 64)
+    with resfused.ops.trace_kernels() as ran_train:
+        actual = fused.train()(x)
+    assert ("batch_norm", "native") in [c[:2] for c in ran_train]
+    reference64 = copy.deepcopy(model).double().train()
+    assert_matches_reference(actual, reference64(x.double()), torch.float32, what=f"{name} train mode")
+    buffers64 = dict(reference64.named_buffers())
+    for key, b in fused.named_buffers():
+        assert_matches_reference(b.double(), buffers64[key], torch.float32, what=f"{name} buffer {key}")
+
+
+def test_timm_bit_models_are_left_alone_with_the_reason():
+    # BiT: GroupNormAct norms and weight-standardized StdConv2d convs, neither of which folds.
+    model = _timm("resnetv2_50x1_bit").eval()
     fused = resfused.fuse(model)
     report = fused.resfused_report
     assert report.converted == [] and len(report.skipped) == 16
-    assert all("no fused PreActBottleneck" in e.detail for e in report.skipped)
+    assert all("norm1 is GroupNormAct, not BatchNormAct2d" in e.detail for e in report.skipped), str(report)
     assert str(report).startswith("resfused.fuse(ResNetV2): nothing convertible found")
     assert [type(m) for m in fused.modules()] == [type(m) for m in model.modules()]
+    # With BatchNorm the weight-standardized convs still keep it unconverted.
+    bn_bit = resfused.fuse(_timm("resnetv2_50x1_bit", norm_layer="batchnorm").eval()).resfused_report
+    assert bn_bit.converted == [] and all("conv1 is StdConv2d" in e.detail for e in bn_bit.skipped), str(bn_bit)
 
 
 # -------------------------------------------------------------------------- reference blocks, API
@@ -226,8 +256,10 @@ def test_timm_resnetv2_bottleneck_model_has_nothing_convertible():
         (reference.PreActBasicBlock(16, 32, stride=2), resfused.PreActBasicBlock),
         (reference.Bottleneck(64, 16), resfused.Bottleneck),
         (reference.ResNeXtBottleneck(64, 32, stride=2, groups=8, base_width=4), resfused.ResNeXtBottleneck),
+        (reference.PreActBottleneck(64, 16), resfused.PreActBottleneck),
+        (reference.PreActBottleneck(32, 16, stride=2, groups=4), resfused.PreActBottleneck),
     ],
-    ids=["basic", "basic-proj", "preact", "preact-proj", "bottleneck", "resnext-proj"],
+    ids=["basic", "basic-proj", "preact", "preact-proj", "bottleneck", "resnext-proj", "preact-bn", "preact-bn-proj"],
 )
 def test_reference_blocks_nested_and_as_the_model(block, fused_cls):
     x = torch.randn(2, block.conv1.in_channels, 9, 11)

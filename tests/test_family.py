@@ -203,3 +203,57 @@ def test_shortcuts_that_pool_otherwise_are_left_alone():
         report = resfused.fuse(block).resfused_report
         assert report.converted == [] and reason in report.skipped[0].detail, str(report)
         assert "a fused shortcut pools only with an nn.AvgPool2d, first" in report.skipped[0].detail
+
+
+# ---------------------------------------------------------------------- pre-activation bottleneck
+def test_reference_preact_bottleneck_shapes_and_math():
+    m = randomize_bn(reference.PreActBottleneck(32, 16, stride=2, groups=4)).eval()
+    assert (m.conv1.kernel_size, m.conv2.kernel_size, m.conv3.kernel_size) == ((1, 1), (3, 3), (1, 1))
+    assert m.conv2.stride == (2, 2) and m.conv2.groups == 4 and m.conv3.out_channels == 64
+    assert [n for n, _ in m.named_children()] == ["bn1", "conv1", "bn2", "conv2", "bn3", "conv3", "downsample"]
+    x = torch.randn(2, 32, 9, 9)
+    with torch.no_grad():
+        y = m(x)
+        pre = torch.relu(m.bn1(x))  # the projection reads the pre-activated input
+        out = m.conv3(torch.relu(m.bn3(m.conv2(torch.relu(m.bn2(m.conv1(pre)))))))
+        assert y.shape == (2, 64, 5, 5) and torch.allclose(y, out + m.downsample(pre), atol=1e-5)
+        assert (y < 0).any()  # no ReLU after the add
+    identity = reference.PreActBottleneck(64, 16)
+    assert identity.downsample is None and identity(x.new_ones(1, 64, 4, 4)).shape == (1, 64, 4, 4)
+
+
+@pytest.mark.parametrize("args", [(64, 16, 1), (32, 16, 2, 4)], ids=["identity", "projection"])
+def test_preact_bottleneck_eval_mode_gradients(args):
+    # Frozen-BN fine-tuning: eval mode with autograd, gradients to the input, the convs and the BN
+    # affine parameters (bn1 as a prologue, bn2 / bn3 folded) against float64.
+    ref = randomize_bn(reference.PreActBottleneck(*args)).eval()
+    fused = resfused.PreActBottleneck.from_reference(copy.deepcopy(ref))
+    x = torch.randn(2, args[0], 9, 9)
+    g = torch.randn(_expected64(ref, x).shape)
+    with trace_kernels() as ran:
+        y, grads, buffers = _step(fused, x, g)
+    assert {c.kernel for c in ran if c.op == "conv"} == {"library+tail"}, ran
+    y64, grads64, _ = _step(copy.deepcopy(ref).double(), x.double(), g.double())
+    assert_matches_reference(y, y64, torch.float32, what="eval output")
+    for key, expected in grads64.items():
+        assert_matches_reference(grads[key], expected, torch.float32, what=f"eval grad {key}")
+    assert all(torch.equal(b, ref.state_dict()[k]) for k, b in buffers.items())  # running stats untouched
+
+
+def test_preact_bottleneck_stage_writes_over_dead_inputs_only():
+    model = randomize_bn(
+        nn.Sequential(
+            reference.PreActBottleneck(16, 8, stride=2),
+            reference.PreActBottleneck(32, 8),
+            reference.PreActBottleneck(32, 8),
+        )
+    ).eval()
+    fused = resfused.fuse(model)
+    assert type(fused) is resfused.ResidualStage and all(type(b) is resfused.PreActBottleneck for b in fused)
+    x = torch.randn(2, 16, 12, 12).contiguous(memory_format=torch.channels_last)
+    before = x.clone()
+    with torch.no_grad(), trace_kernels() as ran:
+        actual = fused(x)
+    assert torch.equal(x, before)  # the stage's own input is never written
+    assert "onednn(into residual)" in [c.kernel for c in ran if c.op == "conv"], ran
+    assert_matches_reference(actual, _expected64(model, x), torch.float32, what="PreActBottleneck stage")
