@@ -9,6 +9,7 @@ from resfused.blocks import (
     ConvBNAct,
     PreActBasicBlock,
     PreActBottleneck,
+    RegNetBottleneck,
     ResNeXtBottleneck,
     refresh,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "Bottleneck",
     "ResNeXtBottleneck",
     "PreActBottleneck",
+    "RegNetBottleneck",
     "ConvBNAct",
     "ResidualStage",
     "fuse",

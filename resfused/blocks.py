@@ -35,6 +35,7 @@ __all__ = [
     "Bottleneck",
     "ResNeXtBottleneck",
     "PreActBottleneck",
+    "RegNetBottleneck",
     "ConvBNAct",
     "refresh",
 ]
@@ -322,6 +323,37 @@ class ConvBNAct(FusedModule):
 
     def extra_repr(self) -> str:
         return f"relu={self.relu}"
+
+
+class RegNetBottleneck(FusedModule):
+    """torchvision RegNet X / Y's ResBottleneckBlock, over its own children (so its state_dict keys):
+    `f` = BottleneckTransform(a: 1x1-BN-ReLU, b: 3x3 (stride, groups)-BN-ReLU, optional se:
+    SqueezeExcitation(ReLU, Sigmoid), c: 1x1-BN), `proj` = Conv2dNormActivation(1x1 (stride), BN) or
+    None, `activation` = ReLU after the add. Built by fuse() only.
+
+    a and b fold their BN and ReLU; the SE gate runs in plain PyTorch on the pooled vector and
+    scales b's output (ops/se.py); c folds its BN and takes the shortcut add and the ReLU."""
+
+    downsample = property(lambda self: self.proj)  # [0] conv, [1] BN: what FusedModule._shortcut reads
+
+    def _entry_conv(self) -> nn.Conv2d:
+        return self.f.a[0]
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.proj is None else self.proj(x)
+        return torch.relu(shortcut + self.f(x))
+
+    def _program(self, x, runner, may_overwrite_x=False):
+        identity, identity_is_temporary = self._shortcut(x, runner, may_overwrite_x)
+        f = self.f
+        out = runner.conv_bn(x, f.a[0], f.a[1], relu=True)
+        out = runner.conv_bn(out, f.b[0], f.b[1], relu=True)
+        se = f._modules.get("se")
+        if se is not None:
+            out = runner.squeeze_excite(out, se.fc1, se.fc2)
+        return runner.conv_bn(
+            out, f.c[0], f.c[1], relu=True, residual=identity, may_overwrite_residual=identity_is_temporary
+        )
 
 
 def not_fx_traceable(module: nn.Module) -> RuntimeError:

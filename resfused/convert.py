@@ -170,9 +170,12 @@ def _visit(module: nn.Module, path: str, report: FuseReport, fresh: set[int]) ->
 
 
 def _as_stage(module: nn.Module) -> nn.Module:
-    """A plain nn.Sequential holding two or more fused residual blocks becomes a ResidualStage
-    (same children and keys), which lets chained blocks write over their scratch inputs."""
-    if type(module) is not nn.Sequential or module._forward_hooks or module._forward_pre_hooks:
+    """A plain nn.Sequential (or torchvision RegNet's AnyStage, an nn.Sequential that adds only its
+    constructor) holding two or more fused residual blocks becomes a ResidualStage (same children
+    and keys), which lets chained blocks write over their scratch inputs."""
+    tv_regnet = sys.modules.get("torchvision.models.regnet")
+    plain = type(module) is nn.Sequential or (tv_regnet is not None and type(module) is tv_regnet.AnyStage)
+    if not plain or module._forward_hooks or module._forward_pre_hooks:
         return module
     fused = [m for m in module if isinstance(m, blocks.FusedModule) and not isinstance(m, blocks.ConvBNAct)]
     if len(fused) < 2:
@@ -399,6 +402,71 @@ def _timm_preact(m):
     return _fused(cls, m, downsample=ds, **children)
 
 
+def _conv_norm_act(m, what: str, relu: bool) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
+    """torchvision's Conv2dNormActivation as children 0 (conv), 1 (BN) [, 2 (ReLU) when `relu`]."""
+    if type(m).__name__ not in ("Conv2dNormActivation", "SimpleStemIN") or not isinstance(m, nn.Sequential):
+        raise _Unsupported(f"{what} is {type(m).__name__}, not Conv2dNormActivation")
+    children = list(m)
+    if len(children) != 2 + relu:
+        layout = ", ".join(type(c).__name__ for c in children)
+        raise _Unsupported(f"{what} is ({layout}), not conv, BN{', ReLU' if relu else ''}")
+    if relu:
+        _relu(children[2], f"{what}.2")
+    return _conv(children[0], f"{what}.0"), _bn(children[1], f"{what}.1")
+
+
+class TorchvisionConvNormAct(blocks.ConvBNAct):
+    """resfused.ConvBNAct over torchvision's Conv2dNormActivation (RegNet's SimpleStemIN): keeps its
+    child names 0 (conv), 1 (BN), 2 (ReLU), hence its state_dict keys; conv / bn are views."""
+
+    conv = property(lambda self: self._modules["0"])
+    bn = property(lambda self: self._modules["1"])
+
+    def _entry_conv(self) -> nn.Conv2d:
+        return self._modules["0"]
+
+
+def _torchvision_stem(m):
+    """RegNet's SimpleStemIN: 3x3 stride-2 conv, BN, ReLU."""
+    _conv_norm_act(m, "stem", relu=True)
+    fused = _fused(TorchvisionConvNormAct, m, **dict(m.named_children()))
+    fused.relu = True
+    return fused
+
+
+def _torchvision_se(se, what: str) -> None:
+    """torchvision.ops.SqueezeExcitation computing y * sigmoid(fc2(relu(fc1(mean_hw(y))))) (ops/se.py)."""
+    ops_misc = sys.modules.get("torchvision.ops.misc")
+    if ops_misc is None or type(se) is not ops_misc.SqueezeExcitation:
+        raise _Unsupported(f"{what} is {type(se).__name__}, not torchvision's SqueezeExcitation")
+    if type(se.avgpool) is not nn.AdaptiveAvgPool2d or se.avgpool.output_size not in (1, (1, 1)):
+        raise _Unsupported(f"{what}.avgpool is {se.avgpool!r}, not a global average pool")
+    for name in ("fc1", "fc2"):
+        fc = _conv(getattr(se, name), f"{what}.{name}")
+        if fc.kernel_size != (1, 1) or fc.stride != (1, 1) or tuple(fc.padding) != (0, 0) or fc.groups != 1:
+            raise _Unsupported(f"{what}.{name} is {fc!r}, not an ungrouped 1x1 conv")
+    _relu(se.activation, f"{what}.activation")
+    if type(se.scale_activation) is not nn.Sigmoid:
+        raise _Unsupported(f"{what}.scale_activation is {type(se.scale_activation).__name__}, not Sigmoid")
+
+
+def _torchvision_regnet_block(m):
+    """torchvision RegNet X / Y's ResBottleneckBlock: f = BottleneckTransform(a, b, [se], c), proj
+    (1x1 conv + BN, no activation) or None, ReLU after the add."""
+    f = m.f
+    if type(f).__name__ != "BottleneckTransform" or list(f._modules) not in (["a", "b", "c"], ["a", "b", "se", "c"]):
+        layout = ", ".join(f"{n}={type(c).__name__}" for n, c in f.named_children())
+        raise _Unsupported(f"f is {type(f).__name__}({layout}), not BottleneckTransform(a, b, [se], c)")
+    _conv_norm_act(f.a, "f.a", relu=True), _conv_norm_act(f.b, "f.b", relu=True)
+    if "se" in f._modules:
+        _torchvision_se(f.se, "f.se")
+    _conv_norm_act(f.c, "f.c", relu=False)
+    if m.proj is not None:
+        _conv_norm_act(m.proj, "proj", relu=False)
+    _relu(m.activation, "activation")
+    return _fused(blocks.RegNetBottleneck, m, proj=m.proj, f=f, activation=m.activation)
+
+
 def _unsupported(reason: str):
     def rule(m):
         raise _Unsupported(reason)
@@ -424,6 +492,12 @@ def _claiming_rule(m):
     tv = sys.modules.get("torchvision.models.resnet")
     if tv is not None and t in (tv.BasicBlock, tv.Bottleneck):
         return _torchvision_block
+    tv_regnet = sys.modules.get("torchvision.models.regnet")
+    if tv_regnet is not None:
+        if t is tv_regnet.ResBottleneckBlock:
+            return _torchvision_regnet_block
+        if t is tv_regnet.SimpleStemIN:
+            return _torchvision_stem
     timm_v1 = sys.modules.get("timm.models.resnet")
     if timm_v1 is not None and t in (timm_v1.BasicBlock, timm_v1.Bottleneck):
         return _timm_block

@@ -11,7 +11,8 @@ runner decides how each call executes:
 
 `conv_bn(x, conv, bn, relu, residual, pre_bn, may_overwrite_residual)` computes
     act( bn(conv(pre(x))) [+ residual] ),   pre(x) = relu(pre_bn(x)) when pre_bn is given,
-with act = ReLU when `relu`; `pre_act(x, bn)` is relu(bn(x)) on its own (materialized).
+with act = ReLU when `relu`; `pre_act(x, bn)` is relu(bn(x)) on its own (materialized);
+`squeeze_excite(y, fc1, fc2)` is y * sigmoid(fc2(relu(fc1(mean_hw(y))))) (ops/se.py).
 `may_overwrite_residual` says no one reads `residual` afterwards: the folded runner lets the
 kernel write the output into its storage; the training runner ignores it (autograd keeps it).
 """
@@ -23,6 +24,7 @@ import torch.nn as nn
 
 from resfused import folding
 from resfused.ops import ConvParams, add_relu, batch_norm_act, conv2d_train, conv_bias_act, scale_shift_act
+from resfused.ops.se import se_gate
 
 
 class FoldedWeights:
@@ -62,6 +64,12 @@ class FoldedRunner:
     def pre_act(self, x, bn):
         return scale_shift_act(x, *self.weights.scale_shift(bn), relu=True)
 
+    def squeeze_excite(self, y, fc1, fc2):
+        gate = se_gate(y, fc1, fc2)[:, :, None, None]
+        # y is the output of the conv before, read by no one else: scaled in place unless autograd
+        # needs it (the product's backward reads y).
+        return y * gate if y.requires_grad or gate.requires_grad else y.mul_(gate)
+
 
 class TrainingRunner:
     """Train mode: batch statistics, running-statistics updates, autograd through every step."""
@@ -80,3 +88,6 @@ class TrainingRunner:
 
     def pre_act(self, x, bn):
         return batch_norm_act(x, bn, relu=True)
+
+    def squeeze_excite(self, y, fc1, fc2):
+        return y * se_gate(y, fc1, fc2)[:, :, None, None]

@@ -1,0 +1,186 @@
+"""Squeeze-excitation blocks (issue 15): torchvision RegNet X / Y (ResBottleneckBlock with an optional
+SE between the grouped 3x3 and the last 1x1, SimpleStemIN stem), against the float64 originals
+(docs/design.md, Numerics)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import resfused
+from resfused.ops import trace_kernels
+from tests.harness import assert_matches_reference, randomize_bn
+
+torchvision = pytest.importorskip("torchvision")
+regnet = pytest.importorskip("torchvision.models.regnet")
+
+
+def _expected64(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return copy.deepcopy(model).double()(x.double())
+
+
+def _step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor | None):
+    """Forward [+ backward]; returns (output, {name: gradient}, {buffer name: value})."""
+    x = x.detach().clone().requires_grad_(grad is not None)
+    y = module(x)
+    if grad is None:
+        return y, {}, {}
+    y.backward(grad)
+    grads = {"input": x.grad} | {n: p.grad for n, p in module.named_parameters()}
+    return y, grads, {n: b.clone() for n, b in module.named_buffers()}
+
+
+def _se_convs(model: nn.Module) -> int:
+    return sum(2 for m in model.modules() if type(m).__name__ == "SqueezeExcitation")
+
+
+# ------------------------------------------------------------------------------------ whole models
+REGNETS = [("regnet_x_400mf", 22, False), ("regnet_y_400mf", 16, True)]
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (65, 63)], ids=["64x64", "odd"])
+@pytest.mark.parametrize("name, n_blocks, has_se", REGNETS, ids=[r[0] for r in REGNETS])
+def test_torchvision_regnet_converts_every_block_and_the_stem(name, n_blocks, has_se, hw):
+    model = randomize_bn(getattr(torchvision.models, name)(weights=None)).eval()
+    x = torch.randn(2, 3, *hw)
+    expected = _expected64(model, x)
+    fused = resfused.fuse(model)
+    report = fused.resfused_report
+    assert str(report).startswith(f"resfused.fuse(RegNet): converted {n_blocks + 1}, left alone 0"), str(report)
+    assert report.skipped == []
+    assert [e.path for e in report.converted if e.source.endswith("SimpleStemIN")] == ["stem"]
+    blocks = [e for e in report.converted if e.source.endswith("ResBottleneckBlock")]
+    assert len(blocks) == n_blocks and all(e.detail == "resfused.RegNetBottleneck" for e in blocks)
+    assert (_se_convs(model) > 0) == has_se
+    # The fused modules hold the original children: every state_dict key is unchanged.
+    assert set(fused.state_dict()) == set(model.state_dict())
+    assert isinstance(fused.stem, resfused.ConvBNAct)
+    assert all(isinstance(s, resfused.ResidualStage) for s in fused.trunk_output if len(s) > 1)
+    with torch.no_grad(), trace_kernels() as ran:
+        actual = fused(x)
+    assert_matches_reference(actual, expected, torch.float32, what=f"{name} {hw} eval")
+    # Folded: every conv but the SE's ran one fused kernel call, and no batch norm ran.
+    convs = [c.kernel for c in ran if c.op == "conv"]
+    assert len(convs) == sum(isinstance(m, nn.Conv2d) for m in model.modules()) - _se_convs(model), ran
+    assert "reference" not in convs and "library+tail" not in convs, ran
+    assert not [c for c in ran if c.op == "batch_norm"], ran
+
+
+@pytest.mark.parametrize("name, n_blocks, has_se", REGNETS, ids=[r[0] for r in REGNETS])
+def test_torchvision_regnet_trains_like_the_original(name, n_blocks, has_se):
+    # One train-mode forward (batch statistics, fused BN kernels) against the original in float64:
+    # the output and every running statistic. Gradients are checked per block below (through 16+
+    # train-mode blocks even eager float32 misses float64 gradients by more than the tolerance).
+    model = randomize_bn(getattr(torchvision.models, name)(weights=None)).train()
+    fused = resfused.fuse(model)
+    assert len(fused.resfused_report.converted) == n_blocks + 1
+    x = torch.randn(4, 3, 65, 63)
+    with trace_kernels() as ran:
+        actual = fused(x)
+    assert ("batch_norm", "native") in [c[:2] for c in ran], ran
+    reference64 = copy.deepcopy(model).double()
+    assert_matches_reference(actual, reference64(x.double()), torch.float32, what=f"{name} train mode")
+    buffers64 = dict(reference64.named_buffers())
+    for key, b in fused.named_buffers():
+        assert_matches_reference(b.double(), buffers64[key], torch.float32, what=f"{name} buffer {key}")
+
+
+# ------------------------------------------------------------------------------------ single blocks
+def _block(width_in, width_out, stride, group_width, se_ratio):
+    block = regnet.ResBottleneckBlock(
+        width_in, width_out, stride, nn.BatchNorm2d, nn.ReLU, group_width, bottleneck_multiplier=1.0, se_ratio=se_ratio
+    )
+    return randomize_bn(block)
+
+
+BLOCKS = [
+    (32, 32, 1, 8, None),  # identity, 8 channels per group (RegNetX-400MF)
+    (32, 64, 2, 16, None),  # projection, 16 per group (oneDNN where it measured faster)
+    (32, 32, 1, 8, 0.25),  # identity with SE (RegNetY)
+    (16, 48, 2, 24, 0.25),  # projection with SE, 24 channels per group
+]
+
+
+@pytest.mark.parametrize("mode", ["eval", "eval+autograd", "train"])
+@pytest.mark.parametrize("hw", [(16, 16), (15, 13)], ids=["even", "odd"])
+@pytest.mark.parametrize("args", BLOCKS, ids=[f"{a[0]}-{a[1]}-s{a[2]}-g{a[3]}-se{a[4]}" for a in BLOCKS])
+def test_regnet_block_matches_in_eval_and_train(args, hw, mode):
+    block = _block(*args).train(mode == "train")
+    fused = resfused.fuse(block)
+    assert type(fused) is resfused.RegNetBottleneck, str(fused.resfused_report)
+    assert set(fused.state_dict()) == set(block.state_dict())
+    x = torch.randn(3, args[0], *hw)
+    g = None if mode == "eval" else torch.randn(_expected64(block, x).shape)
+    with torch.set_grad_enabled(g is not None), trace_kernels() as ran:
+        y, grads, buffers = _step(fused, x, g)
+    y64, grads64, buffers64 = _step(copy.deepcopy(block).double(), x.double(), None if g is None else g.double())
+    what = f"{args} {hw} {mode}"
+    assert_matches_reference(y, y64, torch.float32, what=what)
+    convs = [c.kernel for c in ran if c.op in ("conv", "conv_train")]
+    assert len(convs) == 3 + (block.proj is not None), ran
+    if mode == "eval":
+        assert "reference" not in convs and "library+tail" not in convs, ran
+        assert not [c for c in ran if c.op == "batch_norm"], ran
+    if mode == "train":
+        assert ("batch_norm", "native") in [c[:2] for c in ran], ran
+    for key, expected in grads64.items():
+        assert_matches_reference(grads[key], expected, torch.float32, what=f"{what} grad {key}")
+    for key, expected in buffers64.items():
+        assert_matches_reference(buffers[key].double(), expected, torch.float32, what=f"{what} buffer {key}")
+
+
+def test_regnet_block_with_a_nan_gives_the_reference_result():
+    block = _block(32, 32, 1, 8, 0.25).eval()
+    x = torch.randn(2, 32, 9, 9)
+    x[1, 3, 4, 4] = float("nan")
+    with torch.no_grad():
+        y = resfused.fuse(block)(x)
+    assert y[1].isnan().any() and not y[0].isnan().any()
+    assert_matches_reference(y, _expected64(block, x), torch.float32, what="NaN input")
+
+
+def test_regnet_lookalikes_are_left_alone_with_the_reason():
+    cases = []
+    b = _block(32, 32, 1, 8, 0.25)
+    b.f.se.activation = nn.SiLU()
+    cases.append((b, "f.se.activation is SiLU, not ReLU"))
+    b = _block(32, 32, 1, 8, 0.25)
+    b.f.se.scale_activation = nn.Hardsigmoid()
+    cases.append((b, "f.se.scale_activation is Hardsigmoid, not Sigmoid"))
+    b = _block(32, 32, 1, 8, 0.25)
+    b.f.se.avgpool = nn.AdaptiveMaxPool2d(1)
+    cases.append((b, "f.se.avgpool is AdaptiveMaxPool2d(output_size=1), not a global average pool"))
+    b = _block(32, 32, 1, 8, None)
+    b.f.b[2] = nn.SiLU()
+    cases.append((b, "f.b.2 is SiLU, not ReLU"))
+    b = _block(32, 64, 2, 8, None)
+    b.proj = torchvision.ops.Conv2dNormActivation(32, 64, 1, 2, activation_layer=nn.ReLU)
+    cases.append((b, "proj is (Conv2d, BatchNorm2d, ReLU), not conv, BN"))
+    b = _block(32, 32, 1, 8, None)
+    b.f.c[1] = nn.GroupNorm(4, 32)
+    cases.append((b, "f.c.1 is GroupNorm, not nn.BatchNorm2d or nn.SyncBatchNorm"))
+    b = _block(32, 32, 1, 8, None)
+    b.f.add_module("drop", nn.Dropout())
+    cases.append((b, "not BottleneckTransform(a, b, [se], c)"))
+    b = _block(32, 32, 1, 8, None)
+    b.activation = nn.SiLU()
+    cases.append((b, "activation is SiLU, not ReLU"))
+    for block, reason in cases:
+        fused = resfused.fuse(block)
+        report = fused.resfused_report
+        assert type(fused) is regnet.ResBottleneckBlock and report.converted == [], str(report)
+        assert reason in report.skipped[0].detail, str(report)
+
+    # A model whose activations are all SiLU: nothing converts, each block and the stem say why.
+    model = torchvision.models.regnet.RegNet(
+        regnet.BlockParams.from_init_params(depth=4, w_0=24, w_a=24.48, w_m=2.54, group_width=8, se_ratio=0.25),
+        activation=nn.SiLU,
+    )
+    report = resfused.fuse(model).resfused_report
+    assert report.converted == [] and len(report.skipped) == 5, str(report)
+    assert "stem.2 is SiLU, not ReLU" in report.skipped[0].detail
+    assert all("f.a.2 is SiLU, not ReLU" in e.detail for e in report.skipped[1:]), str(report)
