@@ -49,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="add torch.compile with inductor freezing as a baseline for models (~30 s compile each)",
     )
+    p.add_argument(
+        "--onnx",
+        action="store_true",
+        help="add ONNX Runtime and OpenVINO (the model exported with torch.onnx.export) as fp32 model baselines; "
+        "needs the bench extra (pip install onnx onnxruntime openvino)",
+    )
     p.add_argument("--no-fused-nchw", action="store_true", help="models: skip timing the fused model on NCHW input")
     p.add_argument(
         "--block-nchw",
@@ -88,6 +94,11 @@ def main(argv=None) -> int:
         raise SystemExit(f"resfused-bench: --threads must be >= 1, got {args.threads}")
     if args.batch is not None and min(args.batch) < 1:
         raise SystemExit(f"resfused-bench: --batch sizes must be >= 1, got {args.batch}")
+    if args.onnx:
+        from benchmarks import onnx_baselines
+
+        if missing := onnx_baselines.missing_packages():
+            raise SystemExit(f"resfused-bench: --onnx needs {', '.join(missing)} (pip install {' '.join(missing)})")
     os.makedirs(args.out, exist_ok=True)
 
     if _device(args) == "cuda":
@@ -134,6 +145,11 @@ def _run_cpu(args) -> int:
     if results:
         print()
         print(common.format_table(results, {d: p["peak_gflops"] for d, p in peaks.items()}))
+    if out["host_overhead"]:
+        from tabulate import tabulate
+
+        print("\nhost overhead per fused forward (batch 1, tiny input; forward minus the ops' profiled self time)")
+        print(tabulate(out["host_overhead"], headers="keys", tablefmt="github", floatfmt=".2f"))
     if out["grouped"]:
         from tabulate import tabulate
 
@@ -144,7 +160,12 @@ def _run_cpu(args) -> int:
         print(f"  skipped: {s['why']}")
 
     json_path = os.path.join(args.out, "results.json")
-    common.write_json(json_path, meta, results, {"skipped": out["skipped"], "grouped": out["grouped"]})
+    common.write_json(
+        json_path,
+        meta,
+        results,
+        {"skipped": out["skipped"], "grouped": out["grouped"], "host_overhead": out["host_overhead"]},
+    )
     png_path = os.path.join(args.out, "speedups.png")
     title = f"resfused CPU, {meta['threads']} threads, {meta['cpu']}"
     wrote_png = common.plot_speedups(png_path, results, title)

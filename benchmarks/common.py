@@ -33,8 +33,9 @@ from torch.utils import benchmark as tbench  # noqa: E402
 # Variant names, in table order. "fused" gets channels_last input (the fused kernels' native
 # layout); "fused_nchw" is the same fused module given the NCHW input a user may have.
 FUSED = "fused"
-VARIANTS = ("fused", "fused_nchw", "eager_nchw", "eager_cl", "compile")
-BASELINES = ("eager_nchw", "eager_cl", "compile")
+VARIANTS = ("fused", "fused_nchw", "eager_nchw", "eager_cl", "compile", "onnxruntime", "openvino")
+BASELINES = ("eager_nchw", "eager_cl", "compile", "onnxruntime", "openvino")
+_SHORT = {"onnxruntime": "ORT", "openvino": "OpenVINO"}
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -273,9 +274,12 @@ def table_rows(results: list[Result], peak_gflops: dict[str, float]) -> tuple[li
     headers += ["eager NCHW ms", "eager CL ms"]
     if has["compile"]:
         headers += ["compile ms", "compile s"]
+    runtimes = [v for v in ("onnxruntime", "openvino") if has[v]]
+    headers += [f"{_SHORT[v]} ms" for v in runtimes]
     headers += ["vs NCHW", "vs CL"]
     if has["compile"]:
         headers.append("vs compile")
+    headers += [f"vs {_SHORT[v]}" for v in runtimes]
     headers += ["GFLOP/s", "% peak", "noise", "rel diff"]
     rows = []
     for r in results:
@@ -285,9 +289,11 @@ def table_rows(results: list[Result], peak_gflops: dict[str, float]) -> tuple[li
         row += [_ms(r.times.get("eager_nchw")), _ms(r.times.get("eager_cl"))]
         if has["compile"]:
             row += [_ms(r.times.get("compile")), "" if r.compile_time_s is None else f"{r.compile_time_s:.1f}"]
+        row += [_ms(r.times.get(v)) for v in runtimes]
         row += [_x(r.speedup("eager_nchw")), _x(r.speedup("eager_cl"))]
         if has["compile"]:
             row.append(_x(r.speedup("compile")))
+        row += [_x(r.speedup(v)) for v in runtimes]
         g = r.gflops()
         peak = peak_gflops.get(r.dtype)
         row += [

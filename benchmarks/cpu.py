@@ -11,6 +11,8 @@ interleaved (common.interleaved_rounds):
                  user has
     eager_cl     the same after model.to(memory_format=torch.channels_last), channels_last input
     compile      (--compile, models only) torch.compile with inductor freezing, NCHW input
+    onnxruntime  (--onnx, models, fp32) the model exported to ONNX, in ONNX Runtime
+    openvino     (--onnx, models, fp32) the same file in OpenVINO (benchmarks/onnx_baselines.py)
 
 Speedup = baseline time / fused time. GFLOP/s counts conv + linear multiply-adds (x2); "% peak"
 divides by the larger of a dense GEMM's and a dense conv's GFLOP/s measured at the start and at
@@ -32,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmarks import common
+from benchmarks import common, onnx_baselines
 from benchmarks.common import DTYPES, Result
 from benchmarks.isolation import WorkerPool
 
@@ -258,6 +260,9 @@ def make_variant(variant: str, case: Case):
     elif variant == "compile":
         module, info["compile_time_s"] = _compile(eager, x)
         x_in = x
+    elif variant in onnx_baselines.RUNTIMES:
+        key = f"{case.name}-{'x'.join(map(str, case.input_shape))}-{case.seed:08x}"
+        return onnx_baselines.build(variant, eager, x, key, torch.get_num_threads())
     else:
         raise ValueError(f"make_variant: unknown variant {variant!r}")
     with torch.inference_mode():
@@ -285,6 +290,11 @@ def bench_case(pool, case: Case, variants: list[str], plan: TimingPlan) -> Resul
         )
     if "conv/reference" in row.kernels:
         row.notes.append("some convs fell back to the reference kernel")
+    for runtime in onnx_baselines.RUNTIMES:
+        if runtime in infos:
+            diff = common.relative_difference(infos[runtime]["output"], eager["output"])
+            if diff > _SANE[case.dtype]:
+                row.notes.append(f"{runtime} output differs from eager by {diff:.1e} (relative)")
     row.times = common.interleaved_rounds(
         {v: pool[v] for v in variants},
         block_s=plan.block_s,
@@ -296,6 +306,48 @@ def bench_case(pool, case: Case, variants: list[str], plan: TimingPlan) -> Resul
         row.fuse_time_s, row.fuse_summary = fused["fuse_time_s"], fused["fuse_summary"]
         row.compile_time_s = infos.get("compile", {}).get("compile_time_s")
     return row
+
+
+def host_overhead(model_name: str, resolution: int = 32, calls: int = 200):
+    """(call, info) for isolation.Worker.build: the host (Python) time of one fused forward.
+
+    A fused torchvision model at batch 1 and a tiny input, where the kernels have almost nothing
+    to do: the forward time under torch.profiler minus the self time it attributes to the ops the
+    forward called (oneDNN, ATen and resfused kernels), per forward. What remains is the Python
+    work of the fused modules (checks, kernel choice, cache lookups): a regression there shows
+    here. `forward_ms` is the median forward without the profiler, for scale."""
+    import torchvision
+
+    import resfused
+
+    torch.manual_seed(0)
+    fused = resfused.fuse(getattr(torchvision.models, model_name)(weights=None).eval())
+    x = torch.randn(1, 3, resolution, resolution).contiguous(memory_format=CL)
+    with torch.inference_mode():
+        for _ in range(10):
+            fused(x)
+        times = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            fused(x)
+            times.append(time.perf_counter() - t0)
+        # The legacy (non-Kineto) profiler: on this CUDA build of torch without a GPU, Kineto's
+        # CPU profiler slowed these forwards ~10x, the legacy one ~1.5x.
+        with torch.autograd.profiler.profile(use_kineto=False) as prof:
+            t0 = time.perf_counter()
+            for _ in range(20):
+                fused(x)
+            profiled_ms = (time.perf_counter() - t0) / 20 * 1e3
+    # Top-level ops only: an op's self time excludes the ops it calls, so summing every op's self
+    # time counts each microsecond once.
+    op_prefixes = ("aten::", "mkldnn::", "resfused::")
+    kernel_ms = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key.startswith(op_prefixes)) / 20 / 1e3
+    info = {"model": model_name, "input": f"1x3x{resolution}x{resolution}"}
+    info["forward_ms"] = sorted(times)[len(times) // 2] * 1e3
+    info["profiled_forward_ms"] = profiled_ms
+    info["kernels_ms"] = kernel_ms
+    info["host_ms"] = profiled_ms - kernel_ms
+    return (lambda: None), info
 
 
 def _compile(model: nn.Module, x: torch.Tensor):
@@ -386,11 +438,26 @@ def run_cpu_benchmark(args) -> dict:
         peaks[d] = _best_peaks(peaks[d], again)
     meta["peaks"] = peaks
 
+    overhead = []
+    if not args.blocks_only and not args.quick:
+        with WorkerPool(args.threads, preload=("resfused", "torchvision")) as pool:
+            pool.start(["overhead"])
+            for name in MODELS:
+                if _selected(name, args.filter):
+                    overhead.append(pool["overhead"].build(functools.partial(host_overhead, name)))
+
     grouped = []
     if not args.models_only and not args.skip_grouped:
         grouped = _grouped_rows(batches, dtypes, skipped)
     meta["loadavg_end"] = list(os.getloadavg())
-    return {"meta": meta, "results": results, "skipped": skipped, "grouped": grouped, "peaks": peaks}
+    return {
+        "meta": meta,
+        "results": results,
+        "skipped": skipped,
+        "grouped": grouped,
+        "peaks": peaks,
+        "host_overhead": overhead,
+    }
 
 
 def _variants(case: Case, args) -> list[str]:
@@ -400,6 +467,8 @@ def _variants(case: Case, args) -> list[str]:
     variants += ["eager_nchw", "eager_cl"]
     if case.kind == "model" and args.compile:
         variants.append("compile")
+    if case.kind == "model" and args.onnx and case.dtype == "fp32":
+        variants += list(onnx_baselines.RUNTIMES)
     return variants
 
 

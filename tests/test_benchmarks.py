@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 import resfused
-from benchmarks import common
+from benchmarks import common, cpu, onnx_baselines
 from benchmarks.__main__ import main
 from benchmarks.isolation import WorkerPool
 
@@ -242,3 +242,30 @@ def test_compare_revisions_refuses_a_bad_revision():
 
     with pytest.raises(SystemExit, match="'no-such-revision' is not a revision"):
         compare_revisions.main(["no-such-revision"])
+
+
+def test_host_overhead_row_splits_a_forward():
+    pytest.importorskip("torchvision")
+    _, info = cpu.host_overhead("resnet18", resolution=32, calls=5)
+    assert info["model"] == "resnet18" and info["input"] == "1x3x32x32"
+    assert info["forward_ms"] > 0 and 0 < info["kernels_ms"] < info["profiled_forward_ms"]
+    assert info["host_ms"] == pytest.approx(info["profiled_forward_ms"] - info["kernels_ms"])
+
+
+def test_onnx_baselines_run_and_match_eager(tmp_path, monkeypatch):
+    for name in ("onnx", "onnxruntime", "openvino"):
+        pytest.importorskip(name)
+    monkeypatch.setattr(onnx_baselines.tempfile, "gettempdir", lambda: str(tmp_path))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        expected = model(x)
+    for runtime in onnx_baselines.RUNTIMES:
+        call, info = onnx_baselines.build(runtime, model, x, "tiny", threads=1)
+        assert common.relative_difference(info["output"], expected) < 1e-5, runtime
+        assert torch.allclose(torch.from_numpy(call()), info["output"])
+    assert len(list(tmp_path.glob("*.onnx"))) == 1  # exported once, reused by the second runtime
+    with pytest.raises(ValueError, match="float32 only"):
+        onnx_baselines.build("onnxruntime", model.double(), x.double(), "tiny64", threads=1)
+    with pytest.raises(ValueError, match="'runtime' must be one of"):
+        onnx_baselines.build("tvm", model, x, "tiny", threads=1)
