@@ -53,3 +53,12 @@ format: $(DEPS)
 
 clean:
 	rm -rf build resfused/_C*.so *.egg-info $(BUILT)
+
+# Not part of `make test` or CI (it needs what CI lacks):
+#   make compat      the CPU + Triton-interpreter tests with the GPU machine's stack (Python 3.12,
+#                    torch 2.11, triton 3.6) in .venv-compat, on a build of the committed tree in
+#                    /tmp (tools/compat.sh says what and how long; COMPAT_TESTS=tests: every test)
+.PHONY: compat
+
+compat:
+	bash tools/compat.sh
