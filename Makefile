@@ -62,3 +62,13 @@ clean:
 
 compat:
 	bash tools/compat.sh
+
+# make gpu-check: on a machine with one NVIDIA GPU and no network, with its own Python (PYTHON=...,
+# default python3; no venv, nothing installed): the build for that GPU, every `gpu` test and the GPU
+# benchmark within 8 minutes, into GPU_CHECK_OUT (default gpu-check/, git-ignored). Without a GPU it
+# says so in one line and fails (exit 2). tools/gpu_check.py says what it runs and writes.
+.PHONY: gpu-check
+GPU_CHECK_OUT ?= gpu-check
+
+gpu-check:
+	$(if $(filter command line environment,$(origin PYTHON)),$(PYTHON),python3) tools/gpu_check.py --out $(GPU_CHECK_OUT)
