@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from resfused import backend
 from resfused.kernels.base import ConvParams, Prologue
 from resfused.kernels.conv_grouped import GroupedConv3x3
 from resfused.kernels.conv_library import LibraryConv
@@ -67,6 +68,35 @@ def _needs_autograd(x, p: ConvParams, residual, prologue) -> bool:
     return any(t is not None and t.requires_grad for t in tensors)
 
 
+def _choose(x, p: ConvParams, residual, prologue, relu: bool, needs_grad: bool, inputs_finite: bool):
+    """The kernel for this call, remembered in `p` for the calls that repeat it.
+
+    A choice depends only on the backend, the input's device, dtype and shape, the conv's geometry
+    (fixed for `p`) and which of residual, prologue and ReLU the call has, so a fused model's
+    repeated forwards ask the candidates once per input shape instead of at every call. Calls that
+    autograd records, that torch.compile traces, whose ReLU input is not known to be finite (the
+    answer depends on the data) or that trace_kernels() records (it wants the reasons) always ask.
+    """
+    remember = (
+        not needs_grad and (inputs_finite or not relu) and not trace.active() and not torch.compiler.is_compiling()
+    )
+    if remember:
+        key = ("choice", backend.get_backend(), x.device, x.dtype, x.shape, residual is None, prologue is None, relu)
+        kernel = p.kernel_state.get(key)
+        if kernel is not None:
+            return kernel
+    known_finite = None
+    if relu:
+        known_finite = (lambda: True) if inputs_finite else (lambda: finite.all_finite(x, residual))
+    kernel = select(
+        "conv", candidates(KERNELS, x.device), REFERENCE, (x, p, residual, prologue),
+        needs_grad=needs_grad, relu_input_finite=known_finite,
+    )  # fmt: skip
+    if remember:
+        p.kernel_state[key] = kernel
+    return kernel
+
+
 def conv_bias_act(
     x: torch.Tensor,
     p: ConvParams,
@@ -85,13 +115,7 @@ def conv_bias_act(
     """
     check_inputs(x, p, residual, prologue)
     needs_grad = _needs_autograd(x, p, residual, prologue)
-    known_finite = None
-    if relu:
-        known_finite = (lambda: True) if inputs_finite else (lambda: finite.all_finite(x, residual))
-    kernel = select(
-        "conv", candidates(KERNELS, x.device), REFERENCE, (x, p, residual, prologue),
-        needs_grad=needs_grad, relu_input_finite=known_finite,
-    )  # fmt: skip
+    kernel = _choose(x, p, residual, prologue, relu, needs_grad, inputs_finite)
     if prologue is not None and not kernel.fuses_prologue:
         x = tails.scale_shift_act(x, *prologue, relu=True)
         prologue = None

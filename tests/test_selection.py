@@ -1,0 +1,71 @@
+"""The one kernel-selection path (resfused/ops/selection.py): every skipped candidate says why, the
+capability flags become reasons, and a fused conv remembers its choice per call signature."""
+
+import pytest
+import torch
+
+import resfused
+from resfused import _native
+from resfused.kernels.base import ConvParams
+from resfused.ops import conv as conv_op
+from resfused.ops import conv_bias_act, selection, trace_kernels
+
+CL = torch.channels_last
+needs_native = pytest.mark.skipif(not _native.has_kernel("grouped_conv3x3", "cpu"), reason="needs resfused._C")
+
+
+def _params(k=1, c_in=64, c_out=64, groups=1):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(c_out, c_in // groups, k, k, generator=g)
+    return ConvParams(w, torch.randn(c_out, generator=g), (1, 1), (k // 2,) * 2, (1, 1), groups)
+
+
+@needs_native
+def test_trace_names_every_better_ranked_kernel_and_why():
+    x = torch.randn(1, 64, 6, 6).contiguous(memory_format=CL)
+    with torch.no_grad(), trace_kernels() as ran:
+        conv_bias_act(x, _params(k=1), relu=True, inputs_finite=True)
+        p3 = _params(k=3)
+        p3 = ConvParams(p3.weight.bfloat16(), p3.bias.bfloat16(), (1, 1), (1, 1), (1, 1), 1)
+        conv_bias_act(x.bfloat16(), p3)
+    one_by_one, bf16_3x3 = ran
+    assert one_by_one.kernel == "onednn"
+    assert dict(one_by_one.skipped) == {
+        "grouped3x3": "not a grouped conv",
+        "winograd_f43": "not a 3x3, stride-1, padding-1 conv without groups or dilation",
+    }
+    assert dict(bf16_3x3.skipped)["winograd_f43"].startswith("float32 only")
+
+
+@needs_native
+def test_capability_flags_become_reasons():
+    p = _params(k=1)
+    x = torch.randn(1, 64, 6, 6, requires_grad=True)
+    with trace_kernels() as ran:
+        conv_bias_act(x, p, relu=True)  # autograd records: oneDNN has no backward
+    assert ran[0].kernel == "library+tail"
+    assert ("onednn", selection.NO_BACKWARD) in ran[0].skipped
+
+
+@needs_native
+def test_a_fused_conv_remembers_its_choice_per_signature(monkeypatch):
+    calls = []
+    real = conv_op.select
+    monkeypatch.setattr(conv_op, "select", lambda *a, **k: calls.append(a[3][0].shape) or real(*a, **k))
+    p = _params(k=3, c_in=32, c_out=32, groups=8)  # 4 channels per group
+    x1 = torch.randn(1, 32, 14, 14).contiguous(memory_format=CL)
+    x8 = torch.randn(8, 32, 14, 14).contiguous(memory_format=CL)
+    with torch.no_grad():
+        for x in (x1, x1, x8, x8, x1):
+            y = conv_bias_act(x, p, relu=True, inputs_finite=True)
+            expected = torch.relu(torch.nn.functional.conv2d(x, p.weight, p.bias, padding=1, groups=8))
+            torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+        assert len(calls) == 2  # once per input shape
+        with resfused.use_backend("reference"):
+            conv_bias_act(x1, p, relu=True, inputs_finite=True)
+        assert len(calls) == 3  # another backend chooses again
+        conv_bias_act(x1, p, relu=True)  # ReLU input not known to be finite: always asks
+        with trace_kernels() as ran:
+            conv_bias_act(x1, p, relu=True, inputs_finite=True)  # traced: always asks, records why
+    assert len(calls) == 5
+    assert ran[0].kernel == "grouped3x3"
