@@ -3,8 +3,8 @@
 Runs under the Triton interpreter (conftest sets TRITON_INTERPRET=1) on CPU tensors at small,
 odd shapes; every variant of the kernel is covered: kernel size x stride x groups x epilogue x
 prologue x dtype x residual layout. The interpreter runs one fixed config (INTERPRETER_CONFIG:
-32x16x16 tiles), so these shapes cross tile edges in M, N and K. Compiled configs are checked in
-test_triton_compile.py.
+32x16x16 tiles), so these shapes cross tile edges in M, N and K. Every autotune config is run
+by test_triton_configs.py, and compiled (spills, shared memory) by test_triton_compile.py.
 
 float16/bfloat16 tolerances (docs/design.md, Numerics) need eager PyTorch's same-dtype result: eager CPU
 F.conv2d supports both dtypes in this torch, so "eager" is the same computation done by eager
