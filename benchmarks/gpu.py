@@ -267,7 +267,7 @@ def run_gpu_benchmark(args) -> int:
                         speedup_vs_eager_nchw=t["eager_nchw"] / t["fused"],
                         tflops=flops / (t["fused"] * 1e-3) / 1e12,
                         roofline_fraction=roof,
-                        kernels=sorted({k for _, k in ran}),
+                        kernels=sorted({c.kernel for c in ran}),
                         dram=moved,
                     )
                 )
