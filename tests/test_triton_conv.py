@@ -251,3 +251,18 @@ def test_int64_addressing():
     ref = F.conv2d(tail.double(), w.double())
     eager = F.conv2d(tail, w)
     assert_matches_reference(y[:, :, -2:, :].cpu(), ref.cpu(), torch.float16, eager.cpu(), "tail past 2^31")
+
+
+def test_single_channel_input_with_a_free_channel_stride():
+    """torch leaves a size-1 dimension's stride free: a channels_last (N, 1, H, 1) tensor may carry
+    channel stride H (found by tests/test_fuzz.py: an empty batch, 1 channel, 9x1)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 1, 3, 3, generator=g)
+    p = ConvParams(w, torch.randn(6, generator=g), (2, 2), (1, 1), (1, 1), 1)
+    for n in (0, 2):
+        x = torch.randn(n, 1, 9, 1, generator=g).contiguous(memory_format=torch.channels_last)
+        assert x.stride()[1] != 1  # the case under test: torch gave the one channel a non-unit stride
+        with resfused.use_backend("triton"), torch.no_grad():
+            y = conv_bias_act(x, p, relu=True)
+        expected = torch.relu(F.conv2d(x.double(), w.double(), p.bias.double(), stride=2, padding=1))
+        assert_matches_reference(y, expected, torch.float32, what=f"1-channel input, batch {n}")

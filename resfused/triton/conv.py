@@ -254,7 +254,7 @@ def launch(kernel, x, w_hwio, bias, residual, scale, shift, y, stride, padding, 
     m = n * oh * ow
     cog = c_out // groups
     sxn, sxc, sxh, sxw = x.stride()
-    if sxc != 1:
+    if sxc != 1 and c_in > 1:  # (a single channel's stride is never used, and torch leaves it free)
         raise ValueError(f"conv2d_nhwc: x needs contiguous channels (channels_last), got strides {x.stride()}")
     dense_nhwc = (oh * ow * c_out, 1, ow * c_out, c_out)
     if tuple(y.stride()) != dense_nhwc and m * c_out > 0:
