@@ -11,6 +11,8 @@ from resfused.blocks import (
     PreActBottleneck,
     RegNetBottleneck,
     ResNeXtBottleneck,
+    SEBasicBlock,
+    SEBottleneck,
     refresh,
 )
 from resfused.convert import fuse
@@ -25,6 +27,8 @@ __all__ = [
     "ResNeXtBottleneck",
     "PreActBottleneck",
     "RegNetBottleneck",
+    "SEBasicBlock",
+    "SEBottleneck",
     "ConvBNAct",
     "ResidualStage",
     "fuse",

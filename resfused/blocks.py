@@ -36,6 +36,8 @@ __all__ = [
     "ResNeXtBottleneck",
     "PreActBottleneck",
     "RegNetBottleneck",
+    "SEBasicBlock",
+    "SEBottleneck",
     "ConvBNAct",
     "refresh",
 ]
@@ -323,6 +325,51 @@ class ConvBNAct(FusedModule):
 
     def extra_repr(self) -> str:
         return f"relu={self.relu}"
+
+
+class _FusedGatedTail:
+    """What the v1 blocks with a channel gate after the last BN share (timm's SE-ResNet / SE-ResNeXt
+    with SEModule, ECA-ResNet with EcaModule, as `se`): relu(se(bn(conv(out))) + shortcut), where
+    se(y) = y * gate(mean_hw(y)). The last conv folds its BN alone; the gate runs in PyTorch on the
+    pooled vector (ops/se.py); scale, add and ReLU are one pass (ops.se.scale_add_relu)."""
+
+    def _gated_tail(self, out, conv, bn, identity, runner):
+        y = runner.conv_bn(out, conv, bn)
+        se = self.se
+        gate = runner.se_gate(y, se.fc1, se.fc2) if "fc1" in se._modules else runner.eca_gate(y, se.conv)
+        return runner.scale_add_relu(y, gate, identity)
+
+    def _reference_shortcut(self, x):
+        return x if self.downsample is None else self.downsample(x)
+
+
+class SEBasicBlock(_FusedGatedTail, BasicBlock):
+    """BasicBlock with a channel gate `se` applied to bn2's output before the add. Built by fuse()."""
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.se(self.bn2(self.conv2(out))) + self._reference_shortcut(x))
+
+    def _program(self, x, runner, may_overwrite_x=False):
+        identity, _ = self._shortcut(x, runner, may_overwrite_x)
+        out = runner.conv_bn(x, self.conv1, self.bn1, relu=True)
+        return self._gated_tail(out, self.conv2, self.bn2, identity, runner)
+
+
+class SEBottleneck(_FusedGatedTail, Bottleneck):
+    """Bottleneck (its 3x3 grouped for SE-ResNeXt) with a channel gate `se` applied to bn3's output
+    before the add. Built by fuse()."""
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = torch.relu(self.bn2(self.conv2(out)))
+        return torch.relu(self.se(self.bn3(self.conv3(out))) + self._reference_shortcut(x))
+
+    def _program(self, x, runner, may_overwrite_x=False):
+        identity, _ = self._shortcut(x, runner, may_overwrite_x)
+        out = runner.conv_bn(x, self.conv1, self.bn1, relu=True)
+        out = runner.conv_bn(out, self.conv2, self.bn2, relu=True)
+        return self._gated_tail(out, self.conv3, self.bn3, identity, runner)
 
 
 class RegNetBottleneck(FusedModule):

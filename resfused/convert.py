@@ -8,7 +8,7 @@ ResNet's conv-BN-ReLU stem) for its fused equivalent.
 
 A block is converted only when it computes exactly what the fused block computes, in eval mode
 *and* in train mode (the fused blocks also train: batch-statistics BN, see runners.py; so a block with
-DropBlock, DropPath > 0, SE/attention, anti-aliasing, dilation, a non-ReLU activation or a norm
+DropBlock, DropPath > 0, attention other than timm's SE / ECA, anti-aliasing, dilation, a non-ReLU activation or a norm
 other than BatchNorm2d / SyncBatchNorm with running statistics is left untouched and reported;
 a block with a SyncBatchNorm trains through its reference forward, see blocks.py). The fused
 blocks share the original's conv and BN modules (no copies of the weights beyond the initial
@@ -19,7 +19,9 @@ same as the original's -- except the stem, whose conv and BN move under one `Con
 Supported (see the rules at the bottom of this file): resfused.reference blocks; torchvision
 `resnet*` / `resnext*` / `wide_resnet*` blocks and stem; timm `resnet*` / `resnext*` blocks and
 stem (deep stems and the 'd' variants' avg-pool shortcuts included); timm `resnetv2_*` `PreActBasic`
-and `PreActBottleneck` blocks with BatchNormAct2d(ReLU) (not the BiT models' GroupNorm + StdConv2d).
+and `PreActBottleneck` blocks with BatchNormAct2d(ReLU) (not the BiT models' GroupNorm + StdConv2d);
+timm SE / ECA blocks (`seresnet*`, `seresnext*`, `ecaresnet*`, `resnetrs*`); torchvision `regnet_x_*` /
+`regnet_y_*` blocks and stem (keys unchanged).
 Adding a block type: see CONTRIBUTING.md.
 """
 
@@ -338,8 +340,9 @@ def _reference_block(m):
     return _fused(cls, m, **{n: getattr(m, n) for n in names}, downsample=_shortcut(m.downsample))
 
 
-def _v1_block(m, acts: tuple[str, ...]):
-    """torchvision / timm (v1) BasicBlock or Bottleneck: conv-BN pairs, ReLUs, conv + BN shortcut."""
+def _v1_block(m, acts: tuple[str, ...], se: nn.Module | None = None):
+    """torchvision / timm (v1) BasicBlock or Bottleneck: conv-BN pairs, ReLUs, conv + BN shortcut;
+    `se`: a checked channel gate after the last BN (timm's SE / ECA blocks)."""
     names = ("conv1", "bn1", "conv2", "bn2") + (("conv3", "bn3") if hasattr(m, "conv3") else ())
     for n in names:
         (_conv if n.startswith("conv") else _bn)(getattr(m, n), n)
@@ -351,7 +354,50 @@ def _v1_block(m, acts: tuple[str, ...]):
         if m.conv1.groups != 1 or m.conv2.groups != 1:
             raise _Unsupported("grouped convs in a BasicBlock")
         cls = blocks.BasicBlock
-    return _fused(cls, m, **{n: getattr(m, n) for n in names}, downsample=_shortcut(m.downsample))
+    children = {n: getattr(m, n) for n in names}
+    if se is not None:
+        cls = blocks.SEBasicBlock if cls is blocks.BasicBlock else blocks.SEBottleneck
+        children["se"] = se
+    return _fused(cls, m, **children, downsample=_shortcut(m.downsample))
+
+
+def _sigmoid(gate, what: str) -> None:
+    timm_act = sys.modules.get("timm.layers.activations")
+    if type(gate) is nn.Sigmoid or (timm_act is not None and type(gate) is timm_act.Sigmoid):
+        return
+    raise _Unsupported(f"{what} is {type(gate).__name__}, not Sigmoid")
+
+
+def _timm_gate(se, what: str = "se") -> nn.Module:
+    """timm's SEModule (mean, fc1 1x1, ReLU, fc2 1x1, sigmoid; no norm, no max pool) or EcaModule
+    (mean, a 1-D conv over the channels, sigmoid), which ops/se.py computes; else _Unsupported."""
+    timm_se = sys.modules.get("timm.layers.squeeze_excite")
+    timm_eca = sys.modules.get("timm.layers.eca")
+    if timm_se is not None and type(se) is timm_se.SEModule:
+        if se.add_maxpool:
+            raise _Unsupported(f"{what} adds a global max pool to the mean (add_maxpool=True)")
+        for name in ("fc1", "fc2"):
+            fc = _conv(getattr(se, name), f"{what}.{name}")
+            if fc.kernel_size != (1, 1) or fc.stride != (1, 1) or tuple(fc.padding) != (0, 0) or fc.groups != 1:
+                raise _Unsupported(f"{what}.{name} is {fc!r}, not an ungrouped 1x1 conv")
+        _identity(se.bn, f"{what}.bn")
+        _relu(se.act, f"{what}.act")
+        _sigmoid(se.gate, f"{what}.gate")
+        return se
+    if timm_eca is not None and type(se) is timm_eca.EcaModule:
+        if se.conv2 is not None or se.act is not None:
+            raise _Unsupported(f"{what} is an MLP ECA (use_mlp=True)")
+        conv = se.conv
+        if type(conv) is not nn.Conv1d or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise _Unsupported(f"{what}.conv is {conv!r}, not a zero-padded nn.Conv1d")
+        k = conv.kernel_size[0]
+        if (conv.in_channels, conv.out_channels, conv.groups, conv.stride, conv.dilation) != (1, 1, 1, (1,), (1,)):
+            raise _Unsupported(f"{what}.conv is {conv!r}, not a 1-channel 1-D conv with stride 1")
+        if conv.padding != ((k - 1) // 2,) or k % 2 == 0:
+            raise _Unsupported(f"{what}.conv is {conv!r}, not an odd kernel with 'same' padding")
+        _sigmoid(se.gate, f"{what}.gate")
+        return se
+    raise _Unsupported(f"has an attention module se={type(se).__name__} (SEModule and EcaModule are fused)")
 
 
 def _torchvision_block(m):
@@ -359,12 +405,11 @@ def _torchvision_block(m):
 
 
 def _timm_block(m):
-    if m.se is not None:
-        raise _Unsupported(f"has an attention module se={type(m.se).__name__}")
+    se = None if m.se is None else _timm_gate(m.se)
     _identity(m.aa, "aa (anti-aliasing)")
     _identity(m.drop_block, "drop_block")
     _no_drop_path(m.drop_path)
-    return _v1_block(m, ("act1", "act2", "act3") if hasattr(m, "conv3") else ("act1", "act2"))
+    return _v1_block(m, ("act1", "act2", "act3") if hasattr(m, "conv3") else ("act1", "act2"), se)
 
 
 class TimmPreActBasicBlock(blocks.PreActBasicBlock):

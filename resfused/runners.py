@@ -12,7 +12,9 @@ runner decides how each call executes:
 `conv_bn(x, conv, bn, relu, residual, pre_bn, may_overwrite_residual)` computes
     act( bn(conv(pre(x))) [+ residual] ),   pre(x) = relu(pre_bn(x)) when pre_bn is given,
 with act = ReLU when `relu`; `pre_act(x, bn)` is relu(bn(x)) on its own (materialized);
-`squeeze_excite(y, fc1, fc2)` is y * sigmoid(fc2(relu(fc1(mean_hw(y))))) (ops/se.py).
+`squeeze_excite(y, fc1, fc2)` is y * sigmoid(fc2(relu(fc1(mean_hw(y))))) (ops/se.py); `se_gate` /
+`eca_gate` compute such a gate as [N, C] and `scale_add_relu(y, gate, residual)` applies it with the
+residual add and ReLU, the same ops in both runners (autograd is the ops').
 `may_overwrite_residual` says no one reads `residual` afterwards: the folded runner lets the
 kernel write the output into its storage; the training runner ignores it (autograd keeps it).
 """
@@ -24,7 +26,7 @@ import torch.nn as nn
 
 from resfused import folding
 from resfused.ops import ConvParams, add_relu, batch_norm_act, conv2d_train, conv_bias_act, scale_shift_act
-from resfused.ops.se import se_gate
+from resfused.ops.se import eca_gate, scale_add_relu, se_gate
 
 
 class FoldedWeights:
@@ -51,6 +53,8 @@ class FoldedRunner:
     """Eval mode, on `weights`. `inputs_finite`: the block checked its input for NaN/Inf (every
     tensor inside is then a kernel output of finite values, see runtime/finite.py)."""
 
+    se_gate, eca_gate, scale_add_relu = staticmethod(se_gate), staticmethod(eca_gate), staticmethod(scale_add_relu)
+
     def __init__(self, weights: FoldedWeights, inputs_finite: bool = False):
         self.weights, self.inputs_finite = weights, inputs_finite
 
@@ -73,6 +77,8 @@ class FoldedRunner:
 
 class TrainingRunner:
     """Train mode: batch statistics, running-statistics updates, autograd through every step."""
+
+    se_gate, eca_gate, scale_add_relu = staticmethod(se_gate), staticmethod(eca_gate), staticmethod(scale_add_relu)
 
     def conv_bn(self, x, conv, bn, relu=False, residual=None, pre_bn=None, may_overwrite_residual=False):
         if pre_bn is not None:

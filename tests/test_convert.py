@@ -169,8 +169,9 @@ def test_timm_d_variants_convert_every_block_avg_down_shortcuts_included(name, f
 
 
 def test_timm_blocks_with_extras_are_left_alone():
-    se = resfused.fuse(_timm("seresnet18").eval()).resfused_report
-    assert len(se.skipped) == 8 and all("se=SEModule" in e.detail for e in se.skipped), str(se)
+    # SE / ECA blocks convert (tests/test_se_regnet.py); other attention modules do not.
+    cbam = resfused.fuse(_timm("resnet18", block_args=dict(attn_layer="cbam")).eval()).resfused_report
+    assert len(cbam.skipped) == 8 and all("se=CbamModule" in e.detail for e in cbam.skipped), str(cbam)
 
     silu = resfused.fuse(_timm("resnet18", act_layer="silu").eval()).resfused_report
     assert silu.converted == [] and all("SiLU, not ReLU" in e.detail for e in silu.skipped), str(silu)

@@ -184,3 +184,152 @@ def test_regnet_lookalikes_are_left_alone_with_the_reason():
     assert report.converted == [] and len(report.skipped) == 5, str(report)
     assert "stem.2 is SiLU, not ReLU" in report.skipped[0].detail
     assert all("f.a.2 is SiLU, not ReLU" in e.detail for e in report.skipped[1:]), str(report)
+
+
+# ------------------------------------------------------------------------ the SE tail op (compiled)
+def _tail_inputs(dtype, shape, layout, requires_grad=False):
+    g = torch.Generator().manual_seed(1)
+    y, r = (torch.randn(shape, generator=g).to(dtype) for _ in range(2))
+    gate = torch.rand(shape[:2], generator=g).to(dtype)
+    if layout == "channels_last":
+        y, r = y.contiguous(memory_format=torch.channels_last), r.contiguous(memory_format=torch.channels_last)
+    return [t.requires_grad_(requires_grad) for t in (y, gate, r)]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [(2, 24, 7, 5), (3, 67, 4, 9), (1, 8, 1, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_scale_add_relu_matches_the_reference(dtype, shape, layout):
+    y, gate, r = _tail_inputs(dtype, shape, layout)
+    y[0, 1, 0, 0], r[-1, -1, -1, -1] = float("nan"), float("inf")
+    with trace_kernels() as ran:
+        out = resfused.ops.se.scale_add_relu(y, gate, r)
+    assert [c[:2] for c in ran] == [("scale_add_relu", "native")], ran
+    expected = torch.relu(y.double() * gate.double()[:, :, None, None] + r.double())
+    eager = torch.relu(y * gate[:, :, None, None] + r)
+    assert_matches_reference(out, expected, dtype, eager if dtype == torch.bfloat16 else None, what=f"{shape}")
+    assert out.is_contiguous(
+        memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    )
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_scale_add_relu_gradcheck_and_opcheck(layout):
+    args = _tail_inputs(torch.float64, (2, 5, 3, 4), layout, requires_grad=True)
+    assert torch.autograd.gradcheck(torch.ops.resfused.scale_add_relu, args)
+    torch.library.opcheck(torch.ops.resfused.scale_add_relu, _tail_inputs(torch.float32, (2, 16, 5, 3), layout))
+    torch.library.opcheck(torch.ops.resfused.scale_add_relu, _tail_inputs(torch.float32, (2, 16, 5, 3), layout, True))
+
+
+def test_scale_add_relu_bad_input_names_the_argument():
+    y, gate, r = _tail_inputs(torch.float32, (2, 8, 3, 3), "nchw")
+    sar = resfused.ops.se.scale_add_relu
+    with pytest.raises(ValueError, match=r"'gate' must have shape \(2, 8\)"):
+        sar(y, gate[:, :4], r)
+    with pytest.raises(ValueError, match="'residual' must have the shape of 'y'"):
+        sar(y, gate, r[:, :4])
+    with pytest.raises(TypeError, match="'gate' has dtype torch.float64"):
+        sar(y, gate.double(), r)
+    with pytest.raises(RuntimeError, match=r"'gate' must have shape \[2, 8\]"):
+        torch.ops.resfused.scale_add_relu(y, gate[:1], r)
+
+
+# ------------------------------------------------------------------- timm SE-ResNet / ECA-ResNet
+def _timm(name, **kwargs):
+    timm = pytest.importorskip("timm")
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+TIMM_SE = [
+    ("seresnet50", "resfused.SEBottleneck"),
+    ("seresnext50_32x4d", "resfused.SEBottleneck"),
+    ("ecaresnet50d", "resfused.SEBottleneck"),
+    ("resnetrs50", "resfused.SEBottleneck"),
+]
+
+
+@pytest.mark.parametrize("name, detail", TIMM_SE, ids=[t[0] for t in TIMM_SE])
+def test_timm_se_resnets_convert_every_block_and_match_in_eval_and_train(name, detail):
+    model = randomize_bn(_timm(name)).eval()
+    fused = resfused.fuse(model)
+    report = fused.resfused_report
+    assert str(report).startswith("resfused.fuse(ResNet): converted 17, left alone 0"), str(report)
+    assert [e.detail for e in report.converted if "stem" not in e.source] == [detail] * 16
+    stem_keys = {k for k in fused.state_dict() if k.startswith("conv1.")}
+    moved = {k for k in model.state_dict() if k.startswith(("conv1.", "bn1."))}
+    assert set(fused.state_dict()) - stem_keys == set(model.state_dict()) - moved  # block keys unchanged
+    for hw in [(64, 64), (65, 63)]:
+        x = torch.randn(2, 3, *hw)
+        with torch.no_grad(), trace_kernels() as ran:
+            actual = fused(x)
+        assert_matches_reference(actual, _expected64(model, x), torch.float32, what=f"{name} {hw} eval")
+        assert [c.kernel for c in ran if c.op == "scale_add_relu"] == ["native"] * 16, ran
+        assert not [c for c in ran if c.op == "batch_norm" or c.kernel == "reference"], ran
+    # One train-mode forward against the original in float64: the output and the running statistics.
+    model.train(), fused.train()
+    x = torch.randn(4, 3, 65, 63)
+    with trace_kernels() as ran:
+        actual = fused(x)
+    assert ("batch_norm", "native") in [c[:2] for c in ran] and ("scale_add_relu", "native") in [c[:2] for c in ran]
+    reference64 = copy.deepcopy(model).double()
+    assert_matches_reference(actual, reference64(x.double()), torch.float32, what=f"{name} train mode")
+    buffers64 = dict(reference64.named_buffers())
+    buffers = {k: b for k, b in fused.named_buffers() if not k.startswith("conv1.")}  # the stem's moved
+    assert len(buffers) > 16 * 3 * 3 and set(buffers) <= set(buffers64)
+    for key, b in buffers.items():
+        assert_matches_reference(b.double(), buffers64[key], torch.float32, what=f"{name} buffer {key}")
+
+
+def _timm_se_block(kind: str, attn: str):
+    timm_resnet = pytest.importorskip("timm.models.resnet")
+    from timm.layers import get_attn
+
+    cls, planes, kwargs = {
+        "basic": (timm_resnet.BasicBlock, 32, {}),
+        "bottleneck": (timm_resnet.Bottleneck, 8, {}),
+        "resnext": (timm_resnet.Bottleneck, 16, {"cardinality": 4, "base_width": 16}),
+    }[kind]
+    downsample = timm_resnet.downsample_avg(16, planes * cls.expansion, 1, stride=2)
+    return randomize_bn(cls(16, planes, stride=2, downsample=downsample, attn_layer=get_attn(attn), **kwargs))
+
+
+SE_BLOCKS = [("basic", "se"), ("bottleneck", "se"), ("resnext", "se"), ("bottleneck", "eca"), ("basic", "eca")]
+
+
+@pytest.mark.parametrize("mode", ["eval", "eval+autograd", "train"])
+@pytest.mark.parametrize("kind, attn", SE_BLOCKS, ids=[f"{k}-{a}" for k, a in SE_BLOCKS])
+def test_timm_se_block_matches_with_gradients(kind, attn, mode):
+    block = _timm_se_block(kind, attn).train(mode == "train")
+    fused = resfused.fuse(block)
+    assert type(fused) is (resfused.SEBasicBlock if kind == "basic" else resfused.SEBottleneck)
+    assert set(fused.state_dict()) == set(block.state_dict())
+    x = torch.randn(3, 16, 15, 13)
+    g = None if mode == "eval" else torch.randn(_expected64(block, x).shape)
+    with torch.set_grad_enabled(g is not None), trace_kernels() as ran:
+        y, grads, buffers = _step(fused, x, g)
+    y64, grads64, buffers64 = _step(copy.deepcopy(block).double(), x.double(), None if g is None else g.double())
+    what = f"{kind} {attn} {mode}"
+    assert_matches_reference(y, y64, torch.float32, what=what)
+    assert [c.kernel for c in ran if c.op == "scale_add_relu"] == ["native"], ran
+    for key, expected in grads64.items():
+        assert_matches_reference(grads[key], expected, torch.float32, what=f"{what} grad {key}")
+    for key, expected in buffers64.items():
+        assert_matches_reference(buffers[key].double(), expected, torch.float32, what=f"{what} buffer {key}")
+
+
+def test_timm_gates_that_compute_otherwise_are_left_alone():
+    from timm.layers import EcaModule, EffectiveSEModule, SEModule
+
+    cases = [
+        (SEModule(32, act_layer=nn.SiLU), "se.act is SiLU, not ReLU"),
+        (SEModule(32, gate_layer="hard_sigmoid"), "se.gate is Hardsigmoid, not Sigmoid"),
+        (SEModule(32, add_maxpool=True), "se adds a global max pool"),
+        (SEModule(32, norm_layer=nn.BatchNorm2d), "se.bn is BatchNorm2d (the fused block has none)"),
+        (EcaModule(32, use_mlp=True), "se is an MLP ECA (use_mlp=True)"),
+        (EffectiveSEModule(32), "se=EffectiveSEModule (SEModule and EcaModule are fused)"),
+    ]
+    for se, reason in cases:
+        block = _timm_se_block("basic", "se")
+        block.se = se
+        report = resfused.fuse(block).resfused_report
+        assert report.converted == [] and reason in report.skipped[0].detail, str(report)

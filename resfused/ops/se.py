@@ -1,11 +1,15 @@
-"""Squeeze-excitation as the blocks need it: the channel gate of an SE module, in plain PyTorch.
+"""Squeeze-excitation as the blocks need it: the channel gate of an SE / ECA module, and the tail
+that applies it with the residual add and ReLU in one pass.
 
-    se_gate(y, fc1, fc2)  = sigmoid(fc2(relu(fc1(mean_hw(y)))))      -> [N, C]
+    se_gate(y, fc1, fc2)            = sigmoid(fc2(relu(fc1(mean_hw(y)))))          -> [N, C]
+    eca_gate(y, conv)               = sigmoid(conv1d over C of mean_hw(y))          -> [N, C]
+    scale_add_relu(y, gate, r)      = relu(y * gate[n, c] + r)
 
-`fc1` / `fc2` are the SE module's 1x1 convs (with or without bias), applied as matrix products on
-the pooled [N, C] vector: the gate network is a few thousand multiply-adds per image, far below
-what a kernel launch or a fused pass would save. The same code runs in eval and train mode (its
-autograd is PyTorch's), and torch.compile traces it.
+The gates run in plain PyTorch: `fc1` / `fc2` (the SE module's 1x1 convs, with or without bias)
+become matrix products on the pooled [N, C] vector, a few thousand multiply-adds per image, far
+below what a fused kernel would save; the same code runs in eval and train mode (autograd is
+PyTorch's) and torch.compile traces it. `scale_add_relu` takes the compiled kernel where there is
+one (kernels/se_tail.py: kernel, fake kernel, autograd), else the PyTorch reference.
 """
 
 from __future__ import annotations
@@ -14,9 +18,48 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from resfused.kernels.se_tail import ReferenceScaleAddRelu
+from resfused.kernels.tails import CompiledKernel
+from resfused.ops import checks
+from resfused.ops.selection import candidates, select
+
 
 def se_gate(y: torch.Tensor, fc1: nn.Conv2d, fc2: nn.Conv2d) -> torch.Tensor:
     """sigmoid(fc2(relu(fc1(mean over H, W of y)))) as an [N, C] tensor in y's dtype."""
     pooled = y.mean((2, 3))
     hidden = torch.relu(F.linear(pooled, fc1.weight.flatten(1), fc1.bias))
     return torch.sigmoid(F.linear(hidden, fc2.weight.flatten(1), fc2.bias))
+
+
+def eca_gate(y: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    """ECA's gate sigmoid(conv1d over the channels of mean_hw(y)) as an [N, C] tensor in y's dtype."""
+    pooled = y.mean((2, 3))[:, None, :]  # [N, 1, C]: the channels are the 1-D conv's length
+    return torch.sigmoid(F.conv1d(pooled, conv.weight, conv.bias, padding=conv.padding))[:, 0, :]
+
+
+_compiled = [CompiledKernel("scale_add_relu")]
+SCALE_ADD_RELU_KERNELS = {
+    "cpu": _compiled,
+    "auto-cuda": _compiled,
+    "cuda": _compiled,
+    "triton": _compiled,
+    "reference": [],
+}
+_REFERENCE_SCALE_ADD_RELU = ReferenceScaleAddRelu()
+
+
+def scale_add_relu(y: torch.Tensor, gate: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """relu(y * gate[n, c] + residual) in one pass: the tail of an SE / ECA block (gate [N, C])."""
+    checks.activation(y, "y", rank=4)
+    checks.like(y, "y", residual, "residual")
+    checks.activation(gate, "gate")
+    checks.same_device(y, "y", gate, "gate")
+    checks.same_dtype(y, "y", gate, "gate")
+    if tuple(gate.shape) != tuple(y.shape[:2]):
+        raise ValueError(
+            f"resfused: 'gate' must have shape {tuple(y.shape[:2])} (one value per image and channel of 'y'), "
+            f"got {tuple(gate.shape)}"
+        )
+    args = (y, gate, residual)
+    kernel = select("scale_add_relu", candidates(SCALE_ADD_RELU_KERNELS, y.device), _REFERENCE_SCALE_ADD_RELU, args)
+    return kernel.run(*args)
