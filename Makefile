@@ -10,7 +10,7 @@ SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.c
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: test bench build info lint format clean
+.PHONY: test bench build info lint format clean fuzz
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ info: $(BUILT)
 	$(PY) -m resfused.info
 
 CXX_SOURCES = $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+
+# The differential fuzz test at 10,000 drawn block configurations (CI runs 500 of them in make test).
+fuzz: $(BUILT)
+	RESFUSED_REQUIRE_NATIVE=1 RESFUSED_FUZZ_CONFIGS=$${RESFUSED_FUZZ_CONFIGS:-10000} $(PY) -m pytest -q tests/test_fuzz.py
 
 lint: $(DEPS)
 	$(VENV)/bin/ruff format --check .
