@@ -109,3 +109,15 @@ def compare_modules(
         actual = fused(x)
     assert_matches_reference(actual, expected, x.dtype, eager, what or type(fused).__name__)
     return actual
+
+
+def forward_backward(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor | None):
+    """Forward, and a backward of `grad` when given; returns (output, {name: gradient} with the
+    input's as "input", {buffer name: value}) for comparing a fused module with its reference."""
+    x = x.detach().clone().requires_grad_(grad is not None)
+    y = module(x)
+    if grad is None:
+        return y, {}, {}
+    y.backward(grad)
+    grads = {"input": x.grad} | {n: p.grad for n, p in module.named_parameters()}
+    return y, grads, {n: b.clone() for n, b in module.named_buffers()}

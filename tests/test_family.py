@@ -12,7 +12,7 @@ import torch.nn as nn
 import resfused
 from resfused import reference
 from resfused.ops import trace_kernels
-from tests.harness import assert_matches_reference, randomize_bn
+from tests.harness import assert_matches_reference, forward_backward, randomize_bn
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -143,17 +143,6 @@ def _timm_d_block(kind: str, stride: int) -> nn.Module:
     return randomize_bn(cls(in_ch, planes, stride=stride, downsample=downsample, **kwargs))
 
 
-def _step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor | None):
-    """Forward [+ backward]; returns (output, {name: gradient}, {buffer name: value})."""
-    x = x.detach().clone().requires_grad_(grad is not None)
-    y = module(x)
-    if grad is None:
-        return y, {}, {}
-    y.backward(grad)
-    grads = {"input": x.grad} | {n: p.grad for n, p in module.named_parameters()}
-    return y, grads, {n: b.clone() for n, b in module.named_buffers()}
-
-
 D_BLOCKS = [("bottleneck", 2), ("bottleneck", 1), ("basic", 2), ("resnext", 2)]
 
 
@@ -177,8 +166,10 @@ def test_avg_down_shortcut_block_matches_timm(kind, stride, hw, mode):
     x = torch.randn(2, 16, *hw)
     g = None if mode == "eval" else torch.randn(_expected64(block, x).shape)
     with torch.set_grad_enabled(g is not None), trace_kernels() as ran:
-        y, grads, buffers = _step(fused, x, g)
-    y64, grads64, buffers64 = _step(copy.deepcopy(block).double(), x.double(), None if g is None else g.double())
+        y, grads, buffers = forward_backward(fused, x, g)
+    y64, grads64, buffers64 = forward_backward(
+        copy.deepcopy(block).double(), x.double(), None if g is None else g.double()
+    )
     what = f"{kind} stride {stride} {hw} {mode}"
     assert_matches_reference(y, y64, torch.float32, what=what)
     convs = [c.kernel for c in ran if c.op in ("conv", "conv_train")]
@@ -231,9 +222,9 @@ def test_preact_bottleneck_eval_mode_gradients(args):
     x = torch.randn(2, args[0], 9, 9)
     g = torch.randn(_expected64(ref, x).shape)
     with trace_kernels() as ran:
-        y, grads, buffers = _step(fused, x, g)
+        y, grads, buffers = forward_backward(fused, x, g)
     assert {c.kernel for c in ran if c.op == "conv"} == {"library+tail"}, ran
-    y64, grads64, _ = _step(copy.deepcopy(ref).double(), x.double(), g.double())
+    y64, grads64, _ = forward_backward(copy.deepcopy(ref).double(), x.double(), g.double())
     assert_matches_reference(y, y64, torch.float32, what="eval output")
     for key, expected in grads64.items():
         assert_matches_reference(grads[key], expected, torch.float32, what=f"eval grad {key}")

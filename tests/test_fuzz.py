@@ -26,7 +26,7 @@ import torch
 import resfused
 from resfused import reference as R
 
-from harness import assert_matches_reference, randomize_bn
+from harness import assert_matches_reference, forward_backward, randomize_bn
 
 CONFIGS = int(os.environ.get("RESFUSED_FUZZ_CONFIGS", "500"))
 SEED = int(os.environ.get("RESFUSED_FUZZ_SEED", "20261130"))
@@ -99,17 +99,6 @@ def draw(index: int) -> Config:
     )
 
 
-def _step(module, x, grad):
-    """Forward (+ backward with `grad` when given); returns (output, grads, buffers)."""
-    x = x.detach().clone().requires_grad_(grad is not None)
-    y = module(x)
-    if grad is None:
-        return y.detach(), {}, {}
-    y.backward(grad)
-    grads = {"input": x.grad} | {n: p.grad for n, p in module.named_parameters()}
-    return y.detach(), grads, {n: b.clone() for n, b in module.named_buffers()}
-
-
 def check(cfg: Config) -> None:
     torch.manual_seed(cfg.index)
     ref = randomize_bn(getattr(R, cfg.block)(*cfg.args), torch.Generator().manual_seed(cfg.index))
@@ -125,17 +114,17 @@ def check(cfg: Config) -> None:
             with torch.no_grad():
                 shape = copy.deepcopy(ref64)(x.double()).shape
             grad = torch.randn(shape, dtype=torch.float64).to(cfg.dtype)
-        expected = _step(ref64, x.double(), None if grad is None else grad.double())
+        expected = forward_backward(ref64, x.double(), None if grad is None else grad.double())
     except (ValueError, RuntimeError) as error:  # e.g. train-mode BN with one value per channel
         with pytest.raises(type(error)), resfused.use_backend(cfg.backend):
-            _step(fused, x, torch.ones(1, dtype=cfg.dtype) if cfg.mode != "eval" else None)
+            forward_backward(fused, x, torch.ones(1, dtype=cfg.dtype) if cfg.mode != "eval" else None)
         return
     eager = None
     if cfg.dtype != torch.float32:
         with torch.no_grad():
             eager = copy.deepcopy(ref)(x)
     with resfused.use_backend(cfg.backend), torch.set_grad_enabled(cfg.mode != "eval"):
-        actual = _step(fused, x, grad)
+        actual = forward_backward(fused, x, grad)
     assert_matches_reference(actual[0], expected[0], cfg.dtype, eager, f"{cfg}: output")
     for key, value in expected[1].items():
         assert actual[1][key] is not None, f"{cfg}: no gradient for {key}"

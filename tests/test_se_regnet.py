@@ -12,7 +12,7 @@ import torch.nn as nn
 
 import resfused
 from resfused.ops import trace_kernels
-from tests.harness import assert_matches_reference, randomize_bn
+from tests.harness import assert_matches_reference, forward_backward, randomize_bn
 
 torchvision = pytest.importorskip("torchvision")
 regnet = pytest.importorskip("torchvision.models.regnet")
@@ -21,17 +21,6 @@ regnet = pytest.importorskip("torchvision.models.regnet")
 def _expected64(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return copy.deepcopy(model).double()(x.double())
-
-
-def _step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor | None):
-    """Forward [+ backward]; returns (output, {name: gradient}, {buffer name: value})."""
-    x = x.detach().clone().requires_grad_(grad is not None)
-    y = module(x)
-    if grad is None:
-        return y, {}, {}
-    y.backward(grad)
-    grads = {"input": x.grad} | {n: p.grad for n, p in module.named_parameters()}
-    return y, grads, {n: b.clone() for n, b in module.named_buffers()}
 
 
 def _se_convs(model: nn.Module) -> int:
@@ -116,8 +105,10 @@ def test_regnet_block_matches_in_eval_and_train(args, hw, mode):
     x = torch.randn(3, args[0], *hw)
     g = None if mode == "eval" else torch.randn(_expected64(block, x).shape)
     with torch.set_grad_enabled(g is not None), trace_kernels() as ran:
-        y, grads, buffers = _step(fused, x, g)
-    y64, grads64, buffers64 = _step(copy.deepcopy(block).double(), x.double(), None if g is None else g.double())
+        y, grads, buffers = forward_backward(fused, x, g)
+    y64, grads64, buffers64 = forward_backward(
+        copy.deepcopy(block).double(), x.double(), None if g is None else g.double()
+    )
     what = f"{args} {hw} {mode}"
     assert_matches_reference(y, y64, torch.float32, what=what)
     convs = [c.kernel for c in ran if c.op in ("conv", "conv_train")]
@@ -306,8 +297,10 @@ def test_timm_se_block_matches_with_gradients(kind, attn, mode):
     x = torch.randn(3, 16, 15, 13)
     g = None if mode == "eval" else torch.randn(_expected64(block, x).shape)
     with torch.set_grad_enabled(g is not None), trace_kernels() as ran:
-        y, grads, buffers = _step(fused, x, g)
-    y64, grads64, buffers64 = _step(copy.deepcopy(block).double(), x.double(), None if g is None else g.double())
+        y, grads, buffers = forward_backward(fused, x, g)
+    y64, grads64, buffers64 = forward_backward(
+        copy.deepcopy(block).double(), x.double(), None if g is None else g.double()
+    )
     what = f"{kind} {attn} {mode}"
     assert_matches_reference(y, y64, torch.float32, what=what)
     assert [c.kernel for c in ran if c.op == "scale_add_relu"] == ["native"], ran
