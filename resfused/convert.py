@@ -556,6 +556,41 @@ def _claiming_rule(m):
 
 
 # ------------------------------------------------------------------------------------- the stems
+class OriginalStemKeys:
+    """The fused stem's state_dict under the original model's keys, both ways.
+
+    fuse() moves the stem's conv and BN under one ConvBNAct (`conv1.weight` -> `conv1.conv.weight`,
+    `bn1.*` -> `conv1.bn.*`). These hooks on the model rename them back in `state_dict()` and accept
+    the original keys in `load_state_dict()` (the fused ones too), so checkpoints move freely
+    between the original and the fused model. `renames` holds (fused prefix, original prefix) pairs
+    relative to the model. A plain object with methods, so that the model still pickles."""
+
+    def __init__(self, renames: list[tuple[str, str]]):
+        self.renames = list(renames)
+
+    def _original(self, key: str, prefix: str) -> str:
+        for fused, original in self.renames:
+            if key.startswith(prefix + fused):
+                return prefix + original + key[len(prefix + fused) :]
+        return key
+
+    def to_original(self, module, state_dict, prefix, local_metadata):
+        # Rebuilt in place, in order: the keys keep the original model's order too.
+        items = list(state_dict.items())
+        state_dict.clear()
+        state_dict.update((self._original(key, prefix), value) for key, value in items)
+
+    def from_original(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        fused_prefixes = tuple(prefix + fused for fused, _ in self.renames)
+        for key in list(state_dict):
+            if not key.startswith(prefix) or key.startswith(fused_prefixes):
+                continue
+            for fused, original in self.renames:
+                if key.startswith(prefix + original):
+                    state_dict[prefix + fused + key[len(prefix + original) :]] = state_dict.pop(key)
+                    break
+
+
 def _fuse_stem(model: nn.Module, path: str, report: FuseReport) -> list[int]:
     """conv1 -> bn1 -> relu/act1 of a torchvision or timm ResNet into one ConvBNAct at conv1.
 
@@ -590,18 +625,24 @@ def _fuse_stem(model: nn.Module, path: str, report: FuseReport) -> list[int]:
                     _relu(stem[i + 2], f"conv1[{i + 2}]"),
                 )
             _conv(stem[-1], f"conv1[{len(stem) - 1}]")
+            renames = []
             for i in range(0, len(stem) - 1, 3):
                 model.conv1[i] = blocks.ConvBNAct(stem[i], stem[i + 1], relu=True).train(model.training)
                 model.conv1[i + 1], model.conv1[i + 2] = nn.Identity(), nn.Identity()
-            model.conv1[len(stem) - 1] = blocks.ConvBNAct(stem[-1], model.bn1, relu=True).train(model.training)
-            keys = "conv1.<i>.conv.*, conv1.<i>.bn.*; bn1.* -> conv1.<last>.bn.*"
+                renames += [(f"conv1.{i}.conv.", f"conv1.{i}."), (f"conv1.{i}.bn.", f"conv1.{i + 1}.")]
+            last = len(stem) - 1
+            model.conv1[last] = blocks.ConvBNAct(stem[-1], model.bn1, relu=True).train(model.training)
+            renames += [(f"conv1.{last}.conv.", f"conv1.{last}."), (f"conv1.{last}.bn.", "bn1.")]
         else:
             model.conv1 = blocks.ConvBNAct(_conv(model.conv1, "conv1"), model.bn1, relu=True).train(model.training)
-            keys = "conv1.conv.*, conv1.bn.*"
+            renames = [("conv1.conv.", "conv1."), ("conv1.bn.", "bn1.")]
     except _Unsupported as why:
         report.entries.append(FuseEntry(where, source, False, str(why)))
         return []
     model.bn1 = nn.Identity()
     setattr(model, act_name, nn.Identity())
-    report.entries.append(FuseEntry(where, source, True, f"resfused.ConvBNAct (keys now {keys})"))
+    keys = OriginalStemKeys(renames)
+    model._register_state_dict_hook(keys.to_original)
+    model._register_load_state_dict_pre_hook(keys.from_original)
+    report.entries.append(FuseEntry(where, source, True, "resfused.ConvBNAct (state_dict keys kept)"))
     return [id(m) for m in model.conv1.modules() if isinstance(m, blocks.ConvBNAct)]

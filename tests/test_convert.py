@@ -4,6 +4,8 @@ report says exactly what was converted and what was left alone and why, the fuse
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -75,19 +77,28 @@ def test_a_nan_in_the_input_reaches_the_output_as_in_the_original():
     assert_matches_reference(clean, expected[:1], torch.float32, what="resnet18, the clean image alone")
 
 
-def test_torchvision_state_dict_keys_are_kept_except_the_stem():
-    model = torchvision.models.resnet18(weights=None).eval()
+def _models_with_a_fused_stem():
+    yield "torchvision resnet18", lambda: torchvision.models.resnet18(weights=None)
+    yield "inside a Sequential", lambda: nn.Sequential(torchvision.models.resnet18(weights=None))
+    timm = pytest.importorskip("timm")
+    yield "timm resnet50d (deep stem)", lambda: timm.create_model("resnet50d", pretrained=False)
+
+
+@pytest.mark.parametrize("what, make", list(_models_with_a_fused_stem()), ids=lambda v: v if isinstance(v, str) else "")
+def test_checkpoints_move_both_ways_with_the_original_keys(what, make):
+    model = make().eval()
     fused = resfused.fuse(model)
-    stem = {"conv1.weight": "conv1.conv.weight"} | {
-        f"bn1.{k}": f"conv1.bn.{k}" for k, _ in model.bn1.state_dict().items()
-    }
-    assert set(fused.state_dict()) == {stem.get(k, k) for k in model.state_dict()}
-    # A torchvision checkpoint loads after renaming the stem keys, and gives the same outputs.
-    randomize_bn(model)
-    fused.load_state_dict({stem.get(k, k): v for k, v in model.state_dict().items()})
+    assert list(fused.state_dict()) == list(model.state_dict()), what  # the stem included, in order
     x = torch.randn(1, 3, 48, 48)
+    # An original checkpoint loads into the fused model ...
+    other = randomize_bn(make(), torch.Generator().manual_seed(7)).eval()
+    fused.load_state_dict(other.state_dict())
     with torch.no_grad():
-        assert_matches_reference(fused(x), _expected64(model, x), torch.float32, what="reloaded")
+        assert_matches_reference(fused(x), _expected64(other, x), torch.float32, what=f"{what}: original -> fused")
+    # ... and the fused model's checkpoint into the original.
+    model.load_state_dict(fused.state_dict())
+    with torch.no_grad():
+        assert_matches_reference(model(x), _expected64(other, x), torch.float32, what=f"{what}: fused -> original")
 
 
 def test_dilated_and_non_bn_models_are_left_alone_with_reasons():
@@ -370,3 +381,26 @@ def test_fusing_a_fused_model_says_it_is_already_fused():
     fused = resfused.fuse(torchvision.models.resnet18(weights=None).eval())
     head = str(resfused.fuse(fused).resfused_report).splitlines()[0]
     assert "nothing left to convert (9 already fused)" in head, head
+
+
+def test_a_fused_model_that_has_run_saves_loads_and_copies(tmp_path):
+    """Folded and packed weights are caches: deepcopy and torch.save drop them, and the copy or the
+    model loaded in a new process rebuilds them (the stem's key hooks pickle too)."""
+    model = randomize_bn(torchvision.models.resnet18(weights=None)).eval()
+    fused = resfused.fuse(model)
+    x = torch.randn(2, 3, 48, 48).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        y = fused(x)  # the caches are populated now
+        torch.testing.assert_close(copy.deepcopy(fused)(x), y, rtol=0, atol=0)
+    path = tmp_path / "fused.pt"
+    torch.save({"model": fused, "x": x, "y": y.clone()}, path)
+    code = (
+        "import sys, torch, resfused\n"
+        "saved = torch.load(sys.argv[1], weights_only=False)\n"
+        "with torch.inference_mode():\n"
+        "    torch.testing.assert_close(saved['model'](saved['x']), saved['y'], rtol=0, atol=0)\n"
+        "print(type(saved['model'].layer1).__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "ResidualStage"

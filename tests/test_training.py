@@ -217,7 +217,8 @@ def test_sgd_step_of_converted_resnet18_matches_eager():
 
     ref = sgd_step(copy.deepcopy(model).double(), x.double())
     ours = sgd_step(fused, x)
-    # fuse() renames the stem's keys (conv1.* -> conv1.conv.*, bn1.* -> conv1.bn.*).
+    # The fused stem's parameter names differ (conv1.* -> conv1.conv.*, bn1.* -> conv1.bn.*); its
+    # state_dict keeps the original keys, which the mapping leaves alone.
     stem = {"conv1.conv.": "conv1.", "conv1.bn.": "bn1."}
 
     def renamed(d):
