@@ -121,3 +121,25 @@ def forward_backward(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tenso
     y.backward(grad)
     grads = {"input": x.grad} | {n: p.grad for n, p in module.named_parameters()}
     return y, grads, {n: b.clone() for n, b in module.named_buffers()}
+
+
+def compare_step(fused: torch.nn.Module, reference: torch.nn.Module, x: torch.Tensor, mode: str, what: str):
+    """`fused` and `reference` (run in float64) on float32 `x`: in "eval" a forward without autograd,
+    otherwise a forward and a backward of one random output gradient. Asserts the output, every
+    gradient and every buffer against the float64 result; returns fused's trace_kernels() record."""
+    from resfused.ops import trace_kernels
+
+    with torch.no_grad():
+        shape = copy.deepcopy(reference).double()(x.double()).shape
+    g = None if mode == "eval" else torch.randn(shape)
+    with torch.set_grad_enabled(g is not None), trace_kernels() as ran:
+        y, grads, buffers = forward_backward(fused, x, g)
+    y64, grads64, buffers64 = forward_backward(
+        copy.deepcopy(reference).double(), x.double(), None if g is None else g.double()
+    )
+    assert_matches_reference(y, y64, torch.float32, what=what)
+    for key, expected in grads64.items():
+        assert_matches_reference(grads[key], expected, torch.float32, what=f"{what} grad {key}")
+    for key, expected in buffers64.items():
+        assert_matches_reference(buffers[key].double(), expected, torch.float32, what=f"{what} buffer {key}")
+    return ran

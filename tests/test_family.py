@@ -12,7 +12,7 @@ import torch.nn as nn
 import resfused
 from resfused import reference
 from resfused.ops import trace_kernels
-from tests.harness import assert_matches_reference, forward_backward, randomize_bn
+from tests.harness import assert_matches_reference, compare_step, forward_backward, randomize_bn
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -164,24 +164,14 @@ def test_avg_down_shortcut_block_matches_timm(kind, stride, hw, mode):
     assert type(fused.downsample.pre_pool) is (nn.AvgPool2d if stride == 2 else type(None))  # Identity: no pool
     assert set(fused.state_dict()) == set(block.state_dict())  # downsample.0 (pool), .1 (conv), .2 (BN)
     x = torch.randn(2, 16, *hw)
-    g = None if mode == "eval" else torch.randn(_expected64(block, x).shape)
-    with torch.set_grad_enabled(g is not None), trace_kernels() as ran:
-        y, grads, buffers = forward_backward(fused, x, g)
-    y64, grads64, buffers64 = forward_backward(
-        copy.deepcopy(block).double(), x.double(), None if g is None else g.double()
-    )
     what = f"{kind} stride {stride} {hw} {mode}"
-    assert_matches_reference(y, y64, torch.float32, what=what)
+    ran = compare_step(fused, block, x, mode, what)
     convs = [c.kernel for c in ran if c.op in ("conv", "conv_train")]
     assert len(convs) == (3 if kind == "basic" else 4), ran  # the shortcut in one conv call, too
     if mode == "eval":
         assert "reference" not in convs and "library+tail" not in convs, ran
     if mode == "train":
         assert ("batch_norm", "native") in [c[:2] for c in ran], ran
-    for key, expected in grads64.items():
-        assert_matches_reference(grads[key], expected, torch.float32, what=f"{what} grad {key}")
-    for key, expected in buffers64.items():
-        assert_matches_reference(buffers[key].double(), expected, torch.float32, what=f"{what} buffer {key}")
 
 
 def test_shortcuts_that_pool_otherwise_are_left_alone():

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 import resfused
 from resfused.ops import trace_kernels
-from tests.harness import assert_matches_reference, forward_backward, randomize_bn
+from tests.harness import assert_matches_reference, compare_step, randomize_bn
 
 torchvision = pytest.importorskip("torchvision")
 regnet = pytest.importorskip("torchvision.models.regnet")
@@ -103,14 +103,8 @@ def test_regnet_block_matches_in_eval_and_train(args, hw, mode):
     assert type(fused) is resfused.RegNetBottleneck, str(fused.resfused_report)
     assert set(fused.state_dict()) == set(block.state_dict())
     x = torch.randn(3, args[0], *hw)
-    g = None if mode == "eval" else torch.randn(_expected64(block, x).shape)
-    with torch.set_grad_enabled(g is not None), trace_kernels() as ran:
-        y, grads, buffers = forward_backward(fused, x, g)
-    y64, grads64, buffers64 = forward_backward(
-        copy.deepcopy(block).double(), x.double(), None if g is None else g.double()
-    )
     what = f"{args} {hw} {mode}"
-    assert_matches_reference(y, y64, torch.float32, what=what)
+    ran = compare_step(fused, block, x, mode, what)
     convs = [c.kernel for c in ran if c.op in ("conv", "conv_train")]
     assert len(convs) == 3 + (block.proj is not None), ran
     if mode == "eval":
@@ -118,10 +112,6 @@ def test_regnet_block_matches_in_eval_and_train(args, hw, mode):
         assert not [c for c in ran if c.op == "batch_norm"], ran
     if mode == "train":
         assert ("batch_norm", "native") in [c[:2] for c in ran], ran
-    for key, expected in grads64.items():
-        assert_matches_reference(grads[key], expected, torch.float32, what=f"{what} grad {key}")
-    for key, expected in buffers64.items():
-        assert_matches_reference(buffers[key].double(), expected, torch.float32, what=f"{what} buffer {key}")
 
 
 def test_regnet_block_with_a_nan_gives_the_reference_result():
@@ -293,19 +283,9 @@ def test_timm_se_block_matches_with_gradients(kind, attn, mode):
     assert type(fused) is (resfused.SEBasicBlock if kind == "basic" else resfused.SEBottleneck)
     assert set(fused.state_dict()) == set(block.state_dict())
     x = torch.randn(3, 16, 15, 13)
-    g = None if mode == "eval" else torch.randn(_expected64(block, x).shape)
-    with torch.set_grad_enabled(g is not None), trace_kernels() as ran:
-        y, grads, buffers = forward_backward(fused, x, g)
-    y64, grads64, buffers64 = forward_backward(
-        copy.deepcopy(block).double(), x.double(), None if g is None else g.double()
-    )
     what = f"{kind} {attn} {mode}"
-    assert_matches_reference(y, y64, torch.float32, what=what)
+    ran = compare_step(fused, block, x, mode, what)
     assert [c.kernel for c in ran if c.op == "scale_add_relu"] == ["native"], ran
-    for key, expected in grads64.items():
-        assert_matches_reference(grads[key], expected, torch.float32, what=f"{what} grad {key}")
-    for key, expected in buffers64.items():
-        assert_matches_reference(buffers[key].double(), expected, torch.float32, what=f"{what} buffer {key}")
 
 
 def test_timm_gates_that_compute_otherwise_are_left_alone():
