@@ -368,6 +368,14 @@ def _sigmoid(gate, what: str) -> None:
     raise _Unsupported(f"{what} is {type(gate).__name__}, not Sigmoid")
 
 
+def _pointwise(fc, what: str) -> nn.Conv2d:
+    """An SE module's fc layer: a plain ungrouped 1x1 conv (ops/se.py computes it as a matrix product)."""
+    _conv(fc, what)
+    if fc.kernel_size != (1, 1) or fc.stride != (1, 1) or tuple(fc.padding) != (0, 0) or fc.groups != 1:
+        raise _Unsupported(f"{what} is {fc!r}, not an ungrouped 1x1 conv")
+    return fc
+
+
 def _timm_gate(se, what: str = "se") -> nn.Module:
     """timm's SEModule (mean, fc1 1x1, ReLU, fc2 1x1, sigmoid; no norm, no max pool) or EcaModule
     (mean, a 1-D conv over the channels, sigmoid), which ops/se.py computes; else _Unsupported."""
@@ -376,10 +384,7 @@ def _timm_gate(se, what: str = "se") -> nn.Module:
     if timm_se is not None and type(se) is timm_se.SEModule:
         if se.add_maxpool:
             raise _Unsupported(f"{what} adds a global max pool to the mean (add_maxpool=True)")
-        for name in ("fc1", "fc2"):
-            fc = _conv(getattr(se, name), f"{what}.{name}")
-            if fc.kernel_size != (1, 1) or fc.stride != (1, 1) or tuple(fc.padding) != (0, 0) or fc.groups != 1:
-                raise _Unsupported(f"{what}.{name} is {fc!r}, not an ungrouped 1x1 conv")
+        _pointwise(se.fc1, f"{what}.fc1"), _pointwise(se.fc2, f"{what}.fc2")
         _identity(se.bn, f"{what}.bn")
         _relu(se.act, f"{what}.act")
         _sigmoid(se.gate, f"{what}.gate")
@@ -486,10 +491,7 @@ def _torchvision_se(se, what: str) -> None:
         raise _Unsupported(f"{what} is {type(se).__name__}, not torchvision's SqueezeExcitation")
     if type(se.avgpool) is not nn.AdaptiveAvgPool2d or se.avgpool.output_size not in (1, (1, 1)):
         raise _Unsupported(f"{what}.avgpool is {se.avgpool!r}, not a global average pool")
-    for name in ("fc1", "fc2"):
-        fc = _conv(getattr(se, name), f"{what}.{name}")
-        if fc.kernel_size != (1, 1) or fc.stride != (1, 1) or tuple(fc.padding) != (0, 0) or fc.groups != 1:
-            raise _Unsupported(f"{what}.{name} is {fc!r}, not an ungrouped 1x1 conv")
+    _pointwise(se.fc1, f"{what}.fc1"), _pointwise(se.fc2, f"{what}.fc2")
     _relu(se.activation, f"{what}.activation")
     if type(se.scale_activation) is not nn.Sigmoid:
         raise _Unsupported(f"{what}.scale_activation is {type(se.scale_activation).__name__}, not Sigmoid")

@@ -16,10 +16,9 @@ import torch.nn.functional as F
 from resfused import folding
 from resfused.kernels.batchnorm_train import CompiledBatchNormTrain, ReferenceBatchNormTrain
 from resfused.ops import checks, tails
-from resfused.ops.selection import candidates, select
+from resfused.ops.selection import candidates, compiled_on_every_backend, select
 
-_COMPILED = [CompiledBatchNormTrain()]
-KERNELS = {"cpu": _COMPILED, "auto-cuda": _COMPILED, "cuda": _COMPILED, "triton": _COMPILED, "reference": []}
+KERNELS = compiled_on_every_backend(CompiledBatchNormTrain())
 _REFERENCE = ReferenceBatchNormTrain()
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from resfused.kernels.se_tail import ReferenceScaleAddRelu
 from resfused.kernels.tails import CompiledKernel
 from resfused.ops import checks
-from resfused.ops.selection import candidates, select
+from resfused.ops.selection import candidates, compiled_on_every_backend, select
 
 
 def se_gate(y: torch.Tensor, fc1: nn.Conv2d, fc2: nn.Conv2d) -> torch.Tensor:
@@ -37,14 +37,7 @@ def eca_gate(y: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
     return torch.sigmoid(F.conv1d(pooled, conv.weight, conv.bias, padding=conv.padding))[:, 0, :]
 
 
-_compiled = [CompiledKernel("scale_add_relu")]
-SCALE_ADD_RELU_KERNELS = {
-    "cpu": _compiled,
-    "auto-cuda": _compiled,
-    "cuda": _compiled,
-    "triton": _compiled,
-    "reference": [],
-}
+SCALE_ADD_RELU_KERNELS = compiled_on_every_backend(CompiledKernel("scale_add_relu"))
 _REFERENCE_SCALE_ADD_RELU = ReferenceScaleAddRelu()
 
 

@@ -26,6 +26,12 @@ NOT_TRACEABLE = "torch.compile / torch.export cannot trace it"
 RELU_DROPS_NAN = "its ReLU maps NaN to 0, and the input is not known to be finite"
 
 
+def compiled_on_every_backend(kernel: Kernel) -> dict[str, list[Kernel]]:
+    """The table of an op whose one candidate is its compiled kernel (for whichever device _C has
+    it) on every backend but "reference"."""
+    return {"cpu": [kernel], "auto-cuda": [kernel], "cuda": [kernel], "triton": [kernel], "reference": []}
+
+
 def candidates(table: dict[str, Sequence[Kernel]], device: torch.device) -> Sequence[Kernel]:
     """The ranked candidates of an op family's `table` for the backend that runs on `device`."""
     return table[backend.resolve(device)]

@@ -12,16 +12,10 @@ import torch
 
 from resfused.kernels.tails import CompiledKernel, ReferenceAddRelu, ReferenceScaleShiftAct
 from resfused.ops import checks
-from resfused.ops.selection import candidates, select
+from resfused.ops.selection import candidates, compiled_on_every_backend, select
 
-
-def _table(op: str) -> dict[str, list]:
-    compiled = [CompiledKernel(op)]
-    return {"cpu": compiled, "auto-cuda": compiled, "cuda": compiled, "triton": compiled, "reference": []}
-
-
-ADD_RELU_KERNELS = _table("add_relu")
-SCALE_SHIFT_ACT_KERNELS = _table("scale_shift_act")
+ADD_RELU_KERNELS = compiled_on_every_backend(CompiledKernel("add_relu"))
+SCALE_SHIFT_ACT_KERNELS = compiled_on_every_backend(CompiledKernel("scale_shift_act"))
 _REFERENCE_ADD_RELU = ReferenceAddRelu()
 _REFERENCE_SCALE_SHIFT_ACT = ReferenceScaleShiftAct()
 
