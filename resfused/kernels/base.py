@@ -101,5 +101,11 @@ class Kernel:
         """No reason of its own against the call (the capability flags are the selection's)."""
         return next(self.unsupported_reasons(*args), None) is None
 
+    def bind(self, x, p: ConvParams, has_residual: bool, relu: bool, prologue):
+        """Conv kernels: `run` for inputs of `x`'s shape, strides, dtype and device as
+        f(x, residual), with what the kernel derives from them prepared now (the op layer's
+        bound calls, ops/conv.py). The default prepares nothing."""
+        return lambda x, residual: self.run(x, p, residual, relu, prologue)
+
     def __repr__(self) -> str:
         return f"<kernel {self.name}>"

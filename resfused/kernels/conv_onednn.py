@@ -57,22 +57,27 @@ class OneDNNConv(Kernel):
         return (self._packed(p, x), p.bias, list(p.padding), list(p.stride), list(p.dilation), p.groups)
 
     def run(self, x, p: ConvParams, residual, relu, prologue):
-        if residual is None:
-            return torch.ops.mkldnn._convolution_pointwise(x, *self._args(x, p), "relu" if relu else "none", [], None)
-        return torch.ops.mkldnn._convolution_pointwise.binary(
-            x, residual, *self._args(x, p), "add", None, "relu" if relu else None, [], None
-        )
+        return self.bind(x, p, residual is not None, relu, prologue)(x, residual)
+
+    def bind(self, x, p: ConvParams, has_residual: bool, relu: bool, prologue):
+        # The packed weight is looked up for x's shape once: a bound call serves that shape only.
+        args = self._args(x, p)
+        if not has_residual:
+            conv, act = torch.ops.mkldnn._convolution_pointwise, "relu" if relu else "none"
+            return lambda x, residual: conv(x, *args, act, [], None)
+        conv_add, act = torch.ops.mkldnn._convolution_pointwise.binary, "relu" if relu else None
+        return lambda x, residual: conv_add(x, residual, *args, "add", None, act, [], None)
 
     def can_run_into_residual(self, x, residual) -> bool:
         # The destination must already be in the layout oneDNN writes (NHWC), in the output dtype.
         return residual.dtype == x.dtype and residual.is_contiguous(memory_format=torch.channels_last)
 
-    def run_into_residual(self, x, p: ConvParams, residual, relu, prologue):
-        """`run` with the output written over `residual` (which the caller no longer needs): the
-        in-place op accumulates the conv into the destination (oneDNN's sum post-op) instead of
-        reading the residual as a second input of a binary post-op into a new tensor (measured: a
-        64->256 @56x56 1x1 conv + add + ReLU at batch 8, 9.2 ms instead of 11.9;
+    def bind_into_residual(self, x, p: ConvParams, relu: bool, prologue):
+        """`bind` for a call whose output is written over `residual` (which the caller no longer
+        needs): the in-place op accumulates the conv into the destination (oneDNN's sum post-op)
+        instead of reading the residual as a second input of a binary post-op into a new tensor
+        (measured: a 64->256 @56x56 1x1 conv + add + ReLU at batch 8, 9.2 ms instead of 11.9;
         docs/measurements.md, In-place residual sum post-op)."""
-        return torch.ops.mkldnn._convolution_pointwise_.binary(
-            residual, x, *self._args(x, p), "add", None, "relu" if relu else None, [], None
-        )
+        args, act = self._args(x, p), "relu" if relu else None
+        conv_add_ = torch.ops.mkldnn._convolution_pointwise_.binary
+        return lambda x, residual: conv_add_(residual, x, *args, "add", None, act, [], None)

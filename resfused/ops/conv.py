@@ -12,6 +12,8 @@ Adding a conv kernel: an adapter in resfused/kernels/ (a `Kernel` with `unsuppor
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from resfused import backend
@@ -26,7 +28,7 @@ from resfused.ops import checks, tails
 from resfused.ops.selection import candidates, select
 from resfused.runtime import finite, trace
 
-__all__ = ["ConvParams", "Prologue", "conv_bias_act", "KERNELS"]
+__all__ = ["ConvParams", "Prologue", "conv_bias_act", "bind_conv_bias_act", "KERNELS"]
 
 _grouped, _library, _triton = GroupedConv3x3(), LibraryConv(), TritonConv()
 KERNELS = {
@@ -68,6 +70,11 @@ def _needs_autograd(x, p: ConvParams, residual, prologue) -> bool:
     return any(t is not None and t.requires_grad for t in tensors)
 
 
+def _choice_is_fixed(relu: bool, needs_grad: bool, inputs_finite: bool) -> bool:
+    """Whether the kernel choice for a call depends only on its signature (see `_choose`)."""
+    return not needs_grad and (inputs_finite or not relu) and not trace.active() and not torch.compiler.is_compiling()
+
+
 def _choose(x, p: ConvParams, residual, prologue, relu: bool, needs_grad: bool, inputs_finite: bool):
     """The kernel for this call, remembered in `p` for the calls that repeat it.
 
@@ -77,9 +84,7 @@ def _choose(x, p: ConvParams, residual, prologue, relu: bool, needs_grad: bool, 
     autograd records, that torch.compile traces, whose ReLU input is not known to be finite (the
     answer depends on the data) or that trace_kernels() records (it wants the reasons) always ask.
     """
-    remember = (
-        not needs_grad and (inputs_finite or not relu) and not trace.active() and not torch.compiler.is_compiling()
-    )
+    remember = _choice_is_fixed(relu, needs_grad, inputs_finite)
     if remember:
         key = ("choice", backend.get_backend(), x.device, x.dtype, x.shape, residual is None, prologue is None, relu)
         kernel = p.kernel_state.get(key)
@@ -116,14 +121,55 @@ def conv_bias_act(
     check_inputs(x, p, residual, prologue)
     needs_grad = _needs_autograd(x, p, residual, prologue)
     kernel = _choose(x, p, residual, prologue, relu, needs_grad, inputs_finite)
+    call = _bound_call(kernel, x, p, residual, relu, prologue, may_overwrite_residual and not needs_grad)
+    return call(x, residual)
+
+
+def bind_conv_bias_act(
+    x: torch.Tensor,
+    p: ConvParams,
+    residual: torch.Tensor | None = None,
+    relu: bool = False,
+    prologue: Prologue | None = None,
+    may_overwrite_residual: bool = False,
+    inputs_finite: bool = False,
+) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None:
+    """`conv_bias_act` with these arguments as a function f(x, residual) for later calls with tensors
+    of the same shapes, strides, dtype and device (a fused block's plan, blocks.py): the checks, the
+    kernel choice and the kernel's argument preparation are done here, once. None when the choice
+    cannot be fixed in advance: autograd records the call, torch.compile traces it, trace_kernels()
+    wants every call recorded, or a ReLU whose input is not known finite (the choice then depends
+    on the data)."""
+    check_inputs(x, p, residual, prologue)
+    needs_grad = _needs_autograd(x, p, residual, prologue)
+    if not _choice_is_fixed(relu, needs_grad, inputs_finite):
+        return None
+    kernel = _choose(x, p, residual, prologue, relu, needs_grad, inputs_finite)
+    return _bound_call(kernel, x, p, residual, relu, prologue, may_overwrite_residual)
+
+
+def _bound_call(kernel, x, p: ConvParams, residual, relu: bool, prologue, may_overwrite_residual: bool):
+    """What conv_bias_act does once `kernel` is chosen, as f(x, residual): the kernel's call, with the
+    prologue and the residual add applied by the elementwise tails where the kernel does not fuse
+    them, and the output written over the residual where the caller allows and the kernel can."""
     if prologue is not None and not kernel.fuses_prologue:
-        x = tails.scale_shift_act(x, *prologue, relu=True)
-        prologue = None
+        scale, shift = prologue
+        rest = _bound_call(kernel, x, p, residual, relu, None, may_overwrite_residual)
+        return lambda x, residual: rest(tails.scale_shift_act(x, scale, shift, relu=True), residual)
     if residual is not None and not kernel.fuses_residual:
-        y = kernel.run(x, p, None, False, prologue)
-        return tails.add_relu(y, residual) if relu else y + residual
-    if may_overwrite_residual and residual is not None and not needs_grad and hasattr(kernel, "run_into_residual"):
-        if kernel.can_run_into_residual(x, residual):
+        conv = kernel.bind(x, p, False, False, prologue)
+        if relu:
+            return lambda x, residual: tails.add_relu(conv(x, None), residual)
+        return lambda x, residual: conv(x, None) + residual
+    run = kernel.bind(x, p, residual is not None, relu, prologue)
+    if not (may_overwrite_residual and residual is not None and hasattr(kernel, "bind_into_residual")):
+        return run
+    into_residual, can_run_into_residual = kernel.bind_into_residual(x, p, relu, prologue), kernel.can_run_into_residual
+
+    def run_into_residual_if_possible(x, residual):
+        if can_run_into_residual(x, residual):
             trace.annotate_last("conv", "into residual")
-            return kernel.run_into_residual(x, p, residual, relu, prologue)
-    return kernel.run(x, p, residual, relu, prologue)
+            return into_residual(x, residual)
+        return run(x, residual)
+
+    return run_into_residual_if_possible
