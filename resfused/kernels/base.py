@@ -71,6 +71,11 @@ class ConvParams:
         return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
 
 
+class MeasuredRule(str):
+    """A reason from a speed rule measured on one machine (the shipped selection table), not a
+    limit of the kernel: measured selection (tuning on, ops/selection.py) times the kernel anyway."""
+
+
 class Kernel:
     """One way to compute a call of an op family. The op layer ranks candidates per backend and runs
     the first one with no reason against it (`resfused/ops/selection.py`).

@@ -4,8 +4,8 @@
     with resfused.ops.trace_kernels() as ran:
         block(x)
     for choice in ran:
-        print(choice.op, choice.kernel, choice.skipped)
-    # conv onednn (('grouped3x3', 'not a grouped 3x3 conv'), ('winograd_f43', 'not a 3x3 conv'))
+        print(choice.op, choice.kernel, choice.skipped, choice.source)
+    # conv onednn (('grouped3x3', 'not a grouped 3x3 conv'), ('winograd_f43', 'not a 3x3 conv')) table
 
 Tests use it to prove that the fused path ran and that the reference did not pose as it.
 """
@@ -21,6 +21,9 @@ class KernelChoice(NamedTuple):
     op: str  # the op family: "conv", "add_relu", "scale_shift_act", "batch_norm"
     kernel: str  # the kernel that ran
     skipped: tuple[tuple[str, str], ...] = ()  # (better-ranked kernel, why it did not apply)
+    # "table": the first candidate of the shipped ranking with no reason against it;
+    # "measured": the fastest candidate timed on this machine (tuning on, ops/selection.py).
+    source: str = "table"
 
 
 _state = threading.local()  # each thread traces its own calls
@@ -30,10 +33,10 @@ def active() -> bool:
     return getattr(_state, "log", None) is not None
 
 
-def record(op: str, kernel: str, skipped: list[tuple[str, str]] | None = None) -> None:
+def record(op: str, kernel: str, skipped: list[tuple[str, str]] | None = None, source: str = "table") -> None:
     log = getattr(_state, "log", None)
     if log is not None:
-        log.append(KernelChoice(op, kernel, tuple(skipped or ())))
+        log.append(KernelChoice(op, kernel, tuple(skipped or ()), source))
 
 
 def record_runtime_fallback(op: str, kernel: str, why: str) -> None:
@@ -44,7 +47,7 @@ def record_runtime_fallback(op: str, kernel: str, why: str) -> None:
         return
     for i in range(len(log) - 1, -1, -1):
         if log[i].op == op:
-            log[i] = KernelChoice(op, kernel, (*log[i].skipped, (log[i].kernel, why)))
+            log[i] = log[i]._replace(kernel=kernel, skipped=(*log[i].skipped, (log[i].kernel, why)))
             return
 
 
@@ -55,6 +58,18 @@ def annotate_last(op: str, note: str) -> None:
         if log[i].op == op:
             log[i] = log[i]._replace(kernel=f"{log[i].kernel}({note})")
             return
+
+
+@contextlib.contextmanager
+def paused():
+    """Record nothing inside the block (the trial calls of measured kernel selection are not the
+    calls the caller made)."""
+    previous = getattr(_state, "log", None)
+    _state.log = None
+    try:
+        yield
+    finally:
+        _state.log = previous
 
 
 @contextlib.contextmanager
