@@ -25,7 +25,7 @@ from resfused.kernels.conv_reference import ReferenceConv
 from resfused.kernels.conv_triton import TritonConv
 from resfused.kernels.conv_winograd import WinogradConv
 from resfused.ops import checks, tails
-from resfused.ops.selection import candidates, select
+from resfused.ops.selection import candidates, conv_tuning_key, select, select_measured, tuning_applies
 from resfused.runtime import finite, trace
 
 __all__ = ["ConvParams", "Prologue", "conv_bias_act", "bind_conv_bias_act", "KERNELS"]
@@ -85,11 +85,23 @@ def _choose(x, p: ConvParams, residual, prologue, relu: bool, needs_grad: bool, 
     answer depends on the data) or that trace_kernels() records (it wants the reasons) always ask.
     """
     remember = _choice_is_fixed(relu, needs_grad, inputs_finite)
+    # Tuning on (resfused.set_tuning): the fastest candidate, timed here or read from the cache.
+    measure = tuning_applies(x.device, needs_grad, inputs_finite or not relu)
     if remember:
-        key = ("choice", backend.get_backend(), x.device, x.dtype, x.shape, residual is None, prologue is None, relu)
+        key = ("choice", measure, backend.get_backend(), x.device, x.dtype, x.shape, residual is None, prologue is None)
+        key += (relu,)
         kernel = p.kernel_state.get(key)
         if kernel is not None:
             return kernel
+    if measure:
+        kernel = select_measured(
+            "conv", candidates(KERNELS, x.device), REFERENCE, (x, p, residual, prologue),
+            key=conv_tuning_key(x, p, residual, prologue, relu), state=p.kernel_state,
+            run=lambda k: _bound_call(k, x, p, residual, relu, prologue, False)(x, residual),
+        )  # fmt: skip
+        if remember:
+            p.kernel_state[key] = kernel
+        return kernel
     known_finite = None
     if relu:
         known_finite = (lambda: True) if inputs_finite else (lambda: finite.all_finite(x, residual))
