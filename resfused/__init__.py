@@ -17,6 +17,7 @@ from resfused.blocks import (
 )
 from resfused.convert import fuse
 from resfused.stage import ResidualStage
+from resfused.tuning import set_tuning, tune
 
 __version__ = "0.1.0"
 
@@ -38,5 +39,7 @@ __all__ = [
     "get_backend",
     "use_backend",
     "BackendUnavailable",
+    "tune",
+    "set_tuning",
     "__version__",
 ]
