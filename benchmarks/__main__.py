@@ -37,6 +37,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks-only", action="store_true", help="only the per-block rows")
     p.add_argument("--models-only", action="store_true", help="only the whole-model rows")
     p.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="models to run: set names (default: resnet18 resnet50 resnext50_32x4d; family: regnet_y_800mf "
+        "regnet_x_800mf seresnext50_32x4d ecaresnet50d resnet50d resnetv2_50, issue 15's; all: both) and/or "
+        "model names (torchvision, or the timm ones of the family). Default: default (--quick: resnet18)",
+    )
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="input height and width of the model rows (default 224; --quick: 64)",
+    )
+    p.add_argument(
         "--filter",
         nargs="+",
         default=None,
@@ -92,6 +107,16 @@ def main(argv=None) -> int:
         raise SystemExit("resfused-bench: --blocks-only and --models-only exclude each other")
     if args.threads < 1:
         raise SystemExit(f"resfused-bench: --threads must be >= 1, got {args.threads}")
+    if args.resolution is not None and args.resolution < 32:
+        raise SystemExit(f"resfused-bench: --resolution must be >= 32 (five stride-2 stages), got {args.resolution}")
+    if args.models is not None:
+        from benchmarks import cpu
+
+        if unknown := cpu.unknown_models(cpu.model_names(args.models, args.quick)):
+            raise SystemExit(
+                f"resfused-bench: --models: unknown {', '.join(unknown)}; give a set name "
+                f"({', '.join(cpu.MODEL_SETS)}), a torchvision model or one of {', '.join(sorted(cpu.TIMM_MODELS))}"
+            )
     if args.batch is not None and min(args.batch) < 1:
         raise SystemExit(f"resfused-bench: --batch sizes must be >= 1, got {args.batch}")
     if args.onnx:
@@ -180,12 +205,17 @@ def _run_cpu(args) -> int:
     return 0
 
 
-# The issue's targets (fp32, 2 threads, batch 8 unless noted), printed next to what this run measured.
+# The issues' targets (fp32, 2 threads, batch 8 unless noted), printed next to what this run measured:
+# issue 3's for the default models, issue 15's for the family (--models family).
 _TARGETS = [
     ("resnet50", 8, "eager_nchw", 1.8),
     ("resnet50", 8, "compile", 1.0),
     ("resnext50_32x4d", 8, "eager_nchw", 2.0),
     ("resnext50_32x4d", 8, "compile", 1.0),
+] + [
+    (name, 8, baseline, target)
+    for name in ("regnet_y_800mf", "seresnext50_32x4d", "resnet50d", "resnetv2_50")
+    for baseline, target in (("eager_nchw", 1.4), ("compile", 1.05))
 ]
 
 
@@ -221,7 +251,7 @@ def _print_targets(results) -> None:
                 "fp32 and bf16 rows are timed apart, not interleaved)"
             )
     if lines:
-        print("\ntargets (issue 3):")
+        print("\ntargets (issues 3 and 15):")
         print("\n".join(lines))
 
 

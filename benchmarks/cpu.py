@@ -94,6 +94,50 @@ _QUICK = [
 ]
 
 MODELS = ("resnet18", "resnet50", "resnext50_32x4d")
+# The rest of the residual family (issue 15): SE / ECA, ResNet-D shortcuts, pre-activation
+# bottlenecks, RegNet X / Y. `--models family` runs these alone.
+FAMILY = (
+    "regnet_y_800mf",
+    "regnet_x_800mf",
+    "seresnext50_32x4d",
+    "ecaresnet50d",
+    "resnet50d",
+    "resnetv2_50",
+)
+MODEL_SETS = {"default": MODELS, "family": FAMILY, "all": MODELS + FAMILY}
+# Where each model comes from: torchvision unless listed here (timm.create_model, random weights).
+TIMM_MODELS = frozenset({"seresnext50_32x4d", "ecaresnet50d", "resnet50d", "resnetv2_50"})
+
+
+def model_names(selection: list[str] | None, quick: bool) -> tuple[str, ...]:
+    """The models of `--models`: set names (MODEL_SETS) and model names, in order, without repeats.
+    None: resnet18 under --quick, else the default set."""
+    if selection is None:
+        return ("resnet18",) if quick else MODELS
+    names: list[str] = []
+    for item in selection:
+        for name in MODEL_SETS.get(item, (item,)):
+            if name not in names:
+                names.append(name)
+    return tuple(names)
+
+
+def unknown_models(names) -> list[str]:
+    """The names build_model cannot build: neither a TIMM_MODELS entry nor a torchvision model."""
+    import torchvision
+
+    return [n for n in names if n not in TIMM_MODELS and n not in torchvision.models.list_models()]
+
+
+def build_model(name: str) -> nn.Module:
+    """A randomly initialised model by name: timm for TIMM_MODELS, else torchvision."""
+    if name in TIMM_MODELS:
+        import timm
+
+        return timm.create_model(name, pretrained=False)
+    import torchvision
+
+    return torchvision.models.get_model(name, weights=None)
 
 
 def block_cases(quick: bool) -> list[BlockCase]:
@@ -230,9 +274,7 @@ def make_variant(variant: str, case: Case):
     if case.kind == "block":
         eager = getattr(resfused.reference, case.spec.cls)(*case.spec.args, **dict(case.spec.kwargs))
     else:
-        import torchvision
-
-        eager = getattr(torchvision.models, case.spec[0])(weights=None)
+        eager = build_model(case.spec[0])
     _randomize_bn(eager, gen)
     eager = eager.eval().to(dtype)
     x = torch.randn(*case.input_shape, generator=gen).to(dtype)
@@ -247,6 +289,7 @@ def make_variant(variant: str, case: Case):
         else:
             module = resfused.fuse(eager)
             info["fuse_summary"] = str(module.resfused_report).splitlines()[0]
+            info["fuse_skipped"] = [f"{e.path}: {e.detail}" for e in module.resfused_report.skipped]
         x_in = x_cl if variant == "fused" else x
         with torch.inference_mode():
             module(x_in)
@@ -288,6 +331,8 @@ def bench_case(pool, case: Case, variants: list[str], plan: TimingPlan) -> Resul
         row.notes.append(
             f"fused output differs from eager by {row.max_rel_diff:.1e} (relative), above {_SANE[case.dtype]:.0e}"
         )
+    for skipped in fused.get("fuse_skipped", []):
+        row.notes.append(f"fuse left a block alone: {skipped}")
     if "conv/reference" in row.kernels:
         row.notes.append("some convs fell back to the reference kernel")
     for runtime in onnx_baselines.RUNTIMES:
@@ -405,8 +450,8 @@ def run_cpu_benchmark(args) -> dict:
                 for b in batches:
                     jobs.append(Case("block", spec, d, b))
     if not args.blocks_only:
-        models = ("resnet18",) if args.quick else MODELS
-        res = 64 if args.quick else 224
+        models = model_names(args.models, args.quick)
+        res = args.resolution or (64 if args.quick else 224)
         jobs += [Case("model", (name, res), d, b) for name in models for d in dtypes for b in batches]
     selected = [c for c in jobs if _selected(c.label, args.filter)]
     if jobs and not selected:
@@ -421,7 +466,10 @@ def run_cpu_benchmark(args) -> dict:
 
     results: list[Result] = []
     bar = _progress(len(jobs), enabled=not args.no_progress)
-    with WorkerPool(args.threads, preload=("resfused", "torchvision", "benchmarks.cpu")) as pool:
+    preload = ("resfused", "torchvision", "benchmarks.cpu")
+    if any(c.kind == "model" and c.name in TIMM_MODELS for c in jobs):
+        preload += ("timm",)
+    with WorkerPool(args.threads, preload=preload) as pool:
         pool.start(sorted({v for case in jobs for v in _variants(case, args)}))
         for case in jobs:
             bar.set_description(case.label)
@@ -442,8 +490,8 @@ def run_cpu_benchmark(args) -> dict:
     if not args.blocks_only and not args.quick:
         with WorkerPool(args.threads, preload=("resfused", "torchvision")) as pool:
             pool.start(["overhead"])
-            for name in MODELS:
-                if _selected(name, args.filter):
+            for name in model_names(args.models, args.quick):
+                if name in MODELS and _selected(name, args.filter):
                     overhead.append(pool["overhead"].build(functools.partial(host_overhead, name)))
 
     grouped = []
