@@ -5,12 +5,14 @@ Queries the GPU (if any) only when run, never at import of the package.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import platform
 
 import torch
 
 from resfused import _native, backend
+from resfused.runtime import tuning_cache
 
 
 def _cpu_isa() -> str:
@@ -67,10 +69,30 @@ def collect() -> dict:
         "threads": torch.get_num_threads(),
         # Threads a resfused C++ kernel's at::parallel_for reaches (1 means a build without OpenMP).
         "kernel_threads": torch.ops.resfused.parallel_for_threads() if _native.has_op("parallel_for_threads") else None,
+        # Measured kernel selection (resfused.tune / set_tuning): on or off, and the choices this
+        # machine signature's cache holds, each with the table's choice for the same call.
+        "tuning": {
+            "enabled": tuning_cache.enabled(),
+            "cache_path": tuning_cache.cache_path(),
+            "choices": tuning_cache.entries(),
+        },
     }
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m resfused.info", description=__doc__.splitlines()[0])
+    ap.add_argument("--tuning", action="store_true", help="list every measured kernel choice in the tuning cache")
+    ap.add_argument(
+        "--clear-tuning-cache", action="store_true", help="delete the tuning cache files (every machine signature)"
+    )
+    args = ap.parse_args(argv)
+    if args.clear_tuning_cache:
+        removed = tuning_cache.clear()
+        print(f"removed {len(removed)} tuning cache file(s) from {tuning_cache.cache_dir()}")
+        return
+    if args.tuning:
+        _print_tuning_cache()
+        return
     info = collect()
     print("resfused environment")
     print(
@@ -97,6 +119,29 @@ def main() -> None:
     if info["kernel_threads"] is not None:
         note = "" if info["kernel_threads"] == info["threads"] else "  (fewer than torch's: built without OpenMP?)"
         print(f"  resfused C++ kernels run on {info['kernel_threads']} of them{note}")
+    tuning = info["tuning"]
+    on = "on" if tuning["enabled"] else "off: the shipped tables choose (resfused.tune, set_tuning, RESFUSED_TUNING=1)"
+    print(f"  kernel tuning: {on}")
+    choices = tuning["choices"]
+    print(f"    cache {tuning['cache_path']}: {len(choices)} measured choices")
+    for key, entry in sorted(choices.items())[:SHOWN_CHOICES]:
+        table = "the table's too" if entry.get("table") == entry["kernel"] else f"table: {entry.get('table')}"
+        print(f"    {key}: {entry['kernel']} measured ({table})")
+    if len(choices) > SHOWN_CHOICES:
+        print(f"    ... {len(choices) - SHOWN_CHOICES} more: python -m resfused.info --tuning lists them all")
+
+
+def _print_tuning_cache() -> None:
+    choices = tuning_cache.entries()
+    print(f"kernel tuning: {'on' if tuning_cache.enabled() else 'off'}")
+    print(f"cache {tuning_cache.cache_path()}: {len(choices)} measured choices (kernel: median ms of each candidate)")
+    for key, entry in sorted(choices.items()):
+        ms = ", ".join(f"{k} {v:.3g}" for k, v in sorted(entry.get("ms", {}).items(), key=lambda kv: kv[1]))
+        table = "the table's too" if entry.get("table") == entry["kernel"] else f"table: {entry.get('table')}"
+        print(f"  {key}: {entry['kernel']} measured ({table}) [{ms}]")
+
+
+SHOWN_CHOICES = 20
 
 
 if __name__ == "__main__":

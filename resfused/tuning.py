@@ -10,12 +10,12 @@ CPU (no autograd, not traced by torch.compile) runs the fastest of the kernels t
 timed here, like torch.backends.cudnn.benchmark; every candidate meets the same tolerances
 against the reference. Choices are cached per machine signature in
 `$RESFUSED_CACHE_DIR/tuning-<hash>.json` (default `~/.cache/resfused`), so the next process reads
-them instead of timing. `python -m resfused.tuning` shows the cache, `--clear` deletes it.
+them instead of timing. `python -m resfused.info --tuning` lists the cache, `--clear-tuning-cache`
+deletes it.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 
@@ -96,24 +96,3 @@ def tune(model: torch.nn.Module, example_input, *, batch_sizes=None) -> TuningRe
         choices=[c for c in ran if c.op == "conv"],
         cache_path=tuning_cache.cache_path(),
     )
-
-
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description="Show or clear resfused's kernel tuning cache.")
-    ap.add_argument("--clear", action="store_true", help="delete every tuning cache file in the cache directory")
-    args = ap.parse_args(argv)
-    if args.clear:
-        removed = clear_cache()
-        print(f"removed {len(removed)} file(s) from {tuning_cache.cache_dir()}")
-        return
-    entries = tuning_cache.entries()
-    print(f"kernel tuning: {'on' if tuning_enabled() else 'off'} (RESFUSED_TUNING=1 or resfused.set_tuning(True))")
-    print(f"cache file: {cache_path()} ({len(entries)} measured choices)")
-    for key, entry in sorted(entries.items()):
-        ms = ", ".join(f"{k} {v:.3g} ms" for k, v in sorted(entry.get("ms", {}).items(), key=lambda kv: kv[1]))
-        table = "" if entry.get("table") == entry["kernel"] else f" (table: {entry.get('table')})"
-        print(f"  {key}: {entry['kernel']}{table}  [{ms}]")
-
-
-if __name__ == "__main__":
-    main()

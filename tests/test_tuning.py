@@ -350,3 +350,21 @@ def test_an_unwritable_cache_dir_keeps_choices_in_memory(tmp_path):
         assert set(tuning_cache.entries()) == {"conv|a", "conv|b"}
     finally:
         tuning_cache.set_cache_dir(None)
+
+
+@needs_native
+def test_info_says_which_choices_were_measured(monkeypatch, capsys):
+    from resfused import info
+
+    _fixed_timing(monkeypatch, {"library+tail": 1.0})
+    with tuning_cache.enabled_as(True):
+        _traced_call(_input(1, 64, 14), _conv(64, 64, 3))
+    info.main([])
+    out = capsys.readouterr().out
+    assert "kernel tuning: off" in out and "1 measured choices" in out
+    assert "library+tail measured (table: winograd_f43)" in out
+    info.main(["--tuning"])
+    assert "library+tail measured (table: winograd_f43) [library+tail 1, " in capsys.readouterr().out
+    info.main(["--clear-tuning-cache"])
+    assert "removed 1 tuning cache file(s)" in capsys.readouterr().out
+    assert not os.path.exists(tuning_cache.cache_path())

@@ -281,9 +281,9 @@ def forget() -> None:
 
 
 def clear() -> list[str]:
-    """Delete every tuning cache file in cache_dir() (any signature) and forget this process's
-    choices; returns the files removed. Modules keep the kernels they already chose until their
-    weights change (or resfused.refresh)."""
+    """Delete every tuning cache file in cache_dir() (any signature, with their lock files) and
+    forget this process's choices; returns the cache files removed. Modules keep the kernels they
+    already chose until their weights change (or resfused.refresh)."""
     removed = []
     with _lock:
         _caches.clear()
@@ -293,8 +293,9 @@ def clear() -> list[str]:
         except FileNotFoundError:
             return removed
         for name in names:
-            if name.startswith("tuning-") and (name.endswith(".json") or name.endswith(".json.lock")):
+            if name.startswith("tuning-") and name.endswith((".json", ".json.lock")):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(directory, name))
-                    removed.append(os.path.join(directory, name))
+                    if name.endswith(".json"):  # the lock files go too, unreported
+                        removed.append(os.path.join(directory, name))
     return removed
