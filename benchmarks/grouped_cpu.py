@@ -1,6 +1,6 @@
 """Micro-benchmark of the CPU grouped 3x3 conv (+ bias + ReLU) at ResNeXt-50 32x4d stage shapes.
 
-    python -m benchmarks.grouped_cpu [--batch 1 8] [--dtype fp32 bf16] [--rounds 7] [--json out.json]
+    python -m benchmarks.grouped_cpu [--batch 1 8] [--dtype fp32 bf16] [--rounds 7] [--tune] [--json out.json]
 
 Variants, timed interleaved in one process with a fixed 2 threads (median over rounds, each round
 a torch.utils.benchmark Timer.timeit of a few calls, the variants' order rotated every round):
@@ -9,13 +9,21 @@ a torch.utils.benchmark Timer.timeit of a few calls, the variants' order rotated
   eager   F.conv2d + relu on the same channels_last input
 plus a dense 64->64 3x3 conv at 56x56 through oneDNN as the "peak" that the GFLOP/s are set
 against (docs/design.md, Measuring speed). `run(batch_sizes, dtypes)` returns one dict per row for the main benchmark.
+
+"used": whether the conv op runs ours for the case: by the shipped table (kernels/conv_grouped.py),
+or with --tune by measured selection (resfused.set_tuning) done in this run on the same tensors,
+with a fresh cache, so "used" shows where ours was the fastest candidate here. The tuner times
+its own few calls; where two kernels are within noise, its pick and this table's medians may differ
+(the "tuned" column names the tuner's pick; a "*" marks a pick that is not this table's fastest).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -78,9 +86,9 @@ def _peak_gflops(rounds: int) -> float:
     return 2 * 8 * 56 * 56 * 64 * 64 * 9 / t / 1e9
 
 
-def _variants(shape: Shape, batch: int, dtype: torch.dtype, has_ours: bool) -> dict:
+def _tensors(shape: Shape, batch: int, dtype: torch.dtype):
     g = torch.Generator().manual_seed(0)
-    c, s = shape.channels, shape.stride
+    c = shape.channels
     x = (
         torch.randn(batch, c, shape.size, shape.size, generator=g)
         .to(dtype)
@@ -88,6 +96,12 @@ def _variants(shape: Shape, batch: int, dtype: torch.dtype, has_ours: bool) -> d
     )
     w = (torch.randn(c, shape.cpg, 3, 3, generator=g) / 6).to(dtype)
     b = torch.randn(c, generator=g).to(dtype)
+    return x, w, b
+
+
+def _variants(shape: Shape, batch: int, dtype: torch.dtype, has_ours: bool) -> dict:
+    x, w, b = _tensors(shape, batch, dtype)
+    s = shape.stride
     packed = torch.ops.mkldnn._reorder_convolution_weight(w, [1, 1], [s, s], [1, 1], shape.groups, None)
     fns = {
         "onednn": lambda: torch.ops.mkldnn._convolution_pointwise(
@@ -105,10 +119,58 @@ def _variants(shape: Shape, batch: int, dtype: torch.dtype, has_ours: bool) -> d
     return fns
 
 
+def _measured_choice(shape: Shape, batch: int, dtype: torch.dtype):
+    """The kernel measured selection picks for this case (the conv op with tuning on), and the
+    tuner's median ms per candidate."""
+    from resfused.kernels.base import ConvParams
+    from resfused.ops import conv_bias_act, trace_kernels
+    from resfused.runtime import tuning_cache
+
+    x, w, b = _tensors(shape, batch, dtype)
+    p = ConvParams(w, b, (shape.stride,) * 2, (1, 1), (1, 1), shape.groups)
+    with torch.no_grad(), trace_kernels() as ran:
+        conv_bias_act(x, p, relu=True, inputs_finite=True)
+    (choice,) = ran
+    if choice.source != "measured":
+        raise RuntimeError(f"grouped_cpu: the choice for {shape.label()} was not measured: {choice}")
+    entry = tuning_cache.lookup(_tuning_key(x, p))
+    return choice.kernel, dict(entry["ms"])
+
+
+def _tuning_key(x, p) -> str:
+    from resfused.ops.selection import conv_tuning_key
+
+    return conv_tuning_key(x, p, None, None, True)
+
+
+@contextlib.contextmanager
+def _fresh_tuning(on: bool):
+    """Tuning on with an empty cache of its own (so every choice is measured in this run)."""
+    if not on:
+        yield
+        return
+    from resfused.runtime import tuning_cache
+
+    with tempfile.TemporaryDirectory(prefix="resfused-bench-tuning-") as directory:
+        tuning_cache.set_cache_dir(directory)
+        try:
+            with tuning_cache.enabled_as(True):
+                yield
+        finally:
+            tuning_cache.set_cache_dir(None)
+            tuning_cache.forget()
+
+
 def run(
-    batch_sizes=(1, 8), dtypes=("fp32", "bf16"), shapes=SHAPES, rounds: int = 7, verbose: bool = False
+    batch_sizes=(1, 8),
+    dtypes=("fp32", "bf16"),
+    shapes=SHAPES,
+    rounds: int = 7,
+    verbose: bool = False,
+    tune: bool = False,
 ) -> list[dict]:
-    """One dict per (shape, batch, dtype): median ms, GFLOP/s and speedups of ours over the others."""
+    """One dict per (shape, batch, dtype): median ms, GFLOP/s and speedups of ours over the others.
+    tune: "adapter_selects" is measured selection's choice in this run (module docstring)."""
     import resfused  # noqa: F401  (loads the kernels)
     from resfused import _native
     from resfused.kernels.base import ConvParams
@@ -151,13 +213,27 @@ def run(
                         "path": path,
                         "peak_gflops": peak,
                         "adapter_selects": bool(has_kernel and adapter.supports(probe, p, None, False)),
+                        "selection": "table",
                     }
+                    if tune:
+                        with _fresh_tuning(True):
+                            kernel, tuned_ms = _measured_choice(shape, batch, dtype)
+                        row.update(
+                            selection="measured",
+                            adapter_selects=kernel == adapter.name,
+                            tuned_kernel=kernel,
+                            tuned_ms=tuned_ms,
+                        )
                     for name, t in med.items():
                         row[f"{name}_ms"] = t * 1e3
                         row[f"{name}_gflops"] = fl / t / 1e9
                     if "ours_ms" in row:
                         row["speedup_vs_onednn"] = row["onednn_ms"] / row["ours_ms"]
                         row["speedup_vs_eager"] = row["eager_ms"] / row["ours_ms"]
+                    if tune:  # the tuner's pick against this table's fastest of the same kernels
+                        same = {"ours": adapter.name, "onednn": "onednn", "eager": "library+tail"}
+                        fastest = min((n for n in same if f"{n}_ms" in row), key=lambda n: row[f"{n}_ms"])
+                        row["tuned_is_fastest_here"] = row["tuned_kernel"] == same[fastest]
                     rows.append(row)
                     if verbose:
                         print(format_row(row), flush=True)
@@ -181,10 +257,13 @@ def format_row(r: dict) -> str:
     speed = (
         f"{r['speedup_vs_onednn']:7.2f}x {r['speedup_vs_eager']:6.2f}x" if "ours_ms" in r else f"{'-':>8s} {'-':>7s}"
     )
+    tuned = ""
+    if r.get("selection") == "measured":
+        tuned = f" {r['tuned_kernel']}{'' if r['tuned_is_fastest_here'] else '*'}"
     return (
         f"{r['shape']:22s} {r['batch']:2d} {r['dtype']:5s} {r['path']:7s} {ours} "
         f"{r['onednn_ms']:9.3f} {r['onednn_gflops']:6.1f} {r['eager_ms']:8.3f} {speed} "
-        f"{'yes' if r['adapter_selects'] else 'no':>4s}"
+        f"{'yes' if r['adapter_selects'] else 'no':>4s}{tuned}"
     )
 
 
@@ -194,13 +273,19 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--json", help="write the rows here")
-    args = ap.parse_args(argv)
-    print(
-        f"grouped 3x3 + bias + ReLU, {THREADS} threads, median of {args.rounds} interleaved rounds; "
-        "'used' = the conv adapter picks ours for this case"
+    ap.add_argument(
+        "--tune", action="store_true", help="'used' from measured kernel selection in this run, not the shipped table"
     )
-    print(HEADER)
-    rows = run(args.batch, args.dtype, rounds=args.rounds, verbose=True)
+    args = ap.parse_args(argv)
+    used = (
+        "measured selection (tuning on, fresh cache) picks ours in this run; 'tuned': its pick, * where it is "
+        "not the fastest of these medians"
+        if args.tune
+        else "the shipped selection table picks ours"
+    )
+    print(f"grouped 3x3 + bias + ReLU, {THREADS} threads, median of {args.rounds} interleaved rounds; 'used' = {used}")
+    print(HEADER + (" tuned" if args.tune else ""))
+    rows = run(args.batch, args.dtype, rounds=args.rounds, verbose=True, tune=args.tune)
     if rows:
         print(f"dense 64->64 3x3 oneDNN fp32 peak in this run: {rows[0]['peak_gflops']:.1f} GFLOP/s")
     if args.json:

@@ -1,6 +1,6 @@
 """Micro-benchmark of the CPU Winograd F(4x4, 3x3) conv at the ResNet stage shapes (3x3, stride 1).
 
-    python -m benchmarks.winograd_cpu [--batch 1 8] [--train] [--rounds 7]
+    python -m benchmarks.winograd_cpu [--batch 1 8] [--train] [--rounds 7] [--tune]
 
 Inference (default): act(conv3x3(x) + bias) through resfused's Winograd path (kernels/winograd_f43.py)
 against oneDNN's direct conv with packed weights and its ReLU post-op, float32, channels_last.
@@ -8,11 +8,18 @@ against oneDNN's direct conv with packed weights and its ReLU post-op, float32, 
 against ATen's conv (the other training kernel, kernels/conv_train.py). Variants are timed interleaved in one process at
 2 threads (median of rounds, benchmarks.common.measure_side_by_side); before timing, each
 Winograd result is checked against the direct conv (a wrong fast kernel must not post a number).
+
+"used" (inference): whether the conv op runs Winograd for the case: by the shipped rule
+(kernels/conv_winograd.py), or with --tune by measured selection (resfused.set_tuning) done in
+this run on the same tensors with a fresh cache, so "used" shows where Winograd was the fastest
+candidate here; "tuned" names the tuner's pick (oneDNN's direct conv, Winograd, or ATen's conv
++ tail), with a "*" where it is not the faster of this table's two medians (a near tie in noise).
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 
 import torch
 
@@ -21,7 +28,10 @@ from resfused.kernels import winograd_f43
 from resfused.kernels.base import ConvParams
 from resfused.kernels.conv_onednn import OneDNNConv
 from resfused.kernels.conv_train import ScopedConv2d
-from resfused.runtime import buffer_cache
+from resfused.kernels.conv_winograd import WinogradConv
+from resfused.ops import conv_bias_act, trace_kernels
+from resfused.ops.selection import conv_tuning_key
+from resfused.runtime import buffer_cache, tuning_cache
 
 THREADS = 2
 
@@ -47,10 +57,38 @@ def _scoped(fn):
     return run
 
 
-def _inference_variants(c: int, hw: int, batch: int) -> dict:
+def _inference_tensors(c: int, hw: int, batch: int):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, c, hw, hw, generator=g).contiguous(memory_format=torch.channels_last)
     w, b = torch.randn(c, c, 3, 3, generator=g) / (3 * c**0.5), torch.randn(c, generator=g)
+    return x, w, b
+
+
+def _selection(c: int, hw: int, batch: int, tune: bool) -> dict:
+    """Whether the conv op picks Winograd for this case: by the shipped rule, or (tune) by measured
+    selection in this run with a fresh cache, with the tuner's pick and medians."""
+    x, w, b = _inference_tensors(c, hw, batch)
+    p = ConvParams(w, b, (1, 1), (1, 1), (1, 1), 1)
+    if not tune:
+        return {"selection": "table", "used": WinogradConv().supports(x, p, None, None)}
+    with tempfile.TemporaryDirectory(prefix="resfused-bench-tuning-") as directory:
+        tuning_cache.set_cache_dir(directory)
+        try:
+            with tuning_cache.enabled_as(True), torch.no_grad(), buffer_cache.scope(), trace_kernels() as ran:
+                conv_bias_act(x, p, relu=True, inputs_finite=True)
+            entry = tuning_cache.lookup(conv_tuning_key(x, p, None, None, True))
+        finally:
+            tuning_cache.set_cache_dir(None)
+            tuning_cache.forget()
+    (choice,) = ran
+    if choice.source != "measured":
+        raise RuntimeError(f"winograd_cpu: the choice for {c}@{hw} was not measured: {choice}")
+    return {"selection": "measured", "used": choice.kernel == "winograd_f43", "tuned_kernel": choice.kernel,
+            "tuned_ms": dict(entry["ms"])}  # fmt: skip
+
+
+def _inference_variants(c: int, hw: int, batch: int) -> dict:
+    x, w, b = _inference_tensors(c, hw, batch)
     p, onednn = ConvParams(w, b, (1, 1), (1, 1), (1, 1), 1), OneDNNConv()
     u = winograd_f43.TransformedWeight(w, torch.float64)
     fns = {
@@ -86,7 +124,11 @@ def _training_variants(c: int, hw: int, batch: int) -> dict:
     return fns
 
 
-def run(batch_sizes=(1, 8), train: bool = False, rounds: int = 7, verbose: bool = False) -> list[dict]:
+def run(
+    batch_sizes=(1, 8), train: bool = False, rounds: int = 7, verbose: bool = False, tune: bool = False
+) -> list[dict]:
+    """One dict per (shape, batch). Inference rows also say whether the conv op uses Winograd there
+    ("used"; tune: by measured selection in this run, see the module docstring)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
@@ -103,11 +145,18 @@ def run(batch_sizes=(1, 8), train: bool = False, rounds: int = 7, verbose: bool 
                     "winograd_ms": med["winograd"] * 1e3,
                     "speedup": med["direct"] / med["winograd"],
                 }
+                used = ""
+                if not train:
+                    row.update(_selection(c, hw, batch, tune))
+                    used = f"  used: {'yes' if row['used'] else 'no'}"
+                    if tune:
+                        here = "winograd_f43" if row["speedup"] > 1 else "onednn"
+                        used += f" (tuned: {row['tuned_kernel']}{'' if row['tuned_kernel'] == here else '*'})"
                 rows.append(row)
                 if verbose:
                     print(
                         f"{row['shape']:16s} b{batch:<2d} {row['mode']:9s} direct {row['direct_ms']:7.2f} ms  "
-                        f"winograd {row['winograd_ms']:7.2f} ms  {row['speedup']:.2f}x",
+                        f"winograd {row['winograd_ms']:7.2f} ms  {row['speedup']:.2f}x{used}",
                         flush=True,
                     )
         return rows
@@ -120,12 +169,16 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--train", action="store_true", help="forward + backward against ATen's conv")
     ap.add_argument("--rounds", type=int, default=7, help="at least this many interleaved rounds")
+    ap.add_argument(
+        "--tune", action="store_true", help="'used' from measured kernel selection in this run, not the shipped rule"
+    )
     args = ap.parse_args(argv)
+    used = "measured selection in this run (fresh cache)" if args.tune else "the shipped rule"
     print(
         f"Winograd F(4x4, 3x3) vs direct conv, float32, {THREADS} threads, "
-        f"median of >= {args.rounds} interleaved rounds"
+        f"median of >= {args.rounds} interleaved rounds; 'used': the conv op runs Winograd, by {used}"
     )
-    run(args.batch, args.train, args.rounds, verbose=True)
+    run(args.batch, args.train, args.rounds, verbose=True, tune=args.tune)
 
 
 if __name__ == "__main__":

@@ -368,3 +368,32 @@ def test_info_says_which_choices_were_measured(monkeypatch, capsys):
     info.main(["--clear-tuning-cache"])
     assert "removed 1 tuning cache file(s)" in capsys.readouterr().out
     assert not os.path.exists(tuning_cache.cache_path())
+
+
+@needs_native
+@pytest.mark.parametrize("winner", ["grouped3x3", "onednn"])
+def test_grouped_benchmark_used_column_is_the_measured_choice(monkeypatch, winner):
+    from benchmarks import grouped_cpu
+
+    _fixed_timing(monkeypatch, {winner: 1.0})
+    shape = grouped_cpu.Shape(64, 16, 8, 1)  # 4 channels per group: the table picks ours
+    (row,) = grouped_cpu.run((2,), ("fp32",), shapes=[shape], rounds=1, tune=True)
+    assert row["selection"] == "measured" and row["tuned_kernel"] == winner
+    assert row["adapter_selects"] == (winner == "grouped3x3")
+    assert set(row["tuned_ms"]) >= {"grouped3x3", "onednn"}
+    (row,) = grouped_cpu.run((2,), ("fp32",), shapes=[shape], rounds=1)
+    assert row["selection"] == "table" and row["adapter_selects"]
+
+
+@needs_native
+@pytest.mark.parametrize("winner", ["winograd_f43", "onednn"])
+def test_winograd_benchmark_used_column_is_the_measured_choice(monkeypatch, winner):
+    from benchmarks import winograd_cpu
+
+    _fixed_timing(monkeypatch, {winner: 1.0})
+    monkeypatch.setattr(winograd_cpu, "SHAPES", [(8, 9)])  # the shipped rule: too small for Winograd
+    (row,) = winograd_cpu.run(batch_sizes=(2,), rounds=1, tune=True)
+    assert row["selection"] == "measured" and row["tuned_kernel"] == winner
+    assert row["used"] == (winner == "winograd_f43")
+    (row,) = winograd_cpu.run(batch_sizes=(2,), rounds=1)
+    assert row["selection"] == "table" and not row["used"]
