@@ -20,7 +20,9 @@ Supported (see the rules at the bottom of this file): resfused.reference blocks;
 `resnet*` / `resnext*` / `wide_resnet*` blocks and stem; timm `resnet*` / `resnext*` blocks and
 stem (deep stems and the 'd' variants' avg-pool shortcuts included); timm `resnetv2_*` `PreActBasic`
 and `PreActBottleneck` blocks with BatchNormAct2d(ReLU) (not the BiT models' GroupNorm + StdConv2d);
-timm SE / ECA blocks (`seresnet*`, `seresnext*`, `ecaresnet*`, `resnetrs*`); torchvision `regnet_x_*` /
+timm SE / ECA blocks (`seresnet*`, `seresnext*`, `ecaresnet*`, `resnetrs*`) and the legacy SENet
+bottlenecks (`legacy_seresnet50`+, `legacy_seresnext*`, `legacy_senet154`; not their stems, nor the
+basic blocks of `legacy_seresnet18/34`, which apply a ReLU before the gate); torchvision `regnet_x_*` /
 `regnet_y_*` blocks and stem (keys unchanged).
 Adding a block type: see CONTRIBUTING.md.
 """
@@ -405,6 +407,44 @@ def _timm_gate(se, what: str = "se") -> nn.Module:
     raise _Unsupported(f"has an attention module se={type(se).__name__} (SEModule and EcaModule are fused)")
 
 
+class TimmLegacySEBottleneck(blocks.SEBottleneck):
+    """resfused.SEBottleneck over timm's legacy SENet bottlenecks (timm.models.senet: SEBottleneck,
+    SEResNetBottleneck, SEResNeXtBottleneck): keeps their child names (se_module, the one `relu`
+    they share), hence their state_dict keys; `se` is a view of se_module. Their forward,
+    relu(se_module(bn3(conv3(...))) + shortcut), is SEBottleneck's; the caffe-style stride on conv1
+    (SEResNetBottleneck) is the convs' own business."""
+
+    se = property(lambda self: self.se_module)
+
+
+def _timm_legacy_se_module(se, what: str = "se_module") -> nn.Module:
+    """timm.models.senet.SEModule: x * sigmoid(fc2(relu(fc1(mean_hw(x))))), fc1 / fc2 1x1 convs with
+    bias: what ops/se.py's se_gate computes."""
+    timm_senet = sys.modules.get("timm.models.senet")
+    if timm_senet is None or type(se) is not timm_senet.SEModule:
+        raise _Unsupported(f"{what} is {type(se).__name__}, not timm.models.senet.SEModule")
+    _pointwise(se.fc1, f"{what}.fc1"), _pointwise(se.fc2, f"{what}.fc2")
+    _relu(se.relu, f"{what}.relu")
+    _sigmoid(se.sigmoid, f"{what}.sigmoid")
+    return se
+
+
+def _timm_legacy_se_block(m):
+    """timm's legacy SENet blocks (legacy_seresnet*, legacy_seresnext*, legacy_senet154)."""
+    if type(m).__name__ == "SEResNetBlock":
+        raise _Unsupported(
+            "applies a ReLU to bn2's output before its SE gate (legacy SEResNetBlock); the fused SE blocks "
+            "gate the BN output itself"
+        )
+    names = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3")
+    for n in names:
+        (_conv if n.startswith("conv") else _bn)(getattr(m, n), n)
+    _relu(m.relu, "relu")
+    se = _timm_legacy_se_module(m.se_module)
+    children = {n: getattr(m, n) for n in names}
+    return _fused(TimmLegacySEBottleneck, m, **children, relu=m.relu, se_module=se, downsample=_shortcut(m.downsample))
+
+
 def _torchvision_block(m):
     return _v1_block(m, ("relu",))
 
@@ -548,6 +588,14 @@ def _claiming_rule(m):
     timm_v1 = sys.modules.get("timm.models.resnet")
     if timm_v1 is not None and t in (timm_v1.BasicBlock, timm_v1.Bottleneck):
         return _timm_block
+    timm_senet = sys.modules.get("timm.models.senet")
+    if timm_senet is not None and t in (
+        timm_senet.SEBottleneck,
+        timm_senet.SEResNetBottleneck,
+        timm_senet.SEResNeXtBottleneck,
+        timm_senet.SEResNetBlock,
+    ):
+        return _timm_legacy_se_block
     timm_v2 = sys.modules.get("timm.models.resnetv2")
     if timm_v2 is not None:
         if t in (timm_v2.PreActBasic, timm_v2.PreActBottleneck):

@@ -186,6 +186,21 @@ def test_shortcuts_that_pool_otherwise_are_left_alone():
         assert "a fused shortcut pools only with an nn.AvgPool2d, first" in report.skipped[0].detail
 
 
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_a_shortcut_pool_with_other_parameters_runs_as_it_is(mode):
+    # Not ResNet-D's 2x2 ceil-mode pool: a 3x3 stride-2 pool with padding that counts the padding.
+    # The fused shortcut runs the pool module itself (never folds it into the conv), so this
+    # converts and computes exactly what the original does, odd size included.
+    timm_resnet = pytest.importorskip("timm.models.resnet")
+    pool = nn.AvgPool2d(3, 2, padding=1, count_include_pad=True)
+    downsample = nn.Sequential(pool, nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32))
+    block = randomize_bn(timm_resnet.BasicBlock(16, 32, stride=2, downsample=downsample)).train(mode == "train")
+    fused = resfused.fuse(block)
+    assert type(fused) is resfused.BasicBlock and repr(fused.downsample.pre_pool) == repr(pool)  # a deep copy
+    ran = compare_step(fused, block, torch.randn(2, 16, 15, 13), mode, f"3x3 pool shortcut {mode}")
+    assert len([c for c in ran if c.op in ("conv", "conv_train")]) == 3, ran
+
+
 # ---------------------------------------------------------------------- pre-activation bottleneck
 def test_reference_preact_bottleneck_shapes_and_math():
     m = randomize_bn(reference.PreActBottleneck(32, 16, stride=2, groups=4)).eval()

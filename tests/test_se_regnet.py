@@ -59,6 +59,27 @@ def test_torchvision_regnet_converts_every_block_and_the_stem(name, n_blocks, ha
     assert not [c for c in ran if c.op == "batch_norm"], ran
 
 
+# Issue 15's table names the 800MF models: the same blocks at other widths and group widths.
+REGNETS_800MF = [("regnet_x_800mf", 16, False), ("regnet_y_800mf", 14, True)]
+
+
+@pytest.mark.parametrize("name, n_blocks, has_se", REGNETS_800MF, ids=[r[0] for r in REGNETS_800MF])
+def test_torchvision_regnet_800mf_converts_every_block(name, n_blocks, has_se):
+    model = randomize_bn(getattr(torchvision.models, name)(weights=None)).eval()
+    fused = resfused.fuse(model)
+    report = fused.resfused_report
+    assert str(report).startswith(f"resfused.fuse(RegNet): converted {n_blocks + 1}, left alone 0"), str(report)
+    assert [e.detail for e in report.converted if e.source.endswith("ResBottleneckBlock")] == [
+        "resfused.RegNetBottleneck"
+    ] * n_blocks
+    assert (_se_convs(model) > 0) == has_se
+    x = torch.randn(2, 3, 65, 63)
+    with torch.no_grad(), trace_kernels() as ran:
+        actual = fused(x)
+    assert_matches_reference(actual, _expected64(model, x), torch.float32, what=f"{name} eval")
+    assert not [c for c in ran if c.op == "batch_norm" or c.kernel in ("reference", "library+tail")], ran
+
+
 @pytest.mark.parametrize("name, n_blocks, has_se", REGNETS, ids=[r[0] for r in REGNETS])
 def test_torchvision_regnet_trains_like_the_original(name, n_blocks, has_se):
     # One train-mode forward (batch statistics, fused BN kernels) against the original in float64:
@@ -135,6 +156,9 @@ def test_regnet_lookalikes_are_left_alone_with_the_reason():
     b = _block(32, 32, 1, 8, 0.25)
     b.f.se.avgpool = nn.AdaptiveMaxPool2d(1)
     cases.append((b, "f.se.avgpool is AdaptiveMaxPool2d(output_size=1), not a global average pool"))
+    b = _block(32, 32, 1, 8, 0.25)
+    b.f.se.avgpool = nn.AdaptiveAvgPool2d(2)
+    cases.append((b, "f.se.avgpool is AdaptiveAvgPool2d(output_size=2), not a global average pool"))
     b = _block(32, 32, 1, 8, None)
     b.f.b[2] = nn.SiLU()
     cases.append((b, "f.b.2 is SiLU, not ReLU"))
@@ -304,3 +328,82 @@ def test_timm_gates_that_compute_otherwise_are_left_alone():
         block.se = se
         report = resfused.fuse(block).resfused_report
         assert report.converted == [] and reason in report.skipped[0].detail, str(report)
+
+
+# ------------------------------------------------------------------------ timm legacy SENet blocks
+LEGACY = [("legacy_seresnext26_32x4d", 8), ("legacy_seresnet50", 16)]
+
+
+@pytest.mark.parametrize("name, n_blocks", LEGACY, ids=[n for n, _ in LEGACY])
+def test_timm_legacy_se_bottlenecks_convert_and_match_in_eval_and_train(name, n_blocks):
+    # timm.models.senet's own SEModule (fc1 / fc2 1x1 convs with bias, ReLU, sigmoid, gating bn3's
+    # output) computes se_gate's math. The stem (layer0) is a plain Sequential left as it is.
+    # drop_rate=0: SENet's head otherwise drops out (0.2) in train mode, at random.
+    model = randomize_bn(_timm(name, drop_rate=0.0)).eval()
+    fused = resfused.fuse(model)
+    report = fused.resfused_report
+    assert str(report).startswith(f"resfused.fuse(SENet): converted {n_blocks}, left alone 0"), str(report)
+    assert [e.detail for e in report.converted] == ["resfused.TimmLegacySEBottleneck"] * n_blocks
+    assert list(fused.state_dict()) == list(model.state_dict())  # se_module.fc1 ... keys kept
+    for hw in [(64, 64), (65, 63)]:
+        x = torch.randn(2, 3, *hw)
+        with torch.no_grad(), trace_kernels() as ran:
+            actual = fused(x)
+        assert_matches_reference(actual, _expected64(model, x), torch.float32, what=f"{name} {hw} eval")
+        assert [c.kernel for c in ran if c.op == "scale_add_relu"] == ["native"] * n_blocks, ran
+        assert not [c for c in ran if c.op == "batch_norm" or c.kernel == "reference"], ran
+    model.train(), fused.train()
+    x = torch.randn(4, 3, 65, 63)
+    with trace_kernels() as ran:
+        actual = fused(x)
+    assert ("batch_norm", "native") in [c[:2] for c in ran], ran
+    assert_matches_reference(actual, copy.deepcopy(model).double()(x.double()), torch.float32, what=f"{name} train")
+
+
+def _legacy_block(kind: str):
+    senet = pytest.importorskip("timm.models.senet")
+    cls, planes, groups = {
+        "seresnet": (senet.SEResNetBottleneck, 8, 1),  # stride on conv1 (caffe style)
+        "seresnext": (senet.SEResNeXtBottleneck, 16, 4),  # 4 channels per group
+        "senet154": (senet.SEBottleneck, 8, 4),
+        "basic": (senet.SEResNetBlock, 32, 1),
+    }[kind]
+    out = planes * cls.expansion
+    downsample = nn.Sequential(nn.Conv2d(16, out, 1, stride=2, bias=False), nn.BatchNorm2d(out))
+    return randomize_bn(cls(16, planes, groups, reduction=4, stride=2, downsample=downsample))
+
+
+@pytest.mark.parametrize("mode", ["eval", "eval+autograd", "train"])
+@pytest.mark.parametrize("kind", ["seresnet", "seresnext", "senet154"])
+def test_timm_legacy_se_block_matches_with_gradients(kind, mode):
+    block = _legacy_block(kind).train(mode == "train")
+    fused = resfused.fuse(block)
+    assert isinstance(fused, resfused.SEBottleneck), str(fused.resfused_report)
+    assert list(fused.state_dict()) == list(block.state_dict())
+    ran = compare_step(fused, block, torch.randn(3, 16, 15, 13), mode, f"legacy {kind} {mode}")
+    assert [c.kernel for c in ran if c.op == "scale_add_relu"] == ["native"], ran
+
+
+def test_timm_legacy_lookalikes_are_left_alone_with_the_reason():
+    # SEResNetBlock (legacy_seresnet18/34) gates relu(bn2(...)), not bn2's output: not SEBasicBlock.
+    cases = [(_legacy_block("basic"), "applies a ReLU to bn2's output before its SE gate")]
+    b = _legacy_block("seresnet")
+    b.se_module.relu = nn.SiLU()
+    cases.append((b, "se_module.relu is SiLU, not ReLU"))
+    b = _legacy_block("seresnet")
+    b.se_module.sigmoid = nn.Hardsigmoid()
+    cases.append((b, "se_module.sigmoid is Hardsigmoid, not Sigmoid"))
+    b = _legacy_block("seresnet")
+    b.se_module = nn.Identity()
+    cases.append((b, "se_module is Identity, not timm.models.senet.SEModule"))
+    b = _legacy_block("seresnext")
+    b.bn3 = nn.GroupNorm(4, b.bn3.num_features)
+    cases.append((b, "bn3 is GroupNorm, not nn.BatchNorm2d or nn.SyncBatchNorm"))
+    for block, reason in cases:
+        fused = resfused.fuse(block)
+        report = fused.resfused_report
+        assert fused is not block and type(fused) is type(block) and report.converted == [], str(report)
+        assert reason in report.skipped[0].detail, str(report)
+    x = torch.randn(2, 16, 9, 9)
+    with torch.no_grad():  # what is left alone still computes what it did
+        assert torch.equal(resfused.fuse(cases[0][0]).eval()(x), cases[0][0].eval()(x))
