@@ -9,7 +9,8 @@ The gates run in plain PyTorch: `fc1` / `fc2` (the SE module's 1x1 convs, with o
 become matrix products on the pooled [N, C] vector, a few thousand multiply-adds per image, far
 below what a fused kernel would save; the same code runs in eval and train mode (autograd is
 PyTorch's) and torch.compile traces it. `scale_add_relu` takes the compiled kernel where there is
-one (kernels/se_tail.py: kernel, fake kernel, autograd), else the PyTorch reference.
+one (kernels/se_tail.py: kernel, fake kernel, autograd; CPU), the Triton kernel on CUDA tensors
+(kernels/se_tail_triton.py), else the PyTorch reference.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from resfused.kernels.se_tail import ReferenceScaleAddRelu
+from resfused.kernels.se_tail_triton import TritonScaleAddRelu
 from resfused.kernels.tails import CompiledKernel
 from resfused.ops import checks
-from resfused.ops.selection import candidates, compiled_on_every_backend, select
+from resfused.ops.selection import candidates, select
 
 
 def se_gate(y: torch.Tensor, fc1: nn.Conv2d, fc2: nn.Conv2d) -> torch.Tensor:
@@ -37,7 +39,17 @@ def eca_gate(y: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
     return torch.sigmoid(F.conv1d(pooled, conv.weight, conv.bias, padding=conv.padding))[:, 0, :]
 
 
-SCALE_ADD_RELU_KERNELS = compiled_on_every_backend(CompiledKernel("scale_add_relu"))
+_NATIVE, _TRITON = CompiledKernel("scale_add_relu"), TritonScaleAddRelu()
+# Per backend, most preferred first. _C has the op for the CPU only (csrc/cpu/se_tail.cpp): CUDA
+# tensors take the Triton kernel under "auto" and "triton", and the reference under "cuda" (CUDA
+# C++ only), where native names no kernel for them.
+SCALE_ADD_RELU_KERNELS = {
+    "cpu": [_NATIVE],
+    "auto-cuda": [_TRITON, _NATIVE],
+    "cuda": [_NATIVE],
+    "triton": [_TRITON, _NATIVE],
+    "reference": [],
+}
 _REFERENCE_SCALE_ADD_RELU = ReferenceScaleAddRelu()
 
 
