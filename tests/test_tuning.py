@@ -397,3 +397,31 @@ def test_winograd_benchmark_used_column_is_the_measured_choice(monkeypatch, winn
     assert row["used"] == (winner == "winograd_f43")
     (row,) = winograd_cpu.run(batch_sizes=(2,), rounds=1)
     assert row["selection"] == "table" and not row["used"]
+
+
+@needs_native
+def test_tuning_after_untuned_forwards_reaches_the_untraced_calls(monkeypatch):
+    """A model that already ran (its choices remembered, its calls planned) takes the measured
+    choices once tuned, in untraced calls too; set_tuning(False) brings the table back."""
+    from resfused.kernels.conv_library import LibraryConv
+
+    calls = []
+    real_run = LibraryConv.run
+    monkeypatch.setattr(LibraryConv, "run", lambda self, *a: calls.append(1) or real_run(self, *a))
+    fused, ref = _tuned_pair()
+    x = torch.randn(2, 64, 16, 16).contiguous(memory_format=CL)
+    with torch.no_grad():
+        fused(x), fused(x)
+    assert not calls  # the table never picks the ATen conv here
+    _fixed_timing(monkeypatch, {"library+tail": 0.5})
+    resfused.tune(fused, x)
+    calls.clear()
+    compare_modules(fused, ref, x, "tuned, untraced")
+    compare_modules(fused, ref, x, "tuned, untraced, again")
+    # A block's plan recorded before tuning was on holds the table's kernels: its key must say
+    # whether tuning was on (runtime/tuning_cache.enabled()), as _choose's memo key does.
+    assert len(calls) == 2 * sum(isinstance(m, torch.nn.Conv2d) for m in ref.modules()), "a stale plan ran"
+    resfused.set_tuning(False)
+    calls.clear()
+    compare_modules(fused, ref, x, "tuning off again")
+    assert not calls
