@@ -145,6 +145,35 @@ def test_timm_se_block_runs_the_triton_tail(mode):
     assert [c.kernel for c in ran if c.op == "scale_add_relu"] == ["triton"], ran
 
 
+@pytest.mark.gpu
+def test_triton_se_block_compiles_fullgraph_on_cuda():
+    # torch.compile traces the triton_op through wrap_triton: no graph break, the same result.
+    timm_resnet = pytest.importorskip("timm.models.resnet")
+    from timm.layers import get_attn
+
+    block = timm_resnet.Bottleneck(64, 16, attn_layer=get_attn("se"))
+    fused = resfused.fuse(randomize_bn(block)).eval().cuda().half()
+    x = torch.randn(2, 64, 14, 14, device="cuda").half().contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), trace_kernels() as ran:
+        eager = fused(x)
+    assert ("scale_add_relu", "triton") in [c[:2] for c in ran], ran
+    with torch.no_grad():
+        compiled = torch.compile(fused, fullgraph=True)(x)
+    assert_matches_reference(compiled.float(), eager.double(), torch.float32, what="compile vs eager (same kernels)")
+
+
+@pytest.mark.gpu
+def test_triton_scale_add_relu_addresses_past_2_31():
+    # N*C*H*W = 2^31 + 2^27 elements: the last image starts past 2^31 (int64 image base).
+    y = torch.randn(17, 64, 2**11, 2**10, device="cuda", dtype=torch.float16)
+    gate, r = torch.rand(17, 64, device="cuda", dtype=torch.float16), torch.randn_like(y)
+    out = torch.ops.resfused.scale_add_relu_triton(y, gate, r)
+    tail = (slice(-1, None), slice(None), slice(-2, None))
+    expected = _reference(y[tail].double(), gate[-1:].double(), r[tail].double())
+    eager = _reference(y[tail], gate[-1:], r[tail])
+    assert_matches_reference(out[tail].cpu(), expected.cpu(), torch.float16, eager.cpu(), "last image past 2^31")
+
+
 # --------------------------------------------------------------------------- offline compile
 PTXAS = os.environ.get("PTXAS", "/usr/local/cuda/bin/ptxas")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
