@@ -1,17 +1,48 @@
-"""GPU benchmark: fused blocks against eager cuDNN, with TFLOP/s and roofline fraction; and the
-analytic DRAM-bytes model, printable on any machine.
+"""GPU benchmark: fused blocks, the grouped 3x3 kernel and fused whole models against eager
+cuDNN (and torch.compile), each row checked against the float64 reference; and the analytic
+DRAM-bytes model, printable on any machine.
 
-    python -m benchmarks                      # on a CUDA machine: calls run_gpu_benchmark(args)
+    python -m benchmarks.gpu [--gpu-dtype fp16 bf16] [--batch 32] [--compile [MODE]] [--budget S]
     python -m benchmarks.gpu --dram-model     # any machine: DRAM bytes, fused vs eager, per block
+    python -m benchmarks.gpu --dry-run        # any machine: every row kind on the CPU, tiny shapes
+    python -m benchmarks                      # on a CUDA machine: calls run_gpu_benchmark(args)
 
-Timing uses triton.testing.do_bench (median). Per case (block at a ResNet-50 / ResNeXt-50 stage
-shape, batch 1 and 32, fp16 / bf16 / fp32): the fused block on channels_last input (backend auto:
-the Triton conv), eager NCHW and eager channels_last (both with cudnn.benchmark=True), and with
---compile torch.compile(mode="max-autotune") with inductor freezing on the channels_last model.
+Rows, in this order (a --budget stops starting new rows once spent; rows not run are listed):
+- grouped: the CUDA grouped 3x3 op (bias + ReLU) at each ResNeXt-50 stage shape against cuDNN's
+  grouped conv + ReLU on the same channels_last tensors;
+- block: each block at a ResNet-50 / ResNeXt-50 (and ResNet-18, pre-activation) stage shape,
+  the fused block (backend auto) on channels_last input against eager NCHW and eager
+  channels_last, both with cudnn.benchmark=True;
+- model: fuse(resnet50), fuse(resnext50_32x4d) at 224x224 (fp16 and bf16, batch 32 by default)
+  against the eager model in channels_last and, with --compile, torch.compile(mode="max-autotune")
+  of it. max-autotune compiles and benchmarks many conv kernels (several minutes per model and
+  dtype on an H100), so it is off unless asked for; `make gpu-check` runs without it, and the
+  compile target then reads "not measured".
+
+Every row first runs once and compares its output with the float64 reference (the module or op in
+float64 on the GPU), with the tolerances of docs/design.md, Numerics: fp32 1e-4 of max|ref| with
+TF32 off; fp16 / bf16 (and fp32 under --tf32 on) twice the eager same-dtype error plus one rounding
+step. The error is printed next to the time; a row over its limit makes the exit status 1.
+
+Timing: triton.testing.do_bench (median, ms) and, for the fused and eager channels_last variants,
+triton.testing.do_bench_cudagraph (the calls captured in one CUDA graph: no host overhead) after
+the plain timing has warmed the module up (autotuning and folding happen before any capture).
+Compiled models are timed with do_bench only: mode="max-autotune" replays CUDA graphs itself.
+
+TF32: --tf32 off (default) or on sets both torch.backends.cudnn.allow_tf32 (eager convolutions, and
+the fused fp32 conv, which follows the flag that governs convolutions) and
+torch.backends.cuda.matmul.allow_tf32 to the same value; the run prints and records them.
 
 Roofline: t_roof = max(FLOPs / peak FLOP/s, fused DRAM bytes / peak bandwidth), fraction =
 t_roof / t_measured, from the peaks of the device in KNOWN_GPUS (dense tensor-core peaks; fp32
-uses the TF32 peak when torch.backends.cuda.matmul.allow_tf32 is set, else the FMA peak).
+uses the TF32 peak when TF32 is on, else the FMA peak). Model rows count FLOPs only (conv and
+linear layers): the fraction of the compute peak.
+
+Targets (issue 17), printed with the measured ratio and pass / FAIL / not measured: every
+ResNet-50 / ResNeXt-50 block at batch 32 fp16 >= 1.3x eager channels_last; whole models (fp16 and
+bf16, batch 32) >= 1.3x eager channels_last and >= 1.0x torch.compile max-autotune (the fused model
+with CUDA graphs against the compiled one, which uses them too); the grouped 3x3 at ResNeXt-50
+stage 1 (batch 32 fp16) >= 1.5x cuDNN. Ratios without CUDA graphs decide the eager targets.
 
 Nothing here touches CUDA at import time.
 """
@@ -22,7 +53,10 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import os
+import statistics
+import time
 
 import torch
 
@@ -168,23 +202,128 @@ def print_dram_model(batches=(1, 32), dtypes=("fp16", "fp32")) -> list[dict]:
 
 # ------------------------------------------------------------------------------- GPU timing
 
+BLOCK_TARGET = 1.3  # fused block vs eager channels_last, batch 32 fp16
+MODEL_EAGER_TARGET = 1.3  # fused model vs eager channels_last, batch 32
+MODEL_COMPILE_TARGET = 1.0  # fused model vs torch.compile(mode="max-autotune")
+GROUPED_TARGET = 1.5  # CUDA grouped 3x3 vs cuDNN at ResNeXt-50 stage 1
+TARGET_BATCH = 32
+MODELS = ("resnet50", "resnext50_32x4d")
+LOWP_EPS = {torch.float16: 1e-3, torch.bfloat16: 8e-3, "tf32": 1e-3}  # one rounding step (tf32: 10-bit mantissa)
+FP32_RTOL = 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupedCase:
+    """The grouped 3x3 conv of a ResNeXt-50 32x4d stage: channels, channels per group, stride, input size."""
+
+    label: str
+    channels: int
+    cpg: int
+    stride: int
+    hw: int
+
+
+GROUPED_CASES = [
+    GroupedCase("x50 s1 grouped", 128, 4, 1, 56),
+    GroupedCase("x50 s2 grouped s2", 256, 8, 2, 56),
+    GroupedCase("x50 s2 grouped", 256, 8, 1, 28),
+    GroupedCase("x50 s3 grouped", 512, 16, 1, 14),
+    GroupedCase("x50 s4 grouped", 1024, 32, 1, 7),
+]
+GROUPED_TARGET_ROW = "x50 s1 grouped"
+
 
 def device_peaks(name: str, dtype: torch.dtype) -> tuple[float, float] | None:
     """(peak FLOP/s, peak DRAM bytes/s) for `dtype` on the GPU called `name`, or None if unknown."""
     for key, (tc16, tf32, fp32, tbs) in KNOWN_GPUS.items():
         if key.lower() in name.lower():
             if dtype == torch.float32:
-                flops = tf32 if torch.backends.cuda.matmul.allow_tf32 else fp32
+                flops = tf32 if torch.backends.cudnn.allow_tf32 else fp32
             else:
                 flops = tc16
             return flops * 1e12, tbs * 1e12
     return None
 
 
-def _time_ms(fn) -> float:
-    from triton.testing import do_bench
+def set_tf32(on: bool) -> dict:
+    """Both TF32 flags to `on`; returns what the run records and prints."""
+    torch.backends.cudnn.allow_tf32 = on
+    torch.backends.cuda.matmul.allow_tf32 = on
+    return {
+        "torch.backends.cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+        "torch.backends.cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "fp32 convs": "TF32 (eager cuDNN and fused)" if on else "IEEE fp32 (eager cuDNN and fused)",
+    }
 
-    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+def _max_abs(t: torch.Tensor) -> float:
+    t = t[t.isfinite()]
+    return float(t.abs().max()) if t.numel() else 0.0
+
+
+def check_error(out: torch.Tensor, ref64: torch.Tensor, dtype: torch.dtype, eager: torch.Tensor | None) -> dict:
+    """Errors relative to max|ref64| and the limit of docs/design.md, Numerics (module docstring).
+
+    {"fused": max|out - ref| / max|ref|, "eager": eager's, "limit": the allowed "fused", "ok": ...}.
+    A NaN / Inf where the reference has none (or the reverse) is an infinite error."""
+    ref64 = ref64.detach().double()
+    scale = _max_abs(ref64) or 1.0
+
+    def rel(t):
+        if t is None:
+            return None
+        t = t.detach().double()
+        if t.shape != ref64.shape:
+            return math.inf
+        same = (t.isnan() == ref64.isnan()) & (t.isposinf() == ref64.isposinf()) & (t.isneginf() == ref64.isneginf())
+        if not bool(same.all()):
+            return math.inf
+        finite = ref64.isfinite()
+        return float((t[finite] - ref64[finite]).abs().max()) / scale if bool(finite.any()) else 0.0
+
+    fused_err, eager_err = rel(out), rel(eager)
+    tf32 = dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and out.is_cuda
+    if dtype in (torch.float32, torch.float64) and not tf32:
+        limit = FP32_RTOL
+    else:
+        if eager_err is None:
+            raise ValueError("check_error: a float16 / bfloat16 / TF32 limit needs the eager same-dtype result")
+        limit = 2.0 * eager_err + LOWP_EPS["tf32" if tf32 else dtype]
+    return {"fused": fused_err, "eager": eager_err, "limit": limit, "ok": fused_err <= limit}
+
+
+class Clock:
+    """Times a zero-argument callable in ms: on CUDA triton.testing's do_bench (median) and
+    do_bench_cudagraph; on the CPU (--dry-run only) the median of a few perf_counter calls and no
+    graphs. A graph that cannot be captured is recorded as None with the reason."""
+
+    def __init__(self, device: str, rep_ms: int = 100):
+        self.device = device
+        self.rep_ms = rep_ms
+
+    def time(self, fn) -> float:
+        if self.device == "cuda":
+            from triton.testing import do_bench
+
+            return float(do_bench(fn, warmup=25, rep=self.rep_ms, return_mode="median"))
+        fn()  # warm-up: the first call folds and packs weights
+        samples = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(samples)
+
+    def time_graph(self, fn) -> tuple[float | None, str | None]:
+        if self.device != "cuda":
+            return None, None  # the dry run: no CUDA graphs on the CPU
+        from triton.testing import do_bench_cudagraph
+
+        try:
+            return float(do_bench_cudagraph(fn, rep=self.rep_ms, return_mode="median")), None
+        except Exception as e:  # a capture failure is a finding to report, not a crash of the run
+            torch.cuda.synchronize()
+            return None, f"CUDA graph capture failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
 
 def _cases(args) -> list[BlockCase]:
@@ -198,118 +337,451 @@ def _cases(args) -> list[BlockCase]:
 
 
 def _randomize_bn(module):
-    """Non-trivial BN statistics (fresh BN is the identity), so folding does real work."""
+    """Non-trivial BN statistics and affine parameters (fresh BN is the identity), so folding does real work."""
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for m in module.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) - 0.5)
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
     return module
 
 
-def run_gpu_benchmark(args) -> int:
-    """Time every case on the current CUDA device, print the table, write JSON to args.out."""
+def model_flops(name: str, batch: int, resolution: int) -> int:
+    """Conv and linear FLOPs (2 x MACs) of one forward of torchvision `name` (counted on 'meta')."""
+    import torchvision
+
+    with torch.device("meta"):
+        model = getattr(torchvision.models, name)(weights=None).eval()
+        x = torch.empty(batch, 3, resolution, resolution)
+    total = 0
+
+    def count(mod, inputs, out):
+        nonlocal total
+        if isinstance(mod, torch.nn.Conv2d):
+            kh, kw = mod.kernel_size
+            total += 2 * out.numel() * (mod.in_channels // mod.groups) * kh * kw
+        else:
+            total += 2 * out.numel() * mod.in_features
+
+    for mod in model.modules():
+        if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)):
+            mod.register_forward_hook(count)
+    with torch.no_grad():
+        model(x)
+    return total
+
+
+def _ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+class _Run:
+    """One benchmark run: the rows measured so far, written to JSON after each row (a run stopped
+    from outside keeps what it measured), the budget and the rows it left out."""
+
+    def __init__(self, args, device: str):
+        self.args = args
+        self.device = device
+        self.clock = Clock(device, rep_ms=20 if device == "cpu" else 100)
+        self.rows: list[dict] = []
+        self.not_run: list[str] = []
+        budget = getattr(args, "budget", None)
+        self.deadline = None if budget is None else time.monotonic() + budget
+        self.name = torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)"
+        self.tf32 = set_tf32(getattr(args, "tf32", "off") == "on")
+        self.meta = {
+            "device": self.name,
+            "torch": torch.__version__,
+            "triton": _version("triton"),
+            "tf32": self.tf32,
+            "budget_s": budget,
+            "compile_mode": _compile_mode(args),
+            "cudnn_benchmark": True,
+        }
+
+    def has_time(self, label: str) -> bool:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            self.not_run.append(label)
+            print(f"{label}: not run (the --budget of {self.args.budget:.0f} s is spent)", flush=True)
+            return False
+        return True
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        print(format_row(row), flush=True)
+        self.write()
+
+    def document(self) -> dict:
+        return dict(self.meta, rows=self.rows, targets=evaluate_targets(self.rows), not_run=self.not_run)
+
+    def write(self) -> None:
+        out = getattr(self.args, "out", None)
+        if not out:
+            return
+        os.makedirs(out, exist_ok=True)
+        path = os.path.join(out, "gpu_results.json")
+        with open(path + ".part", "w") as f:
+            json.dump(self.document(), f, indent=1)
+        os.replace(path + ".part", path)
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
+
+
+def _compile_mode(args) -> str | None:
+    mode = getattr(args, "compile", None)
+    if mode is True:  # benchmarks/__main__.py's --compile flag
+        return "max-autotune"
+    return mode or None
+
+
+def _row(kind, label, type_, dtype_name, batch, times, graphs, error, kernels=(), notes=(), **extra) -> dict:
+    base = "eager_cl"
+    row = dict(
+        kind=kind,
+        block=label,
+        type=type_,
+        dtype=dtype_name,
+        batch=batch,
+        ms=times,
+        ms_graph=graphs,
+        speedup_vs_eager_cl=_ratio(times.get(base), times.get("fused")),
+        speedup_vs_eager_nchw=_ratio(times.get("eager_nchw"), times.get("fused")),
+        speedup_graph_vs_eager_cl=_ratio(graphs.get(base), graphs.get("fused")),
+        error=error,
+        kernels=sorted(set(kernels)),
+        notes=list(notes),
+    )
+    row.update(extra)
+    return row
+
+
+def _time_variants(run: _Run, fns: dict, graph_variants=("fused", "eager_cl")):
+    times, graphs, notes = {}, {}, []
+    for name, fn in fns.items():
+        times[name] = run.clock.time(fn)
+    for name in graph_variants:
+        if name in fns:
+            graphs[name], why = run.clock.time_graph(fns[name])
+            if why:
+                notes.append(f"{name}: {why}")
+    return times, graphs, notes
+
+
+def grouped_row(run: _Run, case: GroupedCase, d: str, batch: int, hw: int) -> dict | None:
+    import torch.nn.functional as F
+
+    from resfused import _native
+
+    dtype, dev = DTYPES[d], run.device
+    label = case.label
+    if not _native.has_kernel("grouped_conv3x3", dev):
+        run.not_run.append(f"{label} {d} b{batch}: resfused._C has no {dev} grouped_conv3x3 kernel")
+        return None
+    g = torch.Generator().manual_seed(0)
+    c, groups = case.channels, case.channels // case.cpg
+    x = torch.randn(batch, c, hw, hw, generator=g).to(dev, dtype).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(c, case.cpg, 3, 3, generator=g) / (3 * case.cpg**0.5)).to(dev, dtype)
+    b = torch.randn(c, generator=g).to(dev, dtype)
+    fused = lambda: torch.ops.resfused.grouped_conv3x3(x, w, b, case.stride, True)  # noqa: E731
+    cudnn = lambda: torch.relu_(F.conv2d(x, w, b, case.stride, 1, 1, groups))  # noqa: E731
+    with torch.inference_mode():
+        error = check_error(
+            fused(), torch.relu(F.conv2d(x.double(), w.double(), b.double(), case.stride, 1, 1, groups)), dtype, cudnn()
+        )
+        times, graphs, notes = _time_variants(run, {"fused": fused, "eager_cl": cudnn})
+    oh = (hw - 1) // case.stride + 1
+    flops = 2 * batch * oh * oh * c * case.cpg * 9
+    moved = (x.numel() + w.numel() + 2 * batch * oh * oh * c) * dtype.itemsize
+    peaks = device_peaks(run.name, dtype)
+    roof = None if not peaks else max(flops / peaks[0], moved / peaks[1]) / (times["fused"] * 1e-3)
+    return _row(
+        "grouped", label, f"grouped 3x3 {case.cpg} ch/group s{case.stride}", d, batch, times, graphs, error,
+        kernels=["grouped_conv3x3"], notes=notes, tflops=flops / (times["fused"] * 1e-3) / 1e12,
+        roofline_fraction=roof, baseline="cuDNN grouped conv + ReLU",
+    )  # fmt: skip
+
+
+def block_row(run: _Run, case: BlockCase, d: str, batch: int, hw: int) -> dict:
     import resfused
     from resfused import reference
 
-    if not torch.cuda.is_available():
+    dtype, dev = DTYPES[d], run.device
+    ref = _randomize_bn(getattr(reference, case.block)(*case.args)).eval().to(dev, dtype)
+    ref_cl = copy.deepcopy(ref).to(memory_format=torch.channels_last)
+    fused = getattr(resfused, case.block).from_reference(copy.deepcopy(ref))
+    x = torch.randn(batch, case.in_ch, hw, hw, device=dev, dtype=dtype)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        with resfused.ops.trace_kernels() as ran:
+            out = fused(x_cl)
+        expected = copy.deepcopy(ref).double()(x.double())
+        error = check_error(out, expected, dtype, ref_cl(x_cl))
+        del expected, out
+        fns = {"fused": lambda: fused(x_cl), "eager_nchw": lambda: ref(x), "eager_cl": lambda: ref_cl(x_cl)}
+        times, graphs, notes = _time_variants(run, fns)
+    flops = block_flops(case, batch) if hw == case.hw else None
+    moved = dram_bytes(case, batch, dtype.itemsize) if hw == case.hw else None
+    peaks = device_peaks(run.name, dtype)
+    roof = None
+    if peaks and flops:
+        roof = max(flops / peaks[0], moved["fused"] / peaks[1]) / (times["fused"] * 1e-3)
+    return _row(
+        "block", case.label, case.block, d, batch, times, graphs, error,
+        kernels=[c.kernel for c in ran], notes=notes,
+        tflops=None if flops is None else flops / (times["fused"] * 1e-3) / 1e12,
+        roofline_fraction=roof, dram=moved,
+    )  # fmt: skip
+
+
+def model_row(run: _Run, name: str, d: str, batch: int, resolution: int) -> dict:
+    import torchvision
+
+    import resfused
+
+    dtype, dev = DTYPES[d], run.device
+    model = _randomize_bn(getattr(torchvision.models, name)(weights=None)).eval().to(dev)
+    fused = resfused.fuse(model).to(dtype)
+    eager_cl = copy.deepcopy(model).to(dtype).to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, resolution, resolution, device=dev, dtype=dtype)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    notes, extra = [], {}
+    with torch.inference_mode():
+        with resfused.ops.trace_kernels() as ran:
+            out = fused(x_cl)
+        expected = copy.deepcopy(model).to(dtype).double()(x.double())
+        eager_out = eager_cl(x_cl)
+        error = check_error(out, expected, dtype, eager_out)
+        times, graphs, notes = _time_variants(run, {"fused": lambda: fused(x_cl), "eager_cl": lambda: eager_cl(x_cl)})
+    mode = _compile_mode(run.args)
+    if mode and run.device == "cuda":
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True  # weights as constants: what deployment compiles
+        compiled = torch.compile(copy.deepcopy(eager_cl), mode=mode)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            compiled_out = compiled(x_cl)
+            torch.cuda.synchronize()
+            extra["compile_s"] = time.perf_counter() - t0
+            extra["compile_error"] = check_error(compiled_out, expected, dtype, eager_out)
+            times["compile"] = run.clock.time(lambda: compiled(x_cl))
+        del compiled
+    del expected, out, eager_out
+    flops = model_flops(name, batch, resolution)
+    peaks = device_peaks(run.name, dtype)
+    roof = None if not peaks else flops / peaks[0] / (times["fused"] * 1e-3)
+    counted = {}
+    for c in ran:
+        counted[f"{c.op}/{c.kernel}"] = counted.get(f"{c.op}/{c.kernel}", 0) + 1
+    row = _row(
+        "model", f"fuse({name})", f"{resolution}x{resolution}", d, batch, times, graphs, error,
+        kernels=[f"{k} x{n}" for k, n in sorted(counted.items())], notes=notes,
+        tflops=flops / (times["fused"] * 1e-3) / 1e12, roofline_fraction=roof, **extra,
+    )  # fmt: skip
+    row["speedup_vs_compile"] = _ratio(times.get("compile"), times["fused"])
+    row["speedup_graph_vs_compile"] = _ratio(times.get("compile"), graphs.get("fused"))
+    return row
+
+
+def _fmt(v, spec=".3f", none="-"):
+    return none if v is None else format(v, spec)
+
+
+def format_row(r: dict) -> str:
+    """One printed line: times (and with CUDA graphs), speedups, the error and its limit."""
+    t, g, e = r["ms"], r["ms_graph"], r["error"]
+    parts = [f"{r['block']:18s} {r['dtype']:5s} b{r['batch']:<3d} fused {_fmt(t.get('fused'))} ms"]
+    for name in ("eager_cl", "eager_nchw", "compile"):
+        if name in t:
+            parts.append(f"{name} {_fmt(t[name])}")
+    parts.append(f"x{_fmt(r['speedup_vs_eager_cl'], '.2f')} vs {'cuDNN' if r['kind'] == 'grouped' else 'CL'}")
+    if any(v is not None for v in g.values()):
+        parts.append(
+            f"| graphs: fused {_fmt(g.get('fused'))} {'cuDNN' if r['kind'] == 'grouped' else 'eager_cl'} "
+            f"{_fmt(g.get('eager_cl'))} x{_fmt(r['speedup_graph_vs_eager_cl'], '.2f')}"
+        )
+    if r.get("speedup_vs_compile") is not None:
+        parts.append(
+            f"| x{r['speedup_vs_compile']:.2f} vs compile (x{_fmt(r['speedup_graph_vs_compile'], '.2f')} graphed)"
+        )
+    if r.get("tflops") is not None:
+        parts.append(f"| {r['tflops']:.1f} TFLOP/s")
+    if r.get("roofline_fraction") is not None:
+        parts.append(f"{r['roofline_fraction']:.0%} of roofline")
+    parts.append(
+        f"| err {e['fused']:.2e} (limit {e['limit']:.2e}, eager {_fmt(e['eager'], '.2e')}) "
+        + ("ok" if e["ok"] else "WRONG")
+    )
+    parts.append(f"| {', '.join(r['kernels'])}")
+    return "  ".join(parts) + "".join(f"\n    note: {n}" for n in r["notes"])
+
+
+def evaluate_targets(rows: list[dict]) -> list[dict]:
+    """Issue 17's targets, each with the measured ratio and "pass", "FAIL" or "not measured"."""
+    out = []
+
+    def target(what, threshold, measured, where):
+        status = "not measured" if measured is None else ("pass" if measured >= threshold else "FAIL")
+        out.append(dict(target=what, threshold=threshold, measured=measured, status=status, where=where))
+
+    wanted = [c.label for c in CASES if c.block in ("Bottleneck", "ResNeXtBottleneck")]
+    blocks = {
+        r["block"]: r
+        for r in rows
+        if r["kind"] == "block" and r["dtype"] == "fp16" and r["batch"] == TARGET_BATCH and r["block"] in wanted
+    }
+    for label in wanted:
+        r = blocks.get(label)
+        target(
+            f"block {label}: fused vs eager channels_last (b32 fp16)",
+            BLOCK_TARGET,
+            r and r["speedup_vs_eager_cl"],
+            label,
+        )
+    ratios = [blocks[label]["speedup_vs_eager_cl"] for label in wanted if label in blocks]
+    worst = min(ratios) if len(ratios) == len(wanted) else None
+    target(
+        f"every ResNet-50/ResNeXt-50 block (b32 fp16, {len(ratios)} of {len(wanted)} measured): worst ratio",
+        BLOCK_TARGET, worst, "blocks",
+    )  # fmt: skip
+    for name in MODELS:
+        for d in ("fp16", "bf16"):
+            r = next(
+                (r for r in rows if r["kind"] == "model" and r["block"] == f"fuse({name})" and r["dtype"] == d
+                 and r["batch"] == TARGET_BATCH and r["type"] == "224x224"),
+                None,
+            )  # fmt: skip
+            target(
+                f"fuse({name}) {d} b32 vs eager channels_last", MODEL_EAGER_TARGET, r and r["speedup_vs_eager_cl"], name
+            )
+            target(
+                f"fuse({name}) {d} b32 (CUDA graphs) vs torch.compile max-autotune",
+                MODEL_COMPILE_TARGET, r and r.get("speedup_graph_vs_compile"), name,
+            )  # fmt: skip
+    r = next(
+        (r for r in rows if r["kind"] == "grouped" and r["block"] == GROUPED_TARGET_ROW and r["dtype"] == "fp16"
+         and r["batch"] == TARGET_BATCH),
+        None,
+    )  # fmt: skip
+    target(
+        "grouped 3x3 ResNeXt-50 stage 1 (b32 fp16) vs cuDNN",
+        GROUPED_TARGET,
+        r and r["speedup_vs_eager_cl"],
+        GROUPED_TARGET_ROW,
+    )
+    return out
+
+
+def print_targets(targets: list[dict]) -> None:
+    print("\ntargets (issue 17; ratios without CUDA graphs unless said):")
+    for t in targets:
+        measured = "-" if t["measured"] is None else f"x{t['measured']:.2f}"
+        print(f"  {t['status']:>12s}  {measured:>7s} (>= x{t['threshold']:.1f})  {t['target']}")
+
+
+def run_gpu_benchmark(args, device: str = "cuda") -> int:
+    """Run every row (module docstring) on `device`, print them and the targets, write
+    args.out/gpu_results.json. Exit status 1 when a row's error is over its limit."""
+    import resfused
+
+    if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("benchmarks.gpu: no CUDA device (torch.cuda.is_available() is False)")
-    dtypes = getattr(args, "gpu_dtype", None) or ["fp16", "bf16", "fp32"]
-    batches = getattr(args, "batch", None) or ([1] if getattr(args, "quick", False) else [1, 32])
-    use_compile = bool(getattr(args, "compile", False))
-    name = torch.cuda.get_device_name()
+    dry = device != "cuda"
+    dtypes = getattr(args, "gpu_dtype", None) or (["fp32", "bf16"] if dry else ["fp16", "bf16", "fp32"])
+    batches = getattr(args, "batch", None) or ([1] if dry or getattr(args, "quick", False) else [1, 32])
+    model_batches = getattr(args, "model_batch", None) or ([1] if dry else [TARGET_BATCH])
+    model_dtypes = getattr(args, "model_dtype", None) or (["bf16"] if dry else ["fp16", "bf16"])
+    resolution = 32 if dry else getattr(args, "resolution", None) or 224
+    shrink = (lambda hw: max(3, hw // 8)) if dry else (lambda hw: hw)  # noqa: E731
     resfused.set_backend("auto")
     torch.backends.cudnn.benchmark = True
-    rows = []
-    for case in _cases(args):
-        ref_fp32 = _randomize_bn(getattr(reference, case.block)(*case.args)).eval()
-        for d in dtypes:
-            dtype = DTYPES[d]
-            ref = copy.deepcopy(ref_fp32).to("cuda", dtype)
-            ref_cl = copy.deepcopy(ref).to(memory_format=torch.channels_last)
-            fused = getattr(resfused, case.block)(*case.args).eval().to("cuda", dtype)
-            fused.load_state_dict(ref.state_dict())
-            compiled = None
-            if use_compile:
-                import torch._inductor.config as inductor_config
-
-                inductor_config.freezing = True
-                compiled = torch.compile(copy.deepcopy(ref_cl), mode="max-autotune")
-            for batch in batches:
-                x = torch.randn(batch, case.in_ch, case.hw, case.hw, device="cuda", dtype=dtype)
-                x_cl = x.contiguous(memory_format=torch.channels_last)
-                with torch.inference_mode():
-                    with resfused.ops.trace_kernels() as ran:
-                        fused(x_cl)
-                    t = {
-                        "fused": _time_ms(lambda: fused(x_cl)),
-                        "eager_nchw": _time_ms(lambda: ref(x)),
-                        "eager_cl": _time_ms(lambda: ref_cl(x_cl)),
-                    }
-                    if compiled is not None:
-                        compiled(x_cl)
-                        t["compile"] = _time_ms(lambda: compiled(x_cl))
-                flops = block_flops(case, batch)
-                moved = dram_bytes(case, batch, dtype.itemsize)
-                peaks = device_peaks(name, dtype)
-                roof = None
-                if peaks:
-                    roof = max(flops / peaks[0], moved["fused"] / peaks[1]) / (t["fused"] * 1e-3)
-                rows.append(
-                    dict(
-                        block=case.label,
-                        type=case.block,
-                        dtype=d,
-                        batch=batch,
-                        ms=t,
-                        speedup_vs_eager_cl=t["eager_cl"] / t["fused"],
-                        speedup_vs_eager_nchw=t["eager_nchw"] / t["fused"],
-                        tflops=flops / (t["fused"] * 1e-3) / 1e12,
-                        roofline_fraction=roof,
-                        kernels=sorted({c.kernel for c in ran}),
-                        dram=moved,
-                    )
-                )
-                r = rows[-1]
-                print(
-                    f"{case.label:16s} {d:5s} b{batch:<3d} fused {t['fused']:.3f} ms  eager_cl {t['eager_cl']:.3f}  "
-                    f"nchw {t['eager_nchw']:.3f}"
-                    + (f"  compile {t['compile']:.3f}" if "compile" in t else "")
-                    + f"  x{r['speedup_vs_eager_cl']:.2f} vs CL  {r['tflops']:.1f} TFLOP/s"
-                    + (f"  {roof:.0%} of roofline" if roof is not None else "")
-                    + f"  {r['kernels']}",
-                    flush=True,
-                )
-    out = getattr(args, "out", None)
-    if out:
-        os.makedirs(out, exist_ok=True)
-        path = os.path.join(out, "gpu_results.json")
-        with open(path, "w") as f:
-            json.dump(
-                dict(device=name, torch=torch.__version__, tf32=torch.backends.cuda.matmul.allow_tf32, rows=rows),
-                f,
-                indent=1,
-            )
-        print(f"wrote {path}")
-    fp16_b32 = [r for r in rows if r["dtype"] == "fp16" and r["batch"] == 32]
-    if fp16_b32:
-        met = sum(r["speedup_vs_eager_cl"] >= 1.3 for r in fp16_b32)
-        print(f"target (fp16, batch 32, >= 1.3x eager channels_last): {met} of {len(fp16_b32)} blocks")
+    run = _Run(args, device)
+    print(
+        f"GPU benchmark on {run.name}: torch {run.meta['torch']}, triton {run.meta['triton']}; TF32: "
+        + ", ".join(f"{k}={v}" for k, v in run.tf32.items())
+        + f"; cudnn.benchmark=True; compile: {run.meta['compile_mode'] or 'off (--compile max-autotune to add it)'}",
+        flush=True,
+    )
+    if not getattr(args, "no_grouped", False):
+        for case in GROUPED_CASES[:2] if dry else GROUPED_CASES:
+            for d in dtypes:
+                for batch in batches:
+                    if run.has_time(f"{case.label} {d} b{batch}") and (
+                        row := grouped_row(run, case, d, batch, shrink(case.hw))
+                    ):
+                        run.add(row)
+    if not getattr(args, "no_blocks", False):
+        cases = [c for c in _cases(args)][: 3 if dry else None]
+        for case in cases:
+            for d in dtypes:
+                for batch in batches:
+                    if run.has_time(f"{case.label} {d} b{batch}"):
+                        run.add(block_row(run, case, d, batch, shrink(case.hw)))
+    for name in getattr(args, "models", None) or ([MODELS[0]] if dry else MODELS):
+        if getattr(args, "no_models", False):
+            break
+        for d in model_dtypes:
+            for batch in model_batches:
+                if run.has_time(f"fuse({name}) {d} b{batch}"):
+                    run.add(model_row(run, name, d, batch, resolution))
+    doc = run.document()
+    run.write()
+    print_targets(doc["targets"])
+    wrong = [f"{r['block']} {r['dtype']} b{r['batch']}" for r in run.rows if not r["error"]["ok"]]
+    wrong += [
+        f"{r['block']} {r['dtype']} compiled" for r in run.rows if "compile_error" in r and not r["compile_error"]["ok"]
+    ]
+    if run.not_run:
+        print(f"not run: {len(run.not_run)} rows ({'; '.join(run.not_run)})")
+    if getattr(args, "out", None):
+        print(f"wrote {os.path.join(args.out, 'gpu_results.json')}")
+    if wrong:
+        print(f"WRONG: {len(wrong)} rows over their error limit: {', '.join(wrong)}")
+        return 1
     return 0
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="resfused GPU block benchmark / DRAM model")
+    p = argparse.ArgumentParser(description="resfused GPU benchmark (blocks, grouped 3x3, models) / DRAM model")
     p.add_argument("--dram-model", action="store_true", help="print the DRAM-bytes model only (no GPU needed)")
-    p.add_argument("--gpu-dtype", nargs="+", choices=sorted(DTYPES), default=None)
-    p.add_argument("--batch", nargs="+", type=int, default=None)
-    p.add_argument("--filter", nargs="+", default=None)
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="every row kind on the CPU at tiny shapes (checks the logic)")
+    p.add_argument(
+        "--gpu-dtype", nargs="+", choices=sorted(DTYPES), default=None, help="block and grouped rows (default all)"
+    )
+    p.add_argument("--batch", nargs="+", type=int, default=None, help="block and grouped rows (default 1 32)")
+    p.add_argument("--model-batch", nargs="+", type=int, default=None, help=f"model rows (default {TARGET_BATCH})")
+    p.add_argument(
+        "--model-dtype", nargs="+", choices=sorted(DTYPES), default=None, help="model rows (default fp16 bf16)"
+    )
+    p.add_argument("--models", nargs="+", choices=MODELS, default=None)
+    p.add_argument("--no-models", action="store_true")
+    p.add_argument("--no-blocks", action="store_true")
+    p.add_argument("--no-grouped", action="store_true")
+    p.add_argument("--filter", nargs="+", default=None, help="block rows whose label or type contains one of these")
+    p.add_argument(
+        "--compile", nargs="?", const="max-autotune", default=None,
+        help='add torch.compile(mode=MODE) of the eager channels_last model to the model rows (default MODE '
+        '"max-autotune": minutes per model and dtype)',
+    )  # fmt: skip
+    p.add_argument("--tf32", choices=("off", "on"), default="off", help="both TF32 flags (default off)")
+    p.add_argument("--budget", type=float, default=None, help="seconds: start no row after this (rows left are listed)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default="bench-results")
     args = p.parse_args(argv)
-    if args.dram_model or not torch.cuda.is_available():
+    if args.dram_model:
+        print_dram_model()
+        return 0
+    if args.dry_run:
+        return run_gpu_benchmark(args, device="cpu")
+    if not torch.cuda.is_available():
         print_dram_model()
         return 0
     return run_gpu_benchmark(args)

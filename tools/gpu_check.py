@@ -49,6 +49,9 @@ DEFAULT_BENCH_ARGS = ["--gpu-dtype", "fp16", "--batch", "32"]
 RESERVE_AFTER_BUILD = 200  # tests + benchmark
 RESERVE_AFTER_TESTS = 150  # benchmark
 RESERVE_AFTER_BENCH = 5  # summary
+# The benchmark starts no row later than this many seconds before its step's limit (its --budget):
+# the longest row, a model at batch 32 with its first autotuning, should still finish.
+BENCH_LAST_ROW_S = 60
 
 PROBE = r"""
 import json, platform
@@ -124,23 +127,62 @@ def tests_passed(rc: int | None, counts: dict) -> bool:
     return rc == 0 and counts["tests"] > 0 and counts["failures"] == counts["errors"] == counts["skipped"] == 0
 
 
+def _cell(v, spec=".3f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
 def bench_markdown(results: dict) -> str:
-    """benchmarks/gpu.py's JSON as a Markdown table."""
-    head = (
-        f"GPU benchmark: {results.get('device')}, torch {results.get('torch')}, TF32 {results.get('tf32')}\n\n"
-        "| block | type | dtype | batch | fused ms | eager CL ms | eager NCHW ms | x vs CL | x vs NCHW | TFLOP/s "
-        "| roofline | kernels |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n"
-    )
-    rows = []
+    """benchmarks/gpu.py's JSON as Markdown: the settings, the rows (times without and with CUDA
+    graphs, speedups, error against float64 and its limit), the targets and the rows not run."""
+    tf32 = results.get("tf32") or {}
+    lines = [
+        f"GPU benchmark: {results.get('device')}, torch {results.get('torch')}, triton {results.get('triton')}; "
+        f"TF32: {', '.join(f'{k}={v}' for k, v in tf32.items()) if isinstance(tf32, dict) else tf32}; "
+        f"torch.compile: {results.get('compile_mode') or 'not run'}",
+        "",
+        "Times in ms (median; graph: the calls captured in one CUDA graph). Baseline: eager channels_last with "
+        "cudnn.benchmark (cuDNN's grouped conv + ReLU for grouped rows). err: max|out - float64| / max|float64|.",
+        "",
+        "| row | type | dtype | batch | fused | baseline | x | fused graph | baseline graph | x graph | compile "
+        "| x vs compile (graph) | TFLOP/s | roofline | err | limit | ok | kernels |",
+        "|" + "---|" * 18,
+    ]
     for r in results.get("rows", []):
-        ms = r["ms"]
+        ms, graph, err = r["ms"], r.get("ms_graph") or {}, r.get("error") or {}
         roof = r.get("roofline_fraction")
-        rows.append(
-            f"| {r['block']} | {r['type']} | {r['dtype']} | {r['batch']} | {ms['fused']:.3f} | {ms['eager_cl']:.3f} "
-            f"| {ms['eager_nchw']:.3f} | {r['speedup_vs_eager_cl']:.2f} | {r['speedup_vs_eager_nchw']:.2f} "
-            f"| {r['tflops']:.1f} | {'-' if roof is None else f'{roof:.0%}'} | {', '.join(r['kernels'])} |"
+        lines.append(
+            f"| {r['block']} | {r['type']} | {r['dtype']} | {r['batch']} | {_cell(ms.get('fused'))} "
+            f"| {_cell(ms.get('eager_cl'))} | {_cell(r.get('speedup_vs_eager_cl'), '.2f')} "
+            f"| {_cell(graph.get('fused'))} | {_cell(graph.get('eager_cl'))} "
+            f"| {_cell(r.get('speedup_graph_vs_eager_cl'), '.2f')} | {_cell(ms.get('compile'))} "
+            f"| {_cell(r.get('speedup_graph_vs_compile'), '.2f')} | {_cell(r.get('tflops'), '.1f')} "
+            f"| {'-' if roof is None else f'{roof:.0%}'} | {_cell(err.get('fused'), '.1e')} "
+            f"| {_cell(err.get('limit'), '.1e')} | {'yes' if err.get('ok') else 'NO'} | {', '.join(r['kernels'])} |"
         )
-    return head + "\n".join(rows) + "\n"
+    targets = results.get("targets", [])
+    if targets:
+        lines += ["", "Targets (issue 17):", "", "| target | measured | needed | status |", "|---|---|---|---|"]
+        for t in targets:
+            measured = "-" if t["measured"] is None else f"x{t['measured']:.2f}"
+            lines.append(f"| {t['target']} | {measured} | >= x{t['threshold']:.1f} | {t['status']} |")
+    if results.get("not_run"):
+        lines += ["", f"Not run ({len(results['not_run'])} rows): " + "; ".join(results["not_run"])]
+    return "\n".join(lines) + "\n"
+
+
+def bench_verdict(rc: int | None, results: dict | None) -> tuple[bool, str]:
+    """(ok, details) of the benchmark step: it finished, every row is within its error limit,
+    and no row was left out for time (a row not run is a row not checked)."""
+    if results is None:
+        return False, "no results"
+    rows = results.get("rows", [])
+    wrong = [r for r in rows if not (r.get("error") or {}).get("ok")]
+    wrong += [r for r in rows if "compile_error" in r and not r["compile_error"].get("ok")]
+    not_run = results.get("not_run", [])
+    missed = [t for t in results.get("targets", []) if t["status"] == "FAIL"]
+    details = f"{len(rows)} rows (bench.md), {len(wrong)} over their error limit, {len(not_run)} not run"
+    details += f"; {len(missed)} targets missed" if missed else ""
+    return rc == 0 and bool(rows) and not wrong and not not_run, details
 
 
 class Check:
@@ -209,6 +251,11 @@ def main(argv=None) -> int:
     out = os.path.abspath(os.path.join(ROOT, args.out))
     os.makedirs(out, exist_ok=True)
     check = Check(out, args.budget)
+    # Compiled Triton kernels, autotuning results and inductor's code kept in the output folder, so
+    # a second run skips the compiles and the tuning (the environment's own settings win).
+    env.setdefault("TRITON_CACHE_DIR", os.path.join(out, "cache", "triton"))
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(out, "cache", "inductor"))
+    env.setdefault("TRITON_CACHE_AUTOTUNING", "1")
 
     # 1. environment
     environment = dict(
@@ -262,7 +309,10 @@ def main(argv=None) -> int:
     junit = os.path.join(out, "junit.xml")
     if build["ok"]:
         test_env = dict(env, RESFUSED_REQUIRE_NATIVE="1")
-        cmd = [py, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-rfEs", f"--junitxml={junit}", "tests"]
+        # One GPU: the multi_gpu tests are deselected, not skipped (a skip would fail the step).
+        marks = "gpu" if found.get("device_count", 0) >= 2 else "gpu and not multi_gpu"
+        cmd = [py, "-m", "pytest", "-m", marks, "-p", "no:cacheprovider", "-rfEs", "--durations=30"]
+        cmd += [f"--junitxml={junit}", "tests"]
         rc = check.run("tests", cmd, os.path.join(out, "tests.log"), test_env, check.left() - RESERVE_AFTER_TESTS)
         counts = junit_counts(junit)
         check.steps["tests"].update(counts, ok=tests_passed(rc, counts))
@@ -273,18 +323,22 @@ def main(argv=None) -> int:
     if build["ok"]:
         bench_dir = os.path.join(out, "bench")
         extra = shlex.split(os.environ.get("GPU_CHECK_BENCH_ARGS", "")) or DEFAULT_BENCH_ARGS
+        limit = check.left() - RESERVE_AFTER_BENCH
+        if "--budget" not in extra:
+            extra = [*extra, "--budget", f"{max(0.0, limit - BENCH_LAST_ROW_S):.0f}"]
         cmd = [py, "-m", "benchmarks.gpu", *extra, "--out", bench_dir]
-        rc = check.run("benchmark", cmd, os.path.join(out, "bench.log"), env, check.left() - RESERVE_AFTER_BENCH)
+        rc = check.run("benchmark", cmd, os.path.join(out, "bench.log"), env, limit)
         results_path = os.path.join(bench_dir, "gpu_results.json")
-        ok = rc == 0 and os.path.exists(results_path)
-        if os.path.exists(results_path):
+        results = None
+        if os.path.exists(results_path):  # written after every row: a stopped run keeps its rows
             with open(results_path) as f:
                 results = json.load(f)
             os.replace(results_path, os.path.join(out, "bench.json"))
             bench_md = bench_markdown(results)
             check.steps["benchmark"]["rows"] = len(results.get("rows", []))
-            ok = ok and len(results.get("rows", [])) > 0
-        else:  # stopped or failed: the rows it printed, as they are
+        ok, details = bench_verdict(rc, results)
+        check.steps["benchmark"]["note"] = (check.steps["benchmark"].get("note", "") + " " + details).strip()
+        if results is None:  # stopped or failed before its first row: what it printed, as it is
             with open(os.path.join(out, "bench.log")) as f:
                 printed = f.read()[-20000:]
             bench_md = f"The benchmark did not finish (see summary.md); the end of bench.log:\n\n```\n{printed}\n```\n"
@@ -311,8 +365,6 @@ def main(argv=None) -> int:
             detail = (
                 f"{s['tests']} tests, {s['failures']} failed, {s['errors']} errors, {s['skipped']} skipped " + detail
             )
-        if name == "benchmark" and "rows" in s:
-            detail = f"{s['rows']} rows (bench.md) " + detail
         lines.append(f"| {name} | {'yes' if s.get('ok') else 'NO'} | {s.get('seconds', '-')} | {detail.strip()} |")
     table_end = len(lines)
     lines += ["", f"Revision: {environment['git']}; budget {args.budget:.0f} s.", "", "Commands:", ""]
