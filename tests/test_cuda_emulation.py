@@ -60,6 +60,41 @@ def test_emulator_honours_barrier_and_catches_bad_accesses(emu):
     assert emu.emulator_selftest(x, 4).isnan().all()  # unwritten shared memory reads as NaN
 
 
+@pytest.mark.parametrize("first", [1, 4, 16])
+def test_emulator_warp_shuffles_run_lanes_in_lock_step(emu, first):
+    # warp_sum_xor(v, first): each lane ends with the sum over the lanes sharing lane % first.
+    # Values chosen so that float addition order matters: the lanes of a group must agree bit for
+    # bit (the butterfly's partners add the same two numbers), and match the exact sum closely.
+    gen = torch.Generator().manual_seed(first)
+    x = torch.randn(128, generator=gen) * torch.logspace(-6, 6, 128)[torch.randperm(128, generator=gen)]
+    out = emu.emulator_shuffle_selftest(x, first, 0, 64)
+    groups = x.double().view(4, 32 // first, first)  # [warp, lane // first, lane % first]
+    expected = groups.sum(1, keepdim=True).expand_as(groups).reshape(-1)
+    got = out.view(4, 32 // first, first)
+    assert torch.equal(got, got[:, :1].expand_as(got)), "lanes of one group must hold the same bits"
+    assert_matches_reference(out, expected, what="warp_sum_xor")
+
+
+def test_emulator_rejects_shuffles_the_gpu_leaves_undefined(emu):
+    x = torch.randn(64)
+    with pytest.raises(RuntimeError, match="lane that has exited"):
+        emu.emulator_shuffle_selftest(x, 1, 1, 64)
+    with pytest.raises(RuntimeError, match="partial warp"):
+        emu.emulator_shuffle_selftest(x[:48], 1, 0, 48)
+
+
+@pytest.mark.parametrize(
+    "stride,width,worst",
+    [(1, 1, 1), (0, 1, 1), (2, 1, 2), (32, 1, 32), (33, 1, 1), (4, 4, 1), (8, 4, 2), (2, 2, 1), (36, 4, 1), (32, 4, 8)],
+)
+def test_emulator_costs_shared_memory_bank_conflicts(emu, stride, width, worst):
+    # one warp, lane l accesses `width` floats at float index l * stride: the worst wavefronts of
+    # a 128-byte phase is the conflict degree (stride 0: one word, a broadcast)
+    requests, wavefronts, ideal, got = emu.emulator_bank_selftest(stride, width)
+    assert requests == 1 and ideal == 32 * width * 4 // 128 and got == worst
+    assert wavefronts == ideal * worst
+
+
 # --- grouped 3x3 convolution ---
 
 

@@ -87,6 +87,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_train_act_backward(const at::T
   return guarded([&] { return bn_train_act_backward_impl(g, x, w, b, mean, var, eps, relu, nullptr); });
 }
 
+// Sets the emulated device's SM count and the launch schedule seed (cuda_emulation.h); returns
+// the previous [sm_count, schedule_seed].
+std::vector<int64_t> emulator_configure(int64_t sm_count, int64_t schedule_seed) {
+  TORCH_CHECK(sm_count >= 1 && schedule_seed >= 0, "sm_count >= 1, schedule_seed >= 0");
+  std::vector<int64_t> old{emu::sm_count, static_cast<int64_t>(emu::schedule_seed)};
+  emu::sm_count = static_cast<int>(sm_count);
+  emu::schedule_seed = static_cast<uint64_t>(schedule_seed);
+  return old;
+}
+
 // Self-test of the emulator itself, so that its checks are known to fire:
 //   mode 0: block-reverse through shared memory across a barrier (correct kernel; returns it)
 //   mode 1: global read one past the end   mode 2: misaligned 16-byte load
@@ -130,6 +140,72 @@ at::Tensor emulator_selftest(const at::Tensor& in, int64_t mode) {
   });
 }
 
+// Warp shuffles: each thread takes in[g] and sums it over the lanes sharing (lane % first) with
+// warp_sum_xor. mode 0: all lanes take part; mode 1: lane 5 of each warp exits first (a
+// shuffle with an exited lane must throw); the block size is `block` (a partial warp throws).
+struct ShuffleTestArgs {
+  gptr<const float> in;
+  gptr<float> out;
+  int first, mode;
+};
+struct ShuffleTestKernel {
+  using Params = ShuffleTestArgs;
+  static constexpr int kPhases = 1, kMaxThreads = 1024;
+  static constexpr bool kWarpSync = true;
+  template <int>
+  static void run(const Params& a, gptr<float>) {
+    const int64_t g = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (a.mode == 1 && threadIdx.x % 32 == 5) return;
+    float v[1] = {a.in[g]};
+    warp_sum_xor(v, a.first);
+    a.out[g] = v[0];
+  }
+};
+
+at::Tensor emulator_shuffle_selftest(const at::Tensor& in, int64_t first, int64_t mode, int64_t block) {
+  TORCH_CHECK(in.dim() == 1 && in.numel() % block == 0 && in.scalar_type() == at::kFloat, "in: float [k*block]");
+  auto out = at::full_like(in, std::numeric_limits<float>::quiet_NaN());
+  ShuffleTestArgs a{gptr<const float>(in.const_data_ptr<float>(), in.numel(), "in"),
+                    gptr<float>(out.data_ptr<float>(), out.numel(), "out"), static_cast<int>(first),
+                    static_cast<int>(mode)};
+  return guarded([&] {
+    const auto err = emu::launch<ShuffleTestKernel>(dim3(in.numel() / block), dim3(block), 0, a);
+    TORCH_CHECK(err == cudaSuccess, "launch failed");
+    return out;
+  });
+}
+
+// Bank accounting: one warp, each lane accesses `width` floats at float index lane * stride.
+struct BankTestArgs {
+  int stride, width;
+};
+struct BankTestKernel {
+  using Params = BankTestArgs;
+  static constexpr int kPhases = 1, kMaxThreads = 32;
+  template <int>
+  static void run(const Params& a, gptr<float> smem) {
+    const int64_t i = int64_t(threadIdx.x) * a.stride;
+    if (a.width == 4)
+      store_pack<4>(smem, i, Pack<float, 4>{{1.f, 1.f, 1.f, 1.f}});
+    else if (a.width == 2)
+      store_pack<2>(smem, i, Pack<float, 2>{{1.f, 1.f}});
+    else
+      smem[i] = 1.f;
+  }
+};
+
+std::vector<int64_t> emulator_bank_selftest(int64_t stride, int64_t width) {
+  emu::BankStats st;
+  emu::bank_stats = &st;
+  struct Off {
+    ~Off() { emu::bank_stats = nullptr; }
+  } off;
+  BankTestArgs a{static_cast<int>(stride), static_cast<int>(width)};
+  const size_t bytes = (32 * static_cast<size_t>(stride) + 4) * sizeof(float);
+  guarded([&] { return emu::launch<BankTestKernel>(dim3(1), dim3(32), bytes, a); });
+  return {st.requests[0], st.wavefronts[0], st.ideal[0], st.worst[0]};
+}
+
 }  // namespace
 }  // namespace resfused::emu_ops
 
@@ -151,4 +227,8 @@ TORCH_LIBRARY(resfused_emu, m) {
       "eps, bool relu) -> (Tensor, Tensor, Tensor)",
       &bn_train_act_backward);
   m.def("emulator_selftest(Tensor input, int mode) -> Tensor", &emulator_selftest);
+  m.def("emulator_configure(int sm_count, int schedule_seed) -> int[]", &emulator_configure);
+  m.def("emulator_shuffle_selftest(Tensor input, int first, int mode, int block) -> Tensor",
+        &emulator_shuffle_selftest);
+  m.def("emulator_bank_selftest(int stride, int width) -> int[]", &emulator_bank_selftest);
 }

@@ -116,6 +116,40 @@ RESFUSED_DEVICE void store_pack(T* p, int64_t i, const Pack<T, N>& v) {
 }
 #endif
 
+// Shared memory (declared float) seen as another element type, e.g. double partial sums. The
+// dynamic shared buffer is 16-byte aligned, so any A up to 16 bytes is aligned at offset 0.
+template <class A>
+RESFUSED_DEVICE gptr<A> smem_as(gptr<float> s) {
+#ifdef RESFUSED_EMULATION
+  return s.template reinterpret<A>();
+#else
+  return reinterpret_cast<A*>(s);
+#endif
+}
+
+// Butterfly shuffle: the value of lane (lane ^ lane_mask), all 32 lanes taking part. Kernels
+// that call it set `kWarpSync = true` (the emulation then runs the warp's lanes in lock-step).
+template <class A>
+RESFUSED_DEVICE A shfl_xor(A v, int lane_mask) {
+#ifdef RESFUSED_EMULATION
+  return emu::shuffle_xor(0xffffffffu, v, lane_mask);
+#else
+  return __shfl_xor_sync(0xffffffffu, v, lane_mask);
+#endif
+}
+
+// Sums v over the lanes that share (lane % first): butterfly steps lane ^ first, lane ^ 2*first,
+// ..., lane ^ 16. Deterministic and identical in every lane: at each step the two partners add
+// the same two values (IEEE addition is commutative bit for bit), so they hold the same bits,
+// and the association order is fixed by the lane numbers alone.
+template <class A, int N>
+RESFUSED_DEVICE void warp_sum_xor(A (&v)[N], int first) {
+  for (int off = first; off < 32; off *= 2) {
+    RESFUSED_UNROLL
+    for (int k = 0; k < N; ++k) v[k] += shfl_xor(v[k], off);
+  }
+}
+
 RESFUSED_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Whether a pointer allows `bytes`-wide vector accesses (host side, for the launch config).
