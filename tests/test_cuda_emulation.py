@@ -142,7 +142,8 @@ def test_grouped_conv3x3_matches_reference(emu, cpg, stride, dtype):
 @pytest.mark.parametrize("cpg", [4, 16])
 def test_grouped_conv3x3_layouts_and_unaligned_inputs(emu, cpg):
     # NCHW input (converted), an input whose storage starts 2 bytes past an aligned address (the
-    # scalar, non-vector path), and fp16 with C not a multiple of 8 (16-byte loads not allowed).
+    # scalar, non-vector path), and fp16 with C not a multiple of 8 (16-byte loads not allowed);
+    # a weight 2 bytes past an aligned address (scalar weight staging).
     x, wt, b = _conv_inputs(2, 3, cpg, 6, 13, torch.float32, layout=torch.contiguous_format)
     _check_conv(emu, x, wt, b, 1, True)
     x, wt, b = _conv_inputs(2, 3, cpg, 6, 13, torch.float16)
@@ -150,6 +151,23 @@ def test_grouped_conv3x3_layouts_and_unaligned_inputs(emu, cpg):
     shifted = buf[1:].as_strided(x.shape, x.stride()).copy_(x)
     assert shifted.data_ptr() % 16 != 0 and shifted.is_contiguous(memory_format=CL)
     _check_conv(emu, shifted, wt, b, 2, True)
+    wbuf = torch.empty(wt.numel() + 1, dtype=wt.dtype)
+    wshift = wbuf[1:].view(wt.shape).copy_(wt)
+    assert wshift.data_ptr() % 8 != 0
+    _check_conv(emu, x, wshift, b, 1, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("cpg", [4, 8, 16, 32])
+def test_grouped_conv3x3_shared_memory_is_conflict_free(emu, cpg, dtype):
+    # Every shared-memory request of both phases (weight and halo staging, the compute loop) is
+    # served in the ideal number of wavefronts. The weight staging used to write with the tap
+    # index fastest: 32 lanes on one bank (worst 32), which this catches.
+    for stride in (1, 2):
+        x, wt, b = _conv_inputs(1, 64 // cpg, cpg, 9, 10, dtype)
+        stats = emu.grouped_conv3x3_bank_stats(x, wt, b, stride, True)
+        for phase, (requests, wavefronts, ideal, worst) in enumerate((stats[:4], stats[4:])):
+            assert requests > 0 and worst == 1 and wavefronts == ideal, (phase, stride, stats)
 
 
 def test_grouped_conv3x3_propagates_nan(emu):

@@ -33,6 +33,21 @@ at::Tensor grouped_conv3x3(const at::Tensor& x, const at::Tensor& w, const std::
   return guarded([&] { return grouped_conv3x3_impl(x, w, b, stride, relu, nullptr); });
 }
 
+// Shared-memory bank accounting of one grouped conv call (emulation/cuda_emulation.h, BankStats):
+// [requests, wavefronts, ideal wavefronts, worst wavefronts of one 128-byte phase] for phase 0
+// (staging) then phase 1 (compute).
+std::vector<int64_t> grouped_conv3x3_bank_stats(const at::Tensor& x, const at::Tensor& w,
+                                                const std::optional<at::Tensor>& b, int64_t stride, bool relu) {
+  emu::BankStats st;
+  emu::bank_stats = &st;
+  struct Off {
+    ~Off() { emu::bank_stats = nullptr; }
+  } off;
+  guarded([&] { return grouped_conv3x3_impl(x, w, b, stride, relu, nullptr); });
+  return {st.requests[0], st.wavefronts[0], st.ideal[0], st.worst[0],
+          st.requests[1], st.wavefronts[1], st.ideal[1], st.worst[1]};
+}
+
 // The launch configuration for a shape: [tile_h, grid.x, grid.y, block.x, smem_bytes, vec_io].
 std::vector<int64_t> grouped_conv3x3_config(int64_t N, int64_t C, int64_t H, int64_t W, int64_t cpg, int64_t stride) {
   GroupedConvArgs<float> a;
@@ -43,16 +58,16 @@ std::vector<int64_t> grouped_conv3x3_config(int64_t N, int64_t C, int64_t H, int
   bool ok = false;
   switch (cpg) {
     case 4:
-      ok = grouped_conv_config<4>(a, cfg, dummy, dummy);
+      ok = grouped_conv_config<4>(a, cfg, dummy, dummy, dummy);
       break;
     case 8:
-      ok = grouped_conv_config<8>(a, cfg, dummy, dummy);
+      ok = grouped_conv_config<8>(a, cfg, dummy, dummy, dummy);
       break;
     case 16:
-      ok = grouped_conv_config<16>(a, cfg, dummy, dummy);
+      ok = grouped_conv_config<16>(a, cfg, dummy, dummy, dummy);
       break;
     case 32:
-      ok = grouped_conv_config<32>(a, cfg, dummy, dummy);
+      ok = grouped_conv_config<32>(a, cfg, dummy, dummy, dummy);
       break;
     default:
       TORCH_CHECK(false, "cpg must be 4, 8, 16 or 32");
@@ -212,6 +227,8 @@ std::vector<int64_t> emulator_bank_selftest(int64_t stride, int64_t width) {
 TORCH_LIBRARY(resfused_emu, m) {
   using namespace resfused::emu_ops;
   m.def("grouped_conv3x3(Tensor x, Tensor weight, Tensor? bias, int stride, bool relu) -> Tensor", &grouped_conv3x3);
+  m.def("grouped_conv3x3_bank_stats(Tensor x, Tensor weight, Tensor? bias, int stride, bool relu) -> int[]",
+        &grouped_conv3x3_bank_stats);
   m.def("grouped_conv3x3_config(int N, int C, int H, int W, int cpg, int stride) -> int[]", &grouped_conv3x3_config);
   m.def("add_relu(Tensor x, Tensor residual) -> Tensor", &add_relu);
   m.def("add_relu_backward(Tensor grad_out, Tensor out) -> Tensor", &add_relu_backward);

@@ -47,12 +47,39 @@ struct GroupedConv3x3Kernel {
   }
 
   // Phase 0: weights -> smem[(ci*9 + tap)*CB + co], input halo -> smem[W + (r*IW + c)*CB + ch].
+  //
+  // Weight staging, channel index fastest. Work item i stages channel co = i % CB, taps
+  // r0 = 4 * (i / CB) .. r0 + 3 (R = CPG*9 is a multiple of 4): one 4-element vector load of its
+  // own OIHW row (8 or 16 bytes), four 4-byte shared stores at words (r0 + j)*CB + co.
+  // Bank math: shared memory has 32 banks of 4 bytes, word w sits in bank w % 32. CB is a
+  // multiple of 32, so the bank of (r0 + j)*CB + co is co % 32. Blocks are whole warps and the
+  // loop starts at i = tid, so the 32 lanes of a warp hold 32 consecutive i: 32 consecutive co,
+  // all with the same r0 (CB % 32 == 0: no wrap inside a warp), hence 32 different banks, one
+  // wavefront per store. (With the tap index fastest, as the OIHW order would suggest, the lanes
+  // hold consecutive r and one co: every address r*CB + co is in bank co % 32, a 32-way conflict.)
+  // Global side: the CB rows of R elements a block reads are one contiguous slab of the weight
+  // (channels c0 .. c0+CB-1), so the lines a warp touches are reused from L1 by the next items.
   static RESFUSED_DEVICE void stage(const Params& a, gptr<float> smem) {
     const Block b = block_of(a);
     const int tid = threadIdx.x, nthr = blockDim.x;
-    for (int i = tid; i < kWeightFloats; i += nthr) {  // coalesced over the OIHW weight
-      const int co = i / (CPG * 9), r = i - co * (CPG * 9);
-      smem[r * CB + co] = co < b.cvalid ? to_acc(a.w[(b.c0 + co) * (CPG * 9) + r]) : 0.f;
+    constexpr int R = CPG * 9;
+    static_assert(R % 4 == 0 && CB % 32 == 0, "weight staging: 4-tap vectors, a warp on 32 banks");
+    for (int i = tid; i < CB * (R / 4); i += nthr) {
+      const int co = i % CB, r0 = (i / CB) * 4;
+      float f[4] = {0.f, 0.f, 0.f, 0.f};  // channels past C (last slab): zero weights
+      if (co < b.cvalid) {
+        const int64_t g = (b.c0 + co) * R + r0;
+        if (a.vec_w) {
+          const auto v = load_pack<4>(a.w, g);
+          RESFUSED_UNROLL
+          for (int j = 0; j < 4; ++j) f[j] = to_acc(v.v[j]);
+        } else {
+          RESFUSED_UNROLL
+          for (int j = 0; j < 4; ++j) f[j] = to_acc(a.w[g + j]);
+        }
+      }
+      RESFUSED_UNROLL
+      for (int j = 0; j < 4; ++j) smem[(r0 + j) * CB + co] = f[j];
     }
     gptr<float> in_s = smem + kWeightFloats;
     const int IH = (a.tile_h - 1) * S + 3;
@@ -75,8 +102,17 @@ struct GroupedConv3x3Kernel {
           RESFUSED_UNROLL
           for (int j = 0; j < VL; ++j) f.v[j] = 0.f;  // zero padding (and channels past C)
         }
+        // 16-byte shared stores, VL/4 per item. A 16-byte store is served a quarter warp
+        // (8 lanes, 128 bytes) at a time. For fp32 (one store) the 8 lanes write 8 consecutive
+        // 16-byte chunks: all 32 banks. For fp16/bf16 (VL = 8, two stores) lane k's chunks are
+        // 2k and 2k+1 of its pixel; storing the low halves first would put lanes k and k+4 on the
+        // same banks (chunks 2k and 2k+8 are 128 bytes apart), a 2-way conflict. So lanes with
+        // bit 2 of i set store their high half first: lanes 0-3 cover banks 0-3, 8-11, 16-19,
+        // 24-27 and lanes 4-7 banks 4-7, ..., 28-31 (also when a quarter spans two pixels).
+        const int swz = VL == 8 ? (i >> 2) & 1 : 0;
         RESFUSED_UNROLL
-        for (int q = 0; q < VL; q += 4) {  // 16-byte shared stores
+        for (int qi = 0; qi < VL / 4; ++qi) {
+          const int q = (qi ^ swz) * 4;
           Pack<float, 4> s4;
           RESFUSED_UNROLL
           for (int j = 0; j < 4; ++j) s4.v[j] = f.v[q + j];
@@ -185,11 +221,11 @@ template <class T, int CPG>
 inline cudaError_t launch_grouped_cpg(GroupedConvArgs<T>& a, cudaStream_t stream) {
   LaunchConfig cfg;
 #ifdef RESFUSED_EMULATION
-  const void *xr = a.x.raw(), *yr = a.y.raw();
+  const void *xr = a.x.raw(), *wr = a.w.raw(), *yr = a.y.raw();
 #else
-  const void *xr = a.x, *yr = a.y;
+  const void *xr = a.x, *wr = a.w, *yr = a.y;
 #endif
-  if (!grouped_conv_config<CPG>(a, cfg, xr, yr)) return cudaErrorInvalidConfiguration;
+  if (!grouped_conv_config<CPG>(a, cfg, xr, wr, yr)) return cudaErrorInvalidConfiguration;
   if (a.stride == 1) return launch_phased<GroupedConv3x3Kernel<T, CPG, 1>>(cfg, stream, a);
   if (a.stride == 2) return launch_phased<GroupedConv3x3Kernel<T, CPG, 2>>(cfg, stream, a);
   return cudaErrorInvalidConfiguration;

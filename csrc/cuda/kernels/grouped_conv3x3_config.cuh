@@ -9,6 +9,12 @@
 // consecutive output channels (one group) in registers: P*V fp32 accumulators, inputs read four
 // channels at a time (LDS.128), weights V at a time, each input value reused for 3 kw taps x V
 // channels and each weight for P pixels.
+//
+// Block size. V = 4 at every group width: 16 threads per tile row for 8/16/32 channels per group
+// (CB = 32), 32 for 4 (CB = 64), so up to 128 / 256 threads per block. (V = 8 for 16/32 gave 8
+// threads per row, blocks of at most 64 threads: with 37-49 KiB of shared memory per block that
+// left 4-8 warps per SM to hide the shared-memory latency.) The kernel is selected on CUDA only
+// at 4 and 8 channels per group until it is measured on a GPU (resfused/kernels/conv_grouped.py).
 #pragma once
 
 #include "cuda/kernels/platform.cuh"
@@ -18,7 +24,7 @@ namespace resfused::cuda {
 template <int CPG>
 struct GroupedConvTile {
   static_assert(CPG == 4 || CPG == 8 || CPG == 16 || CPG == 32, "channels per group must be 4, 8, 16 or 32");
-  static constexpr int V = CPG >= 16 ? 8 : 4;    // output channels per thread
+  static constexpr int V = 4;                    // output channels per thread
   static constexpr int P = 4;                    // output columns per thread
   static constexpr int CB = CPG == 4 ? 64 : 32;  // channels per block (CB / CPG groups)
   static constexpr int TW = 8;                   // output tile width
@@ -37,6 +43,7 @@ struct GroupedConvArgs {
   int cpg = 0, stride = 1;
   bool has_bias = false, relu = false;
   bool vec_io = false;  // 16-byte loads of x / V-wide stores of y are aligned (set by the config)
+  bool vec_w = false;   // 4-element loads of w are aligned (set by the config)
   int tile_h = 1;       // TH, set by the config
   int64_t tiles_h = 0, tiles_w = 0;
 };
@@ -73,7 +80,8 @@ inline int grouped_conv_tile_h(int64_t OH, int stride) {
 // Fills the tile fields of `a` and returns the launch configuration; ok=false when the shape
 // exceeds the grid limits (the caller reports it).
 template <int CPG, class T>
-inline bool grouped_conv_config(GroupedConvArgs<T>& a, LaunchConfig& cfg, const void* x_raw, const void* y_raw) {
+inline bool grouped_conv_config(GroupedConvArgs<T>& a, LaunchConfig& cfg, const void* x_raw, const void* w_raw,
+                                const void* y_raw) {
   using Tile = GroupedConvTile<CPG>;
   a.tile_h = grouped_conv_tile_h<CPG>(a.OH, a.stride);
   a.tiles_h = ceil_div(a.OH, a.tile_h);
@@ -81,6 +89,8 @@ inline bool grouped_conv_config(GroupedConvArgs<T>& a, LaunchConfig& cfg, const 
   // Vector accesses: x rows read 16 bytes at a time, y written V elements at a time.
   const size_t vin = 16, vout = sizeof(T) * Tile::V;
   a.vec_io = a.C % int64_t(vin / sizeof(T)) == 0 && aligned_to(x_raw, vin) && aligned_to(y_raw, vout);
+  // Weight rows are CPG*9 elements, a multiple of 4: 4-tap vectors stay aligned if the start is.
+  a.vec_w = aligned_to(w_raw, 4 * sizeof(T));
   const int64_t blocks_x = a.N * a.tiles_h * a.tiles_w;
   const int64_t blocks_y = ceil_div(a.C, Tile::CB);
   cfg.grid = dim3(static_cast<unsigned>(blocks_x), static_cast<unsigned>(blocks_y), 1);
