@@ -181,6 +181,52 @@ def test_grouped_conv3x3_empty_batch(emu):
     assert emu.grouped_conv3x3(x, wt, b, 2, True).shape == (0, 8, 3, 3)
 
 
+def _selected(backend, cpg, dtype, device="cuda"):
+    import resfused
+    from resfused.kernels.base import ConvParams
+    from resfused.ops import conv_bias_act, trace_kernels
+
+    x = torch.empty(2, 64, 8, 8, device=device, dtype=dtype).contiguous(memory_format=CL)
+    w = torch.zeros(64, cpg, 3, 3, device=device, dtype=dtype)
+    p = ConvParams(w, torch.zeros(64, device=device, dtype=dtype), (1, 1), (1, 1), (1, 1), 64 // cpg)
+    with torch.no_grad(), resfused.use_backend(backend), trace_kernels() as ran:
+        conv_bias_act(x, p, relu=True)
+    return ran[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_grouped_kernel_selected_only_at_4_and_8_channels_per_group(dtype):
+    # On CUDA-like inputs (fake CUDA tensors: no GPU needed, the whole op path and trace run),
+    # `auto` takes the CUDA grouped kernel at 4 and 8 channels per group and sends 16 / 32 on,
+    # with the reason in resfused.trace_kernels().
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from resfused import _native
+
+    if not _native.has_kernel("grouped_conv3x3", "cuda"):
+        pytest.skip("resfused._C was built without the CUDA grouped kernel")
+    with FakeTensorMode():
+        for cpg in (4, 8):
+            assert _selected("auto", cpg, dtype).kernel == "grouped3x3", cpg
+        for cpg in (16, 32):
+            choice = _selected("auto", cpg, dtype)
+            assert choice.kernel != "grouped3x3", cpg
+            reason = dict(choice.skipped)["grouped3x3"]
+            assert "selected only at 4 and 8 channels per group" in reason and "cuDNN" in reason, reason
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "cuda"])
+def test_cuda_grouped_kernel_selection_on_a_gpu(backend):
+    from resfused import _native
+
+    if not torch.cuda.is_available() or not _native.has_kernel("grouped_conv3x3", "cuda"):
+        pytest.skip("needs a GPU and the CUDA grouped kernel")
+    assert _selected(backend, 8, torch.float16).kernel == "grouped3x3"
+    choice = _selected(backend, 16, torch.float16)
+    assert choice.kernel != "grouped3x3" and "selected only at 4 and 8" in dict(choice.skipped)["grouped3x3"]
+
+
 # The grouped 3x3 of ResNeXt-50 32x4d: (C, input H, stride), cpg = C / 32; the stride-2 ones are
 # the first block of stages 2-4.
 RESNEXT_STAGES = [(128, 56, 1), (256, 28, 1), (512, 14, 1), (1024, 7, 1), (256, 56, 2), (512, 28, 2), (1024, 14, 2)]

@@ -36,6 +36,13 @@ _CPU_WINS = {
 # What the CUDA kernel (csrc/cuda/grouped_conv3x3.cu) covers.
 _CUDA_CHANNELS_PER_GROUP = (4, 8, 16, 32)
 _CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Where it is selected, until it is measured on a GPU: 4 and 8 channels per group, where its
+# design should beat cuDNN. There a group's implicit GEMM (K = 9 * cpg = 36 / 72 deep, cpg wide)
+# is far below one tensor-core tile, so cuDNN and Triton waste most of each MMA, while the
+# direct kernel keeps a group's outputs in FP32 registers and reuses every staged input for
+# 3 taps x 4 channels. From 16 channels per group (K = 144 / 288) the tensor-core convs should
+# win: those calls go on to Triton (`auto`) or cuDNN (`cuda`).
+_CUDA_SELECTED_CHANNELS_PER_GROUP = (4, 8)
 
 
 def _query_cpu_paths() -> dict[int, str]:
@@ -80,6 +87,12 @@ class GroupedConv3x3(Kernel):
         if x.device.type == "cuda":
             if cpg not in _CUDA_CHANNELS_PER_GROUP:
                 yield f"{cpg} channels per group (the CUDA kernel has {_CUDA_CHANNELS_PER_GROUP})"
+            elif cpg not in _CUDA_SELECTED_CHANNELS_PER_GROUP:
+                yield (
+                    f"{cpg} channels per group: on CUDA this kernel is selected only at 4 and 8 channels "
+                    "per group, where its design should beat cuDNN (not yet measured on a GPU); "
+                    "cuDNN / Triton take the rest"
+                )
             if x.dtype not in _CUDA_DTYPES:
                 yield f"dtype {x.dtype}"
             return
