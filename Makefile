@@ -67,10 +67,16 @@ clean:
 compat:
 	bash tools/compat.sh
 
-# make gpu-check: on a machine with one NVIDIA GPU and no network, with its own Python (PYTHON=...,
-# default python3; no venv, nothing installed): the build for that GPU, every `gpu` test and the GPU
-# benchmark within 8 minutes, into GPU_CHECK_OUT (default gpu-check/, git-ignored). Without a GPU it
-# says so in one line and fails (exit 2). tools/gpu_check.py says what it runs and writes.
+# make gpu-check: on a machine with an NVIDIA GPU and no network, with its own Python (PYTHON=...,
+# default python3; no venv, nothing installed), within 8 minutes, into GPU_CHECK_OUT (default
+# gpu-check/, git-ignored): the build for that GPU only; every `gpu` test (tests/test_gpu.py: the
+# auto backend on every block and fused resnet50 / resnext50 in fp16/bf16/fp32, the CUDA grouped
+# 3x3, tails and training BN, a training step, CUDA graphs, streams, cuda:1 with two GPUs, compile,
+# autocast; and the other files' GPU tests) against float64; the GPU benchmark (grouped 3x3 vs
+# cuDNN, blocks, whole models at batch 32 fp16/bf16 vs eager channels_last, with and without CUDA
+# graphs, each row's error vs float64, the issue's targets; torch.compile max-autotune only with
+# GPU_CHECK_BENCH_ARGS="... --compile"). Without a GPU it says so in one line and fails (exit 2).
+# tools/gpu_check.py and the README ("On a GPU machine") say what it runs and writes.
 .PHONY: gpu-check
 GPU_CHECK_OUT ?= gpu-check
 

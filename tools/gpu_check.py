@@ -1,4 +1,4 @@
-"""`make gpu-check`: the GPU checks in one command, on a machine with one NVIDIA GPU.
+"""`make gpu-check`: the GPU checks in one command, on a machine with an NVIDIA GPU.
 
     make gpu-check [PYTHON=python3] [GPU_CHECK_OUT=gpu-check]
     python3 tools/gpu_check.py [--out DIR] [--budget SECONDS]
@@ -11,19 +11,34 @@ ninja installed; no venv, nothing installed). The Python that runs this script r
    TORCH_CUDA_ARCH_LIST = the present GPU's compute capability only, MAX_JOBS=16 (the
    environment's MAX_JOBS wins) and ptxas -v in the log -> build.log; `python -m resfused.info`
    is added to env.txt. The CUDA kernels must have been built.
-3. tests: every test marked `gpu`, with TRITON_INTERPRET=0 and RESFUSED_REQUIRE_NATIVE=1 ->
-   junit.xml, tests.log. Passes only if at least one test ran and none failed, errored or was
-   skipped (a skipped GPU test is not a checked one).
-4. benchmark: `python -m benchmarks.gpu --gpu-dtype fp16 --batch 32` (the fp16 batch-32 target
-   of benchmarks/gpu.py; GPU_CHECK_BENCH_ARGS replaces these arguments) -> bench.log,
-   bench.json (benchmarks/gpu.py's JSON), bench.md (its rows as a Markdown table).
+3. tests: every test marked `gpu` (on a one-GPU machine `gpu and not multi_gpu`: the tests that
+   need two devices are deselected, not skipped), with TRITON_INTERPRET=0 and
+   RESFUSED_REQUIRE_NATIVE=1, the 30 slowest listed -> junit.xml, tests.log. tests/test_gpu.py
+   holds the production path: the `auto` backend on every block type and on fused ResNet-50 /
+   ResNeXt-50 in fp16/bf16/fp32, the CUDA grouped 3x3 kernel (4/8/16/32 channels per group,
+   stride 1/2, unaligned views), the CUDA tails and training BatchNorm, a training step of a fused
+   resnet18, CUDA graphs, a side stream, cuda:1, torch.compile and torch.autocast, all against
+   float64. Passes only if at least one test ran and none failed, errored or was skipped (a
+   skipped GPU test is not a checked one).
+4. benchmark: `python -m benchmarks.gpu --gpu-dtype fp16 --batch 32 --budget S` (the grouped
+   3x3 op against cuDNN, every block at batch 32 fp16, fuse(resnet50) / fuse(resnext50_32x4d) at
+   batch 32 fp16 and bf16, with and without CUDA graphs, each row checked against float64, the
+   issue's targets with pass / FAIL; GPU_CHECK_BENCH_ARGS replaces the arguments before --budget,
+   e.g. with `--compile` for torch.compile max-autotune, minutes per model). S is the step's time
+   limit less BENCH_LAST_ROW_S: the benchmark starts no row after it and lists the rows left out.
+   -> bench.log, bench.json (benchmarks/gpu.py's JSON, rewritten after every row), bench.md (the
+   settings, the rows, the targets). Passes only when it finished, every row is within its
+   error limit and none was left out for time; a missed speed target is reported, not failed.
 
 Then summary.md: PASSED or FAILED on its first line, the environment, each step's result, its
-command, and the benchmark table. Eight files in all (what a remote run can bring back).
+command, and the benchmark table. Eight files in all (what a remote run can bring back), and
+cache/: the Triton and inductor caches with the autotuning results (TRITON_CACHE_DIR,
+TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_AUTOTUNING=1 unless the environment sets them), so that a
+second run skips compiling and tuning.
 
 Everything stays within --budget seconds (default 480): each step gets what is left, less a
 reserve for the steps after it, and a step that runs out of time is stopped and counted as
-failed (a benchmark cut short keeps the rows it printed: bench.log, bench.md).
+failed (a benchmark cut short keeps the rows it wrote: bench.json, bench.md).
 Exit status: 0 only when the build, the tests and the benchmark all succeeded; 2 without a GPU
 (one line says why, nothing is built or run); 1 otherwise.
 
