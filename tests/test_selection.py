@@ -6,7 +6,7 @@ import torch
 
 import resfused
 from resfused import _native
-from resfused.kernels.base import ConvParams
+from resfused.kernels.base import ConvParams, MeasuredRule
 from resfused.ops import conv as conv_op
 from resfused.ops import conv_bias_act, selection, trace_kernels
 
@@ -69,3 +69,19 @@ def test_a_fused_conv_remembers_its_choice_per_signature(monkeypatch):
             conv_bias_act(x1, p, relu=True, inputs_finite=True)  # traced: always asks, records why
     assert len(calls) == 5
     assert ran[0].kernel == "grouped3x3"
+
+
+@needs_native
+def test_only_speed_rules_are_measured_rules():
+    """The reasons that measured selection (tuning) may override are the tables' speed rules;
+    without tuning they rule a kernel out like any other reason."""
+    with torch.no_grad(), trace_kernels() as ran:
+        conv_bias_act(torch.randn(1, 64, 14, 14), _params(k=3, groups=4), relu=True, inputs_finite=True)
+        conv_bias_act(torch.randn(1, 64, 7, 7), _params(k=3), relu=True, inputs_finite=True)
+    grouped16, small3x3 = ran
+    assert grouped16.kernel == small3x3.kernel == "onednn"
+    assert grouped16.source == small3x3.source == "table"
+    reasons = {**dict(grouped16.skipped), **{f"{k} 7x7": v for k, v in small3x3.skipped}}
+    assert isinstance(reasons["grouped3x3"], MeasuredRule) and "measured faster" in reasons["grouped3x3"]
+    assert isinstance(reasons["winograd_f43 7x7"], MeasuredRule)
+    assert not isinstance(reasons["winograd_f43"], MeasuredRule)  # grouped: not a dense 3x3 at all
