@@ -322,7 +322,10 @@ class Clock:
         try:
             return float(do_bench_cudagraph(fn, rep=self.rep_ms, return_mode="median")), None
         except Exception as e:  # a capture failure is a finding to report, not a crash of the run
-            torch.cuda.synchronize()
+            try:
+                torch.cuda.synchronize()
+            except Exception:  # noqa: S110  the device error is already in the message below
+                pass
             return None, f"CUDA graph capture failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
 
@@ -491,7 +494,8 @@ def grouped_row(run: _Run, case: GroupedCase, d: str, batch: int, hw: int) -> di
     w = (torch.randn(c, case.cpg, 3, 3, generator=g) / (3 * case.cpg**0.5)).to(dev, dtype)
     b = torch.randn(c, generator=g).to(dev, dtype)
     fused = lambda: torch.ops.resfused.grouped_conv3x3(x, w, b, case.stride, True)  # noqa: E731
-    cudnn = lambda: torch.relu_(F.conv2d(x, w, b, case.stride, 1, 1, groups))  # noqa: E731
+    w_cl = w.contiguous(memory_format=torch.channels_last)  # cuDNN's channels_last conv wants both so
+    cudnn = lambda: torch.relu_(F.conv2d(x, w_cl, b, case.stride, 1, 1, groups))  # noqa: E731
     with torch.inference_mode():
         error = check_error(
             fused(), torch.relu(F.conv2d(x.double(), w.double(), b.double(), case.stride, 1, 1, groups)), dtype, cudnn()
@@ -725,9 +729,11 @@ def run_gpu_benchmark(args, device: str = "cuda") -> int:
                 for batch in batches:
                     if run.has_time(f"{case.label} {d} b{batch}"):
                         run.add(block_row(run, case, d, batch, shrink(case.hw)))
-    for name in getattr(args, "models", None) or ([MODELS[0]] if dry else MODELS):
-        if getattr(args, "no_models", False):
-            break
+    names = getattr(args, "models", None) or ([MODELS[0]] if dry else MODELS)
+    for name in [] if getattr(args, "no_models", False) else names:
+        if name not in MODELS:  # a name benchmarks/__main__.py's --models took for the CPU benchmark
+            run.not_run.append(f"{name}: not a GPU benchmark model (these are {', '.join(MODELS)})")
+            continue
         for d in model_dtypes:
             for batch in model_batches:
                 if run.has_time(f"fuse({name}) {d} b{batch}"):

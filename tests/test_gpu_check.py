@@ -160,6 +160,26 @@ def test_benchmark_without_a_gpu():
     assert run.returncode == 0 and "DRAM bytes per block forward" in run.stdout, run.stdout + run.stderr
 
 
+def test_benchmark_clock_reports_a_failed_graph_capture(monkeypatch):
+    """The CUDA clock's code without a GPU: do_bench's median in ms, and a capture that fails
+    becomes a note on the row (None as its time), not a crash of the run."""
+    import triton.testing
+
+    calls = []
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: calls.append(kw) or 0.25)
+
+    def capture_fails(fn, **kw):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", capture_fails)
+    clock = bench.Clock("cuda")
+    assert clock.time(lambda: None) == 0.25 and calls[0]["return_mode"] == "median"
+    ms, why = clock.time_graph(lambda: None)
+    assert ms is None and why == (
+        "CUDA graph capture failed: RuntimeError: operation not permitted when stream is capturing"
+    )
+
+
 def test_benchmark_dry_run_on_the_cpu(gpu_check, tmp_path):
     """Every row kind (grouped op, block, fused model) through the same code the GPU run takes, on
     the CPU at tiny shapes: reference checks, JSON written, gpu-check's rendering and verdict."""
