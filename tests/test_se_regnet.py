@@ -407,3 +407,25 @@ def test_timm_legacy_lookalikes_are_left_alone_with_the_reason():
     x = torch.randn(2, 16, 9, 9)
     with torch.no_grad():  # what is left alone still computes what it did
         assert torch.equal(resfused.fuse(cases[0][0]).eval()(x), cases[0][0].eval()(x))
+
+
+# ------------------------------------------------------------------------------ torch.compile
+COMPILED = ["regnet-se", "timm-se", "timm-eca", "legacy-seresnext"]
+
+
+@pytest.mark.parametrize("which", COMPILED)
+def test_se_blocks_compile_fullgraph_and_match(which):
+    # No graph break: the gates (PyTorch ops) and the scale_add_relu op (fake kernel) trace.
+    block = {
+        "regnet-se": lambda: _block(16, 48, 2, 24, 0.25),
+        "timm-se": lambda: _timm_se_block("resnext", "se"),
+        "timm-eca": lambda: _timm_se_block("bottleneck", "eca"),
+        "legacy-seresnext": lambda: _legacy_block("seresnext"),
+    }[which]().eval()
+    fused = resfused.fuse(block)
+    assert fused.resfused_report.skipped == [], str(fused.resfused_report)
+    x = torch.randn(2, 16, 15, 13)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        actual = torch.compile(fused, fullgraph=True)(x)
+    assert_matches_reference(actual, _expected64(block, x), torch.float32, what=f"{which} compiled")
