@@ -425,3 +425,33 @@ def test_tuning_after_untuned_forwards_reaches_the_untraced_calls(monkeypatch):
     calls.clear()
     compare_modules(fused, ref, x, "tuning off again")
     assert not calls
+
+
+@needs_native
+def test_threads_tuning_the_same_model_at_once_get_correct_results():
+    import threading
+
+    fused, ref = _tuned_pair()
+    xs = [torch.randn(n, 64, 12, 12, generator=torch.Generator().manual_seed(n)) for n in (1, 2, 3)]
+    with torch.no_grad():
+        expected = [ref.double()(x.double()) for x in xs]
+    results, errors = {}, []
+
+    def worker(i):
+        try:
+            with torch.no_grad():
+                results[i] = [fused(x) for x in xs]
+        except Exception as e:  # reported below, with the thread that raised it
+            errors.append((i, e))
+
+    with tuning_cache.enabled_as(True):
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+    for i in range(3):
+        for y, e in zip(results[i], expected):
+            torch.testing.assert_close(y.double(), e, rtol=0, atol=1e-4 * e.abs().max().item())
+    assert len(tuning_cache.entries()) > 0
