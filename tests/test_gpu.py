@@ -34,6 +34,8 @@ from harness import LOWP_EPS, assert_matches_reference, compare_modules, forward
 CPU = pytest.param("cpu", id="cpu")
 CUDA = pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)
 DEVICES = [CPU, CUDA]
+# Whole models on the CPU take 10-40 s each on a 2-core machine (and the CPU path has its own tests).
+DEVICES_CPU_SLOW = [pytest.param("cpu", id="cpu", marks=pytest.mark.slow), CUDA]
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 CL = torch.channels_last
 
@@ -97,7 +99,7 @@ def test_auto_backend_blocks(name, args, dtype, device):
     _assert_fused_path(ran, device, f"{name}{args} {dtype}")
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_CPU_SLOW)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("model_name", ["resnet50", "resnext50_32x4d"])
 def test_auto_backend_models(model_name, dtype, device):
@@ -228,16 +230,22 @@ def test_scale_shift_act_forward_backward(dtype, layout, relu, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "shape",
+    [pytest.param((4, 37, 9, 7), id="small"), pytest.param((32, 64, 28, 28), id="batch32", marks=pytest.mark.slow)],
+)
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_bn_train_forward_backward_and_running_stats(dtype, layout, relu, device):
+def test_bn_train_forward_backward_and_running_stats(dtype, layout, relu, shape, device):
     """ops.batch_norm_act on a train-mode BatchNorm2d of the input's dtype (a model `.to(dtype)`):
-    output, the gradients of x, weight and bias, and the running statistics."""
+    output, the gradients of x, weight and bias, and the running statistics. 37 channels: rows that
+    are no multiple of a vector; batch 32 at 28x28: 25088 values per channel, reduced in many
+    partial slots (and NCHW's per-image rows)."""
     _needs_native("bn_train_act", device)
     g = torch.Generator().manual_seed(1)
-    c = 37
-    x = _layout((torch.randn(4, c, 9, 7, generator=g) * 2 + 1).to(device, dtype), layout)
+    c = shape[1]
+    x = _layout((torch.randn(shape, generator=g) * 2 + 1).to(device, dtype), layout)
     bn = randomize_bn(nn.BatchNorm2d(c), g).to(device).train()
     grad = _layout(torch.randn(x.shape, generator=g).to(device, dtype), layout)
     if relu:
@@ -277,7 +285,7 @@ def _eager_bn(bn: nn.BatchNorm2d, x: torch.Tensor, relu: bool) -> torch.Tensor:
 # -------------------------------------------------------------------------------- training
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_CPU_SLOW)
 def test_training_step_of_fused_resnet18(device):
     """One SGD step of a fused resnet18 in float32 against the same step in float64: the loss,
     every gradient, every updated parameter and running statistic. On CUDA: ATen (cuDNN) convs,
