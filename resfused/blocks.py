@@ -24,10 +24,14 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from resfused import reference, structure
+from resfused import backend, reference, structure
 from resfused.ops.batchnorm import uses_batch_statistics
-from resfused.runners import FoldedRunner, FoldedWeights, TrainingRunner
-from resfused.runtime import buffer_cache, finite
+from resfused.runners import FoldedRunner, FoldedWeights, PlanRecorder, PlanRunner, TrainingRunner
+from resfused.runtime import buffer_cache, finite, module_state, trace
+
+# Plans kept per block (input signatures), the least recently recorded dropped first. Each holds
+# references to the folded weights and to the packed weight copies its calls use.
+MAX_PLANS = 4
 
 __all__ = [
     "BasicBlock",
@@ -50,8 +54,9 @@ class FusedModule(nn.Module):
     reference class they also derive from (and stays available as `reference_forward`).
     """
 
-    _folded_key = None  # the parameter state `_folded` was made from
+    _snapshot = None  # module_state.Snapshot of the parameter state `_folded` was made from
     _folded = None  # FoldedWeights
+    _plans = None  # {(input signature, may_overwrite_x): plan}, see `_forward`
 
     @classmethod
     def from_reference(cls, block: nn.Module) -> FusedModule:
@@ -90,41 +95,29 @@ class FusedModule(nn.Module):
         # The folded weights hold backend-specific tensors (oneDNN's opaque blocked weights) that
         # can be neither deep-copied nor pickled; derived state, rebuilt on the next forward.
         state = dict(super().__getstate__())
-        state.pop("_folded", None)
-        state.pop("_folded_key", None)
+        for derived in ("_folded", "_snapshot", "_plans"):
+            state.pop(derived, None)
         return state
-
-    def _walk(self):
-        """This module and every submodule, read straight from the module dicts: Module.modules()
-        builds memo sets and generators and cost ~1 ms per ResNet-50 forward."""
-        stack = [self]
-        while stack:
-            m = stack.pop()
-            yield m
-            stack.extend(c for c in m._modules.values() if c is not None)  # `block.downsample = None`
-
-    def _state_key(self, x: torch.Tensor):
-        # Every parameter and buffer of every submodule, and what folding copied besides them.
-        state = [x.dtype, x.device]
-        for m in self._walk():
-            for t in (*m._parameters.values(), *m._buffers.values()):
-                if t is not None:
-                    # Inference tensors (made under torch.inference_mode) keep no version counter.
-                    state += (t.data_ptr(), None if t.is_inference() else t._version)
-            if isinstance(m, nn.Conv2d):  # what the folded ConvParams copied besides tensors
-                state += (m.stride, m.padding, m.dilation, m.groups)
-            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-                state.append(m.eps)
-        return tuple(state)
 
     def _folded_weights(self, x: torch.Tensor) -> FoldedWeights:
         if torch.compiler.is_compiling():
             return FoldedWeights(x.dtype)  # traced: the folding becomes part of the graph
-        key = self._state_key(x)
-        if key != self._folded_key:
-            self._folded = FoldedWeights(x.dtype)
-            self._folded_key = key
+        self._refresh_snapshot()
+        if self._folded is None or self._folded.dtype != x.dtype:
+            self._folded, self._plans = FoldedWeights(x.dtype), {}
         return self._folded
+
+    def _refresh_snapshot(self) -> module_state.Snapshot:
+        """The module's current snapshot; the folded weights and plans are dropped when the
+        parameter state differs from the one they were made from."""
+        snapshot = self._snapshot
+        if snapshot is not None and snapshot.unchanged():
+            return snapshot
+        new = module_state.Snapshot(self)
+        if snapshot is None or not new.same_state(snapshot):
+            self._folded = self._plans = None
+        self._snapshot = new
+        return new
 
     def _check_input(self, x: torch.Tensor) -> None:
         name = type(self).__name__
@@ -155,17 +148,17 @@ class FusedModule(nn.Module):
         """Whether a BN of this eval-mode module still normalizes with batch statistics: one left in
         train mode (BN re-calibration, AdaBN) or one without running statistics. Such a module
         cannot be folded; the training runner follows each BN's own mode, as the reference does."""
-        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and uses_batch_statistics(m) for m in self._walk())
+        return any(uses_batch_statistics(m) for m in self._refresh_snapshot().bns)
 
     def _has_synced_bn(self) -> bool:
         """Whether an nn.SyncBatchNorm of this module is in training mode. torch synchronizes such a
         BN's batch statistics across the processes of its group (when one is initialized), and the
         fused training kernels compute local statistics: the module runs `reference_forward`, which
         calls the SyncBatchNorm's own forward. In eval mode a SyncBatchNorm folds like a BatchNorm2d."""
-        return any(type(m) is nn.SyncBatchNorm and m.training for m in self._walk())
+        return any(type(m) is nn.SyncBatchNorm and m.training for m in self._refresh_snapshot().bns)
 
     def _needs_autograd(self, x: torch.Tensor) -> bool:
-        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        return torch.is_grad_enabled() and (x.requires_grad or self._refresh_snapshot().any_requires_grad())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if autocast_on(x):
@@ -185,6 +178,14 @@ class FusedModule(nn.Module):
     def _forward(self, x: torch.Tensor, may_overwrite_x: bool) -> torch.Tensor:
         """`may_overwrite_x`: nobody reads `x` after this call (ResidualStage knows it for the
         blocks it chains), so an identity shortcut may be overwritten by the last conv's output."""
+        plan_key = self._plan_key(x, may_overwrite_x)
+        plan = None if plan_key is None else self._plans.get(plan_key)
+        if plan is not None:
+            # Recorded by a call with this input signature on the same parameter state, which
+            # passed the checks below: only the NaN/Inf check depends on the data.
+            if not finite.is_finite(x):
+                return self.reference_forward(x)
+            return self._program(x, PlanRunner(plan), may_overwrite_x)
         self._check_input(x)
         if self.training or self._has_batch_statistics_bn():
             if self._has_synced_bn():
@@ -198,7 +199,29 @@ class FusedModule(nn.Module):
         # NaN or Inf gets the reference computation, NaN and all.
         if not finite.is_finite(x):
             return self.reference_forward(x)
-        return self._program(x, FoldedRunner(self._folded_weights(x), inputs_finite=True), may_overwrite_x)
+        recorder = PlanRecorder(self._folded_weights(x))
+        y = self._program(x, recorder, may_overwrite_x)
+        plan_key = self._plan_key(x, may_overwrite_x, recording=True)
+        if recorder.plan is not None and plan_key is not None:
+            plans = self._plans
+            if len(plans) >= MAX_PLANS:
+                plans.pop(next(iter(plans)))  # the oldest
+            plans[plan_key] = recorder.plan
+        return y
+
+    def _plan_key(self, x, may_overwrite_x: bool, recording: bool = False):
+        """The key of the plan that may run this call, or None when no plan may (see PlanRecorder):
+        a plan holds the kernel calls of one eval forward on the CPU without autograd, for one input
+        signature and one parameter state."""
+        if not (recording or self._plans) or self.training or not isinstance(x, torch.Tensor):
+            return None
+        if x.layout is not torch.strided or trace.active() or torch.compiler.is_compiling():
+            return None
+        if torch.is_grad_enabled() and (x.requires_grad or self._snapshot.any_requires_grad()):
+            return None
+        if not self._snapshot.unchanged():  # the next full call refolds or takes a new snapshot
+            return None
+        return (*module_state.signature(x), may_overwrite_x, backend.get_backend())
 
     def _shortcut(self, x: torch.Tensor, runner, may_overwrite_x: bool):
         """The shortcut branch, and whether the last conv may accumulate into it in place (a
@@ -425,7 +448,7 @@ def refresh(module: nn.Module) -> nn.Module:
     rebuilds them: for edits their version counters cannot see (through `.data`). Returns `module`."""
     for m in module.modules():
         if isinstance(m, FusedModule):
-            m._folded = m._folded_key = None
+            m._folded = m._snapshot = m._plans = None
     return module
 
 

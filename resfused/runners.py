@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from resfused import folding
 from resfused.ops import ConvParams, add_relu, batch_norm_act, conv2d_train, conv_bias_act, scale_shift_act
+from resfused.ops.conv import bind_conv_bias_act
 from resfused.ops.se import eca_gate, scale_add_relu, se_gate
 
 
@@ -73,6 +74,50 @@ class FoldedRunner:
         # y is the output of the conv before, read by no one else: scaled in place unless autograd
         # needs it (the product's backward reads y).
         return y * gate if y.requires_grad or gate.requires_grad else y.mul_(gate)
+
+
+class PlanRecorder(FoldedRunner):
+    """FoldedRunner for a block whose input was checked finite, which also records each conv_bn and
+    pre_act call as a bound function of its tensors (ops.bind_conv_bias_act): the block's `plan`
+    for later calls with the same input signature and parameter state, or None when some call's
+    kernel choice could not be fixed in advance."""
+
+    def __init__(self, weights: FoldedWeights):
+        super().__init__(weights, inputs_finite=True)
+        self.plan: list | None = []
+
+    def conv_bn(self, x, conv, bn, relu=False, residual=None, pre_bn=None, may_overwrite_residual=False):
+        prologue = None if pre_bn is None else self.weights.scale_shift(pre_bn)
+        p = self.weights.conv(conv, bn)
+        call = bind_conv_bias_act(x, p, residual, relu, prologue, may_overwrite_residual, inputs_finite=True)
+        if call is None:
+            self.plan = None
+            return super().conv_bn(x, conv, bn, relu, residual, pre_bn, may_overwrite_residual)
+        return self._record(call)(x, residual)
+
+    def pre_act(self, x, bn):
+        scale, shift = self.weights.scale_shift(bn)
+        return self._record(lambda x, _: scale_shift_act(x, scale, shift, relu=True))(x, None)
+
+    def _record(self, call):
+        if self.plan is not None:
+            self.plan.append(call)
+        return call
+
+
+class PlanRunner(FoldedRunner):
+    """Replays a plan: the block's program makes the same calls in the same order (its control flow
+    depends only on its structure and `may_overwrite_x`, both fixed for a plan), so the i-th
+    conv_bn / pre_act call runs the i-th bound function."""
+
+    def __init__(self, plan: list):
+        self.weights, self.inputs_finite, self._calls = None, True, iter(plan)
+
+    def conv_bn(self, x, conv, bn, relu=False, residual=None, pre_bn=None, may_overwrite_residual=False):
+        return next(self._calls)(x, residual)
+
+    def pre_act(self, x, bn):
+        return next(self._calls)(x, None)
 
 
 class TrainingRunner:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.nn.modules import module as mod
 
 from resfused.blocks import FusedModule, autocast_on, not_fx_traceable, not_scriptable
 from resfused.runtime import buffer_cache
@@ -50,8 +51,6 @@ def _has_hooks(m: nn.Module) -> bool:
 
 
 def _global_module_hooks() -> bool:
-    from torch.nn.modules import module as mod
-
     return bool(
         mod._global_forward_hooks
         or mod._global_forward_pre_hooks
