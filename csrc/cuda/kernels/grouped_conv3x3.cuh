@@ -109,14 +109,19 @@ struct GroupedConv3x3Kernel {
         // same banks (chunks 2k and 2k+8 are 128 bytes apart), a 2-way conflict. So lanes with
         // bit 2 of i set store their high half first: lanes 0-3 cover banks 0-3, 8-11, 16-19,
         // 24-27 and lanes 4-7 banks 4-7, ..., 28-31 (also when a quarter spans two pixels).
-        const int swz = VL == 8 ? (i >> 2) & 1 : 0;
-        RESFUSED_UNROLL
-        for (int qi = 0; qi < VL / 4; ++qi) {
-          const int q = (qi ^ swz) * 4;
-          Pack<float, 4> s4;
+        const int64_t at = int64_t(pix) * CB + ch;
+        if constexpr (VL == 4) {
+          store_pack<4>(in_s, at, f);
+        } else {
+          static_assert(VL == 8, "16-byte loads of 2- or 4-byte elements");
+          Pack<float, 4> lo, hi;
           RESFUSED_UNROLL
-          for (int j = 0; j < 4; ++j) s4.v[j] = f.v[q + j];
-          store_pack<4>(in_s, int64_t(pix) * CB + ch + q, s4);
+          for (int j = 0; j < 4; ++j) lo.v[j] = f.v[j], hi.v[j] = f.v[4 + j];
+          // Selects, not a lane-dependent index into f (that would put f in local memory) and
+          // not a branch (the two halves of a quarter warp would then store separately).
+          const bool swz = (i >> 2) & 1;
+          store_pack<4>(in_s, at + (swz ? 4 : 0), swz ? hi : lo);
+          store_pack<4>(in_s, at + (swz ? 0 : 4), swz ? lo : hi);
         }
       }
     } else {
