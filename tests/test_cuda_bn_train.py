@@ -4,9 +4,11 @@ C++ against the float64 reference.
 The kernel source and the host code of the binding (csrc/cuda/bn_train_host.h: checks, layout,
 allocation, launch configuration) are compiled under the emulation header into the test-only
 module torch.ops.resfused_emu (built by the `emu` fixture of test_cuda_emulation.py), whose
-launcher walks the grid and bounds-checks every access. Forward: batch statistics (two-pass,
-shifted sums), then the scale_shift_act tail; backward: the two per-channel sums, the
-per-channel coefficients and grad_x. Tolerances: docs/design.md, Numerics, via tests/harness.py.
+launcher walks the grid, bounds-checks every access and runs each warp's lanes in lock-step for
+the shuffles. Forward: batch statistics (2-D block reduction with warp shuffles into about
+2 x SM-count slots, then a parallel finalize; shifted sums), then the apply kernel; backward: the
+two per-channel sums, the per-channel coefficients and grad_x. Tolerances: docs/design.md,
+Numerics, via tests/harness.py.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ EPS = 1e-5
 CASES = [
     ((2, 16, 5, 3), CL),
     ((3, 5, 7, 3), CL),
+    ((2, 65, 3, 3), CL),  # 65 channels: the last block's vector columns partly past C
     ((2, 16, 4, 4), torch.contiguous_format),
     ((2, 3, 5, 7), torch.contiguous_format),
     ((6, 4), torch.contiguous_format),
@@ -92,12 +95,66 @@ def test_bn_train_act_and_backward_match_reference(emu, dtype, relu):  # noqa: F
         _check(emu, x, w, b, g, relu, f"{shape} {layout} {dtype} relu={relu}")
 
 
+@pytest.fixture
+def emu_device(emu):  # noqa: F811
+    """emu with the emulated device's SM count / schedule seed restored after the test."""
+    old = emu.emulator_configure(132, 0)
+    yield emu
+    emu.emulator_configure(*old)
+
+
+@pytest.mark.parametrize("sms", [1, 4, 132])
 @pytest.mark.parametrize("layout", [CL, torch.contiguous_format])
-def test_bn_train_many_rows_and_planes(emu, layout):  # noqa: F811
-    # channels_last: 1040 rows > 512 partial-sum slots (each slot sums several rows);
-    # NCHW: planes of 260 > 256 threads (each thread sums several elements of its plane).
-    x, w, b, g = _inputs((4, 24, 20, 13), layout, torch.float32)
-    _check(emu, x, w, b, g, True, f"many rows {layout}")
+def test_bn_train_many_rows_and_planes(emu_device, layout, sms):
+    # channels_last: 1040 rows of 24 channels (fp32: 6 vectors -> blocks of 8 x 32 threads, rows
+    # split over up to 33 slots, each thread several rows); NCHW: planes of 260 > 256 threads
+    # (each thread several elements of its plane), 9 images. SM counts 1, 4, 132: one slot, a
+    # few, and enough slots that every finalize lane adds several.
+    emu_device.emulator_configure(sms, 0)
+    x, w, b, g = _inputs((9, 24, 20, 13), layout, torch.float32)
+    _check(emu_device, x, w, b, g, True, f"many rows {layout} sms={sms}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("layout", [CL, torch.contiguous_format])
+def test_bn_train_results_are_deterministic(emu_device, layout, dtype):
+    # Same bits whatever order the blocks, warps and lanes run in (the emulation shuffles the
+    # block order and reverses the thread order under a schedule seed): no atomics, and every
+    # addition order is fixed by the shape. And the same bits on a second run.
+    x, w, b, g = _inputs((6, 40, 9, 7), layout, dtype, seed=11)
+    runs = []
+    for seed in (0, 0, 12345):
+        emu_device.emulator_configure(8, seed)
+        y, mean, var = emu_device.bn_train_act(x, w, b, EPS, True)
+        runs.append((y, mean, var, *emu_device.bn_train_act_backward(g, x, w, b, mean, var, EPS, True)))
+    for other in runs[1:]:
+        for name, a, b_ in zip(("y", "mean", "var", "grad_x", "grad_weight", "grad_bias"), runs[0], other):
+            assert a.shape == b_.shape and a.stride() == b_.stride(), name
+            assert torch.equal(a.contiguous().view(torch.uint8), b_.contiguous().view(torch.uint8)), name
+
+
+def test_bn_train_reduction_launch_shape(emu):  # noqa: F811
+    half, single = 2, 4
+    # channels_last, C = 64 fp32 (16 vectors of 4): 16 x 16 threads, every thread has channels;
+    # two blocks per SM.
+    gx, gy, bx, by, smem, slots = emu.bn_train_reduce_config(32 * 56 * 56 * 64, 64, 1, True, 132, single)
+    assert (bx, by, gx, gy, slots) == (16, 16, 1, 264, 264)
+    # C = 64 fp16 (8 vectors of 8): 8 x 32
+    gx, gy, bx, by, _, slots = emu.bn_train_reduce_config(32 * 56 * 56 * 64, 64, 1, True, 132, half)
+    assert (bx, by, gx * gy) == (8, 32, 264)
+    # NCHW, N = 32, C = 2048, 7x7: one block per channel, 49 elements a plane -> 64 x 4 threads;
+    # one slot per channel (2 * 132 blocks < C already): the partial buffer is 2 * C floats,
+    # where N * 256 slots per channel made it 134 MB.
+    gx, gy, bx, by, _, slots = emu.bn_train_reduce_config(32 * 2048 * 49, 2048, 49, False, 132, single)
+    assert (gx, gy, bx, by, slots) == (2048, 1, 64, 4, 1)
+    # NCHW C = 64, 56x56 fp32 vectors: 784 vectors a plane -> 256 x 1, ceil(264 / 64) = 5 slots
+    gx, gy, bx, by, _, slots = emu.bn_train_reduce_config(32 * 64 * 3136, 64, 3136, True, 132, single)
+    assert (gx, gy, bx, by, slots) == (64, 5, 256, 1, 5)
+    # The buffer is bounded by the SM count, not the batch: slots * C <= 2 * SMs * 256 * VL + C.
+    for n_batch in (1, 32, 1024):
+        for c, inner in ((64, 1), (2048, 1), (64, 3136), (2048, 49)):
+            *_, slots = emu.bn_train_reduce_config(n_batch * c * inner * 8, c, inner, True, 132, half)
+            assert slots * c <= 2 * 132 * 256 * 8 + c and slots <= 2 * 132
 
 
 @pytest.mark.parametrize("layout", [CL, torch.contiguous_format])
@@ -140,6 +197,17 @@ def test_bn_train_unaligned_and_odd_vector_widths(emu):  # noqa: F811
     shifted = buf[1:].as_strided(x.shape, x.stride()).copy_(x)
     assert shifted.data_ptr() % 16 != 0 and shifted.is_contiguous(memory_format=CL)
     _check(emu, shifted, w, b, g.contiguous(memory_format=CL), True, "unaligned fp16")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bn_train_unaligned_nchw_views(emu, dtype):  # noqa: F811
+    # NCHW storage starting one element past an aligned address: scalar loads in the reduction
+    # and the apply kernels; the planes (4x4) would otherwise allow vectors.
+    x, w, b, g = _inputs((3, 6, 4, 4), torch.contiguous_format, dtype, seed=5)
+    buf = torch.empty(x.numel() + 1, dtype=dtype)
+    shifted = buf[1:].view(x.shape).copy_(x)
+    assert shifted.data_ptr() % 16 != 0 and shifted.is_contiguous()
+    _check(emu, shifted, w, b, g, False, f"unaligned NCHW {dtype}")
 
 
 def test_bn_train_nan_stays_in_its_channel(emu):  # noqa: F811

@@ -21,6 +21,20 @@ inline void check_bn_train_args(const at::Tensor& x, const at::Tensor& weight, c
   TORCH_CHECK(eps >= 0, "resfused.bn_train_act: 'eps' must be >= 0, got ", eps);
 }
 
+// The SM count of x's device: the reduction grids are sized to about two blocks per SM.
+inline int device_sm_count(const at::Tensor& x) {
+#ifdef RESFUSED_EMULATION
+  (void)x;
+  return emu::sm_count;
+#else
+  int sms = 0;
+  const cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device());
+  TORCH_CHECK(e == cudaSuccess, "resfused.bn_train_act: cannot query the SM count of ", x.device(), " (",
+              cudaGetErrorString(e), ")");
+  return sms;
+#endif
+}
+
 // The fields common to forward and backward; weight/bias as double (the affine math is double).
 template <class T, class S>
 BnTrainArgs<T> bn_train_args(const at::Tensor& xc, const at::Tensor& w64, const at::Tensor& b64, double eps,
@@ -34,6 +48,7 @@ BnTrainArgs<T> bn_train_args(const at::Tensor& xc, const at::Tensor& w64, const 
   a.inner = channel_inner(xc);
   a.eps = eps;
   a.relu = relu;
+  a.sms = device_sm_count(xc);
   return a;
 }
 
@@ -53,7 +68,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_train_act_impl(const at
     using A = acc_t<scalar_t>;
     const auto stats_opts = xc.options().dtype(c10::CppTypeToScalarType<A>::value);
     auto a = bn_train_args<T, scalar_t>(xc, w64, b64, eps, relu);
-    bn_reduce_config(a);  // sets a.slots: the size of the partial-sum buffer
+    y = at::empty_like(xc, fmt);
+    a.vec = aligned_to(xc.const_data_ptr(), 16) && aligned_to(y.const_data_ptr(), 16) &&
+            scale_shift_vec_ok<T>(a.C, a.inner);
+    bn_reduce_config(a);  // sets a.slots (the size of the partial-sum buffer) from a.vec and a.sms
     auto partial = at::empty({a.slots, 2, C}, stats_opts);
     auto coef = at::empty({2, C}, stats_opts);
     mean = at::empty({C}, stats_opts);
@@ -62,10 +80,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_train_act_impl(const at
     a.coef = kernel_ptr<A, A>(coef, "coef");
     a.mean = kernel_ptr<A, A>(mean, "mean");
     a.var = kernel_ptr<A, A>(var, "var");
-    y = at::empty_like(xc, fmt);
     a.out = kernel_ptr<T, scalar_t>(y, "y");
-    a.vec = aligned_to(xc.const_data_ptr(), 16) && aligned_to(y.const_data_ptr(), 16) &&
-            scale_shift_vec_ok<T>(a.C, a.inner);
     check_launch(launch_bn_train_forward(a, stream), "bn_train_act", x);
   });
   return {y, mean, var};
@@ -96,15 +111,15 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_train_act_backward_impl
         // The backward kernels only read mean/var (the forward's statistics).
         a.mean = kernel_ptr<A, A>(mean_a, "mean");
         a.var = kernel_ptr<A, A>(var_a, "var");
-        bn_reduce_config(a);
+        a.vec = aligned_to(xc.const_data_ptr(), 16) && aligned_to(gc.const_data_ptr(), 16) &&
+                aligned_to(grad_x.const_data_ptr(), 16) && scale_shift_vec_ok<T>(a.C, a.inner);
+        bn_reduce_config(a);  // after a.vec: the vector width shapes the grid
         auto partial = at::empty({a.slots, 2, C}, stats_opts);
         auto coef = at::empty({4, C}, stats_opts);
         auto totals = at::empty({2, C}, stats_opts);
         a.partial = kernel_ptr<A, A>(partial, "partial sums");
         a.coef = kernel_ptr<A, A>(coef, "coef");
         a.totals = kernel_ptr<A, A>(totals, "totals");
-        a.vec = aligned_to(xc.const_data_ptr(), 16) && aligned_to(gc.const_data_ptr(), 16) &&
-                aligned_to(grad_x.const_data_ptr(), 16) && scale_shift_vec_ok<T>(a.C, a.inner);
         check_launch(launch_bn_train_backward(a, stream), "bn_train_act_backward", x);
         // Own storage for each output (outputs of an op must not alias one another).
         grad_weight = totals[0].to(weight.scalar_type(), /*non_blocking=*/false, /*copy=*/true);

@@ -4,7 +4,6 @@
 #pragma once
 
 #include "cuda/kernels/bn_train_config.cuh"
-#include "cuda/kernels/channel_slots.cuh"
 
 namespace resfused::cuda {
 
@@ -31,37 +30,194 @@ RESFUSED_DEVICE acc_t<T> bn_channel_shift(const BnTrainArgs<T>& a, int64_t c) {
   return to_acc(a.x[a.inner == 1 ? c : c * a.inner]);
 }
 
+// g' of one element: the gradient where the forward's pre-activation was > 0 (relu), else as is.
+template <class A>
+RESFUSED_DEVICE A bn_masked_grad(A g, A xv, A mean, A s, A beta, bool relu) {
+  return (relu && !(bn_normalized(xv, mean, s, beta) > A(0))) ? A(0) : g;
+}
+
+// What the forward reduction sums: d = x - K[c] and d^2 (shifted statistics).
 template <class T>
-struct BnStatsPartialKernel {
-  using Params = BnTrainArgs<T>;
-  static constexpr int kPhases = 1, kMaxThreads = kTailThreads > kPlaneThreads ? kTailThreads : kPlaneThreads;
-  template <int>
-  static RESFUSED_DEVICE void run(const Params& a, gptr<float>) {
-    using A = acc_t<T>;
-    A s1 = 0, s2 = 0, k = 0;
-    int64_t c = 0, slot = 0;
-    const bool active = slot_walk(
-        a, c, slot, [&](int64_t ch) { k = bn_channel_shift(a, ch); },
-        [&](int64_t i) {
-          const A d = to_acc(a.x[i]) - k;
-          s1 += d;
-          s2 += d * d;
-        });
-    if (active) store_slot_pair(a.partial, slot, a.C, c, s1, s2);
+struct StatsOp {
+  static constexpr bool kGrad = false;
+  struct Channel {
+    acc_t<T> k;
+  };
+  static RESFUSED_DEVICE Channel channel(const BnTrainArgs<T>& a, int64_t c) { return {bn_channel_shift(a, c)}; }
+  static RESFUSED_DEVICE void add(const Channel& ch, acc_t<T> xv, acc_t<T>, acc_t<T>& s0, acc_t<T>& s1) {
+    const acc_t<T> d = xv - ch.k;
+    s0 += d;
+    s1 += d * d;
   }
 };
 
+// What the backward reduction sums: g' (x - mean) and g'.
 template <class T>
-struct BnStatsFinalizeKernel {
-  using Params = BnTrainArgs<T>;
-  static constexpr int kPhases = 1, kMaxThreads = kTailThreads;
-  template <int>
-  static RESFUSED_DEVICE void run(const Params& a, gptr<float>) {
+struct BackwardOp {
+  static constexpr bool kGrad = true;
+  struct Channel {
+    acc_t<T> m, s, b;
+    bool relu;
+  };
+  static RESFUSED_DEVICE Channel channel(const BnTrainArgs<T>& a, int64_t c) {
     using A = acc_t<T>;
-    const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (c >= a.C) return;
-    const double s1 = sum_slots<double>(a.partial, a.slots, a.C, 0, c);
-    const double s2 = sum_slots<double>(a.partial, a.slots, a.C, 1, c);
+    return {a.mean[c], bn_scale(a.var[c], a.weight[c], a.eps), static_cast<A>(a.bias[c]), a.relu};
+  }
+  static RESFUSED_DEVICE void add(const Channel& ch, acc_t<T> xv, acc_t<T> g, acc_t<T>& s0, acc_t<T>& s1) {
+    const acc_t<T> gm = bn_masked_grad(g, xv, ch.m, ch.s, ch.b, ch.relu);
+    s0 += gm * (xv - ch.m);
+    s1 += gm;
+  }
+};
+
+// Pass 1 of both reductions (layout and order: bn_train_config.cuh). Phase 0: each thread sums
+// its elements in registers, a warp butterfly adds the lanes of one channel, one lane per warp
+// and channel stores to shared memory; phase 1: the warps' values added in warp order, one
+// partial[blockIdx.y][which][c] per channel.
+template <class T, class Op>
+struct BnReduceKernel {
+  using Params = BnTrainArgs<T>;
+  using A = acc_t<T>;
+  static constexpr int kPhases = 2, kMaxThreads = kBnReduceThreads;
+  static constexpr bool kWarpSync = true;
+  static constexpr int kVec = kTailVec<T>;
+
+  template <int Phase>
+  static RESFUSED_DEVICE void run(const Params& a, gptr<float> smem) {
+    if (a.vec)
+      run_vl<Phase, kVec>(a, smem_as<A>(smem));
+    else
+      run_vl<Phase, 1>(a, smem_as<A>(smem));
+  }
+
+  template <int VL>
+  static RESFUSED_DEVICE void load(const Params& a, int64_t i, A (&xv)[VL], A (&gv)[VL]) {
+    if constexpr (VL > 1) {
+      const auto x = load_pack<VL>(a.x, i);
+      RESFUSED_UNROLL
+      for (int k = 0; k < VL; ++k) xv[k] = to_acc(x.v[k]);
+      if constexpr (Op::kGrad) {
+        const auto g = load_pack<VL>(a.grad, i);
+        RESFUSED_UNROLL
+        for (int k = 0; k < VL; ++k) gv[k] = to_acc(g.v[k]);
+      }
+    } else {
+      xv[0] = to_acc(a.x[i]);
+      if constexpr (Op::kGrad) gv[0] = to_acc(a.grad[i]);
+    }
+  }
+
+  template <int Phase, int VL>
+  static RESFUSED_DEVICE void run_vl(const Params& a, gptr<A> red) {
+    const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x, by = blockDim.y;
+    const int t = ty * bx + tx, warp = t / 32;
+    if (a.inner == 1) {
+      // channels-last: thread (tx, ty) owns channels (blockIdx.x * bx + tx) * VL + k.
+      const int64_t c0 = (int64_t(blockIdx.x) * bx + tx) * VL;
+      if constexpr (Phase == 0) {
+        A s[2][VL];
+        A xv[VL], gv[VL];
+        typename Op::Channel ch[VL];
+        RESFUSED_UNROLL
+        for (int k = 0; k < VL; ++k) s[0][k] = s[1][k] = A(0), gv[k] = A(0);
+        if (c0 < a.C) {  // vectors never straddle C (a.vec implies C % VL == 0)
+          RESFUSED_UNROLL
+          for (int k = 0; k < VL; ++k) ch[k] = Op::channel(a, c0 + k);
+          const int64_t rows = a.n / a.C, step = int64_t(gridDim.y) * by;
+          for (int64_t r = int64_t(blockIdx.y) * by + ty; r < rows; r += step) {
+            load<VL>(a, r * a.C + c0, xv, gv);
+            RESFUSED_UNROLL
+            for (int k = 0; k < VL; ++k) Op::add(ch[k], xv[k], gv[k], s[0][k], s[1][k]);
+          }
+        }
+        // Every lane reaches the butterfly (no early return): lanes tx, tx + bx, ... of a warp
+        // hold the same channels on other rows.
+        A flat[2 * VL];
+        RESFUSED_UNROLL
+        for (int k = 0; k < VL; ++k) flat[k] = s[0][k], flat[VL + k] = s[1][k];
+        warp_sum_xor(flat, bx);
+        if ((t % 32) < bx) {  // the first row of the warp: one lane per channel vector
+          RESFUSED_UNROLL
+          for (int k = 0; k < 2 * VL; ++k) {
+            const int which = k / VL, j = tx * VL + k % VL;
+            red[(warp * 2 + which) * (bx * VL) + j] = flat[k];
+          }
+        }
+      } else {
+        const int width = bx * VL;  // channels of this block
+        for (int e = t; e < 2 * width; e += bx * by) {
+          const int which = e / width, j = e - which * width;
+          const int64_t c = int64_t(blockIdx.x) * width + j;
+          if (c >= a.C) continue;
+          A sum = red[which * width + j];
+          for (int w = 1; w < kBnReduceWarps; ++w) sum += red[(w * 2 + which) * width + j];
+          a.partial[(int64_t(blockIdx.y) * 2 + which) * a.C + c] = sum;
+        }
+      }
+    } else {
+      // NC(spatial): the block's channel is blockIdx.x; thread (tx, ty) walks vectors tx, tx + bx,
+      // ... of the planes of images blockIdx.y * by + ty, + gridDim.y * by, ...
+      const int64_t c = blockIdx.x;
+      if constexpr (Phase == 0) {
+        A s[2] = {A(0), A(0)};
+        A xv[VL], gv[VL];
+        RESFUSED_UNROLL
+        for (int k = 0; k < VL; ++k) gv[k] = A(0);
+        const typename Op::Channel ch = Op::channel(a, c);
+        const int64_t images = a.n / (a.C * a.inner), units = ceil_div(a.inner, VL);
+        const int64_t step = int64_t(gridDim.y) * by;
+        for (int64_t img = int64_t(blockIdx.y) * by + ty; img < images; img += step) {
+          const int64_t base = (img * a.C + c) * a.inner;
+          for (int64_t u = tx; u < units; u += bx) {  // a.vec implies inner % VL == 0
+            load<VL>(a, base + u * VL, xv, gv);
+            RESFUSED_UNROLL
+            for (int k = 0; k < VL; ++k) Op::add(ch, xv[k], gv[k], s[0], s[1]);
+          }
+        }
+        warp_sum_xor(s, 1);
+        if (t % 32 == 0) red[warp * 2] = s[0], red[warp * 2 + 1] = s[1];
+      } else if (t < 2) {
+        A sum = red[t];
+        for (int w = 1; w < kBnReduceWarps; ++w) sum += red[w * 2 + t];
+        a.partial[(int64_t(blockIdx.y) * 2 + t) * a.C + c] = sum;
+      }
+    }
+  }
+};
+
+// Pass 2: per channel, the slots added in a fixed order in double (32 channels x 8 slot-lanes
+// per block: lane ty adds slots ty, ty + 8, ...; after the barrier thread ty == 0 adds the 8
+// lanes' sums in order), then Op's per-channel outputs.
+template <class T, class Op>
+struct BnFinalizeKernel {
+  using Params = BnTrainArgs<T>;
+  static constexpr int kPhases = 2, kMaxThreads = kBnFinalizeChannels * kBnFinalizeLanes;
+  template <int Phase>
+  static RESFUSED_DEVICE void run(const Params& a, gptr<float> smem) {
+    gptr<double> red = smem_as<double>(smem);
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const int64_t c = int64_t(blockIdx.x) * kBnFinalizeChannels + tx;
+    if constexpr (Phase == 0) {
+      double s0 = 0, s1 = 0;
+      if (c < a.C)
+        for (int64_t k = ty; k < a.slots; k += kBnFinalizeLanes) {
+          s0 += static_cast<double>(a.partial[(k * 2 + 0) * a.C + c]);
+          s1 += static_cast<double>(a.partial[(k * 2 + 1) * a.C + c]);
+        }
+      red[(ty * 2 + 0) * kBnFinalizeChannels + tx] = s0;
+      red[(ty * 2 + 1) * kBnFinalizeChannels + tx] = s1;
+    } else if (ty == 0 && c < a.C) {
+      double s0 = red[tx], s1 = red[kBnFinalizeChannels + tx];
+      for (int l = 1; l < kBnFinalizeLanes; ++l) {
+        s0 += red[(l * 2 + 0) * kBnFinalizeChannels + tx];
+        s1 += red[(l * 2 + 1) * kBnFinalizeChannels + tx];
+      }
+      finish(a, c, s0, s1, Op{});
+    }
+  }
+
+  static RESFUSED_DEVICE void finish(const Params& a, int64_t c, double s1, double s2, StatsOp<T>) {
+    using A = acc_t<T>;
     const double M = static_cast<double>(a.n / a.C);
     double var = (s2 - s1 * s1 / M) / M;
     if (var < 0) var = 0;  // rounding can go below 0; NaN stays NaN
@@ -72,51 +228,9 @@ struct BnStatsFinalizeKernel {
     a.coef[c] = bn_scale(v, a.weight[c], a.eps);
     a.coef[a.C + c] = static_cast<A>(a.bias[c]);
   }
-};
 
-// g' of one element: the gradient where the forward's pre-activation was > 0 (relu), else as is.
-template <class A>
-RESFUSED_DEVICE A bn_masked_grad(A g, A xv, A mean, A s, A beta, bool relu) {
-  return (relu && !(bn_normalized(xv, mean, s, beta) > A(0))) ? A(0) : g;
-}
-
-template <class T>
-struct BnBackwardPartialKernel {
-  using Params = BnTrainArgs<T>;
-  static constexpr int kPhases = 1, kMaxThreads = kTailThreads > kPlaneThreads ? kTailThreads : kPlaneThreads;
-  template <int>
-  static RESFUSED_DEVICE void run(const Params& a, gptr<float>) {
+  static RESFUSED_DEVICE void finish(const Params& a, int64_t c, double sgxc, double sg, BackwardOp<T>) {
     using A = acc_t<T>;
-    A sum_gxc = 0, sum_g = 0, m = 0, s = 0, b = 0;
-    int64_t c = 0, slot = 0;
-    const bool active = slot_walk(
-        a, c, slot,
-        [&](int64_t ch) {
-          m = a.mean[ch];
-          s = bn_scale(a.var[ch], a.weight[ch], a.eps);
-          b = static_cast<A>(a.bias[ch]);
-        },
-        [&](int64_t i) {
-          const A xv = to_acc(a.x[i]);
-          const A g = bn_masked_grad(to_acc(a.grad[i]), xv, m, s, b, a.relu);
-          sum_gxc += g * (xv - m);
-          sum_g += g;
-        });
-    if (active) store_slot_pair(a.partial, slot, a.C, c, sum_gxc, sum_g);
-  }
-};
-
-template <class T>
-struct BnBackwardFinalizeKernel {
-  using Params = BnTrainArgs<T>;
-  static constexpr int kPhases = 1, kMaxThreads = kTailThreads;
-  template <int>
-  static RESFUSED_DEVICE void run(const Params& a, gptr<float>) {
-    using A = acc_t<T>;
-    const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (c >= a.C) return;
-    const double sgxc = sum_slots<double>(a.partial, a.slots, a.C, 0, c);
-    const double sg = sum_slots<double>(a.partial, a.slots, a.C, 1, c);
     const A s = bn_scale(a.var[c], a.weight[c], a.eps), b = static_cast<A>(a.bias[c]);
     const double M = static_cast<double>(a.n / a.C);
     const double invstd = 1.0 / ::sqrt(static_cast<double>(a.var[c]) + a.eps);
@@ -195,36 +309,31 @@ struct BnApplyKernel {
   }
 };
 
-template <class T>
-cudaError_t launch_bn_train_forward(BnTrainArgs<T> a, cudaStream_t s) {
+// Reduce, finalize, apply (bn_train_config.cuh); Op picks the forward's or the backward's sums.
+template <class T, class Op, bool kGrad>
+cudaError_t launch_bn_train(BnTrainArgs<T> a, cudaStream_t s) {
   if (a.C == 0) return cudaSuccess;
   BnTrainArgs<T> sized = a;
   const LaunchConfig part = bn_reduce_config(sized);
   if (sized.slots != a.slots) return cudaErrorInvalidConfiguration;  // partial sized for another config
   if (a.n > 0) {
-    const cudaError_t e = launch_phased<BnStatsPartialKernel<T>>(part, s, sized);
+    const cudaError_t e = launch_phased<BnReduceKernel<T, Op>>(part, s, sized);
     if (e != cudaSuccess) return e;
   }
-  cudaError_t e = launch_phased<BnStatsFinalizeKernel<T>>(finalize_config(a.C), s, sized);
+  cudaError_t e = launch_phased<BnFinalizeKernel<T, Op>>(bn_finalize_config(a.C), s, sized);
   if (e != cudaSuccess || a.n == 0) return e;
   const LaunchConfig apply = bn_apply_config(sized);
-  return launch_phased<BnApplyKernel<T, false>>(apply, s, sized);
+  return launch_phased<BnApplyKernel<T, kGrad>>(apply, s, sized);
+}
+
+template <class T>
+cudaError_t launch_bn_train_forward(BnTrainArgs<T> a, cudaStream_t s) {
+  return launch_bn_train<T, StatsOp<T>, false>(a, s);
 }
 
 template <class T>
 cudaError_t launch_bn_train_backward(BnTrainArgs<T> a, cudaStream_t s) {
-  if (a.C == 0) return cudaSuccess;
-  BnTrainArgs<T> sized = a;
-  const LaunchConfig part = bn_reduce_config(sized);
-  if (sized.slots != a.slots) return cudaErrorInvalidConfiguration;
-  if (a.n > 0) {
-    const cudaError_t e = launch_phased<BnBackwardPartialKernel<T>>(part, s, sized);
-    if (e != cudaSuccess) return e;
-  }
-  cudaError_t e = launch_phased<BnBackwardFinalizeKernel<T>>(finalize_config(a.C), s, sized);
-  if (e != cudaSuccess || a.n == 0) return e;
-  const LaunchConfig apply = bn_apply_config(sized);
-  return launch_phased<BnApplyKernel<T, true>>(apply, s, sized);
+  return launch_bn_train<T, BackwardOp<T>, true>(a, s);
 }
 
 }  // namespace resfused::cuda

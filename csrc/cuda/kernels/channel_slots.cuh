@@ -1,4 +1,5 @@
-// The per-channel reduction layout shared by the tails backward and the training BatchNorm:
+// The per-channel reduction layout of the tails backward (scale_shift_act_backward; the training
+// BatchNorm has its own 2-D block reduction, bn_train_config.cuh):
 // partial sums go to "slots" (a partial buffer [slots][2][C], written without atomics), and a
 // finalize adds each channel's slots up in slot order, so results are deterministic.
 //
