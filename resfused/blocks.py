@@ -27,7 +27,7 @@ import torch.nn as nn
 from resfused import backend, reference, structure
 from resfused.ops.batchnorm import uses_batch_statistics
 from resfused.runners import FoldedRunner, FoldedWeights, PlanRecorder, PlanRunner, TrainingRunner
-from resfused.runtime import buffer_cache, finite, module_state, trace
+from resfused.runtime import buffer_cache, finite, module_state, trace, tuning_cache
 
 # Plans kept per block (input signatures), the least recently recorded dropped first. Each holds
 # references to the folded weights and to the packed weight copies its calls use.
@@ -221,7 +221,8 @@ class FusedModule(nn.Module):
             return None
         if not self._snapshot.unchanged():  # the next full call refolds or takes a new snapshot
             return None
-        return (*module_state.signature(x), may_overwrite_x, backend.get_backend())
+        # Whether tuning is on decides the kernels too (a plan recorded before tune() has the table's).
+        return (*module_state.signature(x), may_overwrite_x, backend.get_backend(), tuning_cache.enabled())
 
     def _shortcut(self, x: torch.Tensor, runner, may_overwrite_x: bool):
         """The shortcut branch, and whether the last conv may accumulate into it in place (a
