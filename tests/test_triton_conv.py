@@ -266,3 +266,52 @@ def test_single_channel_input_with_a_free_channel_stride():
             y = conv_bias_act(x, p, relu=True)
         expected = torch.relu(F.conv2d(x.double(), w.double(), p.bias.double(), stride=2, padding=1))
         assert_matches_reference(y, expected, torch.float32, what=f"1-channel input, batch {n}")
+
+
+def test_the_launch_runs_under_the_input_device(monkeypatch):
+    """Triton launches on the current device: the op makes the input's device current first."""
+    from resfused.kernels import conv_triton
+    from resfused.triton import conv as kernels
+
+    events = []
+    real_guard, real_launch = conv_triton.device_guard, kernels.launch
+
+    class Guard:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            events.append(("enter", self.device))
+
+        def __exit__(self, *exc):
+            events.append(("exit", self.device))
+
+    monkeypatch.setattr(conv_triton, "device_guard", Guard)
+    monkeypatch.setattr(kernels, "launch", lambda *a, **k: events.append(("launch",)) or real_launch(*a, **k))
+    _check_conv(1, 8, 8, (5, 5), 3, 1, 1, "bias_relu", False, torch.float32)
+    device = torch.device(DEVICE)
+    assert events == [("enter", device), ("launch",), ("exit", device)]
+    # On CUDA the guard is torch.cuda.device of the tensor's device (built here without a driver).
+    guard = real_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+
+
+@pytest.mark.gpu
+def test_a_model_on_the_second_gpu():
+    # Triton launches on the current device: with cuda:0 current, a block on cuda:1 must run there.
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    resfused.set_backend("auto")
+    ref = randomize_bn(reference.Bottleneck(64, 16)).eval()
+    fused = resfused.Bottleneck(64, 16).eval()
+    fused.load_state_dict(ref.state_dict())
+    fused.to("cuda:1", torch.float16)
+    x = torch.randn(2, 64, 14, 14).half().contiguous(memory_format=torch.channels_last)
+    torch.cuda.set_device(0)
+    with torch.no_grad(), trace_kernels() as ran:
+        actual = fused(x.to("cuda:1"))
+        torch.cuda.synchronize("cuda:1")
+    assert actual.device == torch.device("cuda", 1)
+    assert "triton" in {c.kernel for c in ran if c.op == "conv"}, ran
+    with torch.no_grad():
+        compare_modules(lambda _: actual.cpu(), ref, x, what="Bottleneck on cuda:1")

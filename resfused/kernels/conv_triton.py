@@ -14,11 +14,16 @@ allocates and launches, so it doubles as the fake (meta) implementation; an expl
 registered as well so that fake-tensor tracing never reaches a launch (the interpreter would
 try to run on fake tensors).
 
+On CUDA the launch runs under the input's device (torch.cuda.device(x.device)): Triton launches
+on the current device and stream, and a model on cuda:1 must not launch on cuda:0.
+
 `TritonConv` is the adapter resfused/ops/conv.py lists for CUDA tensors: it keeps the HWIO
 weight in ConvParams.kernel_state and reads torch.backends.cuda.matmul.allow_tf32 at each call.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch.library import triton_op, wrap_triton
@@ -92,6 +97,12 @@ def _traceable(kernel):
     return wrap_triton(kernel) if isinstance(kernel, (JITFunction, Autotuner)) else kernel
 
 
+def device_guard(device: torch.device):
+    """Make `device` current for a launch (Triton launches on the current device and its current
+    stream); nothing to do for CPU tensors (the interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 @triton_op("resfused::conv2d_triton", mutates_args=())
 def conv2d_triton(
     x: torch.Tensor,
@@ -121,22 +132,9 @@ def conv2d_triton(
         kernel, config = kernels.conv2d_nhwc_autotuned, None
     else:  # TRITON_INTERPRET=1 on CPU tensors: no autotuning (it times on a CUDA device)
         kernel, config = kernels.conv2d_nhwc_kernel, kernels.INTERPRETER_CONFIG
-    kernels.launch(
-        _traceable(kernel),
-        x,
-        weight_hwio,
-        bias,
-        residual,
-        scale,
-        shift,
-        y,
-        stride,
-        padding,
-        groups,
-        relu,
-        allow_tf32,
-        config=config,
-    )
+    args = (x, weight_hwio, bias, residual, scale, shift, y, stride, padding, groups, relu, allow_tf32)
+    with device_guard(x.device):
+        kernels.launch(_traceable(kernel), *args, config=config)
     return y
 
 
