@@ -296,6 +296,34 @@ def test_the_launch_runs_under_the_input_device(monkeypatch):
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
 
 
+@pytest.mark.parametrize("cudnn_tf32,matmul_tf32", [(True, False), (False, True)])
+def test_fp32_tf32_follows_the_cudnn_flag(monkeypatch, cudnn_tf32, matmul_tf32):
+    """fp32 uses TF32 exactly when torch.backends.cudnn.allow_tf32 says so (eager convs' flag)."""
+    from resfused.triton import conv as kernels
+
+    seen = []
+    real = kernels.launch
+
+    def spy(kernel, *args, **kw):
+        seen.append(args[11])  # allow_tf32
+        return real(kernel, *args, **kw)
+
+    monkeypatch.setattr(kernels, "launch", spy)
+    p = ConvParams(torch.randn(8, 8, 3, 3), None, (1, 1), (1, 1), (1, 1), 1)
+    x = torch.randn(1, 8, 5, 5)
+    resfused.set_backend("triton")
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn_tf32, matmul_tf32
+    try:
+        with torch.no_grad():
+            for dtype in (torch.float32, torch.float16):
+                pd = ConvParams(p.weight.to(DEVICE, dtype), None, p.stride, p.padding, p.dilation, 1)
+                conv_bias_act(x.to(DEVICE, dtype), pd)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    assert seen == [cudnn_tf32, False]
+
+
 @pytest.mark.gpu
 def test_a_model_on_the_second_gpu():
     # Triton launches on the current device: with cuda:0 current, a block on cuda:1 must run there.

@@ -18,7 +18,9 @@ On CUDA the launch runs under the input's device (torch.cuda.device(x.device)): 
 on the current device and stream, and a model on cuda:1 must not launch on cuda:0.
 
 `TritonConv` is the adapter resfused/ops/conv.py lists for CUDA tensors: it keeps the HWIO
-weight in ConvParams.kernel_state and reads torch.backends.cuda.matmul.allow_tf32 at each call.
+weight in ConvParams.kernel_state. fp32 uses TF32 when torch.backends.cudnn.allow_tf32 is set
+(read at each call), the flag that governs eager fp32 convolutions (cuDNN's), so fused and
+eager fp32 convs do the same arithmetic; torch.backends.cuda.matmul.allow_tf32 governs matmuls.
 """
 
 from __future__ import annotations
@@ -103,6 +105,11 @@ def device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def allow_tf32(dtype: torch.dtype) -> bool:
+    """Whether an fp32 conv may use TF32: torch.backends.cudnn.allow_tf32, as eager convs do."""
+    return dtype == torch.float32 and bool(torch.backends.cudnn.allow_tf32)
+
+
 @triton_op("resfused::conv2d_triton", mutates_args=())
 def conv2d_triton(
     x: torch.Tensor,
@@ -171,7 +178,6 @@ class TritonConv(Kernel):
 
     def run(self, x, p: ConvParams, residual, relu, prologue):
         scale, shift = prologue if prologue is not None else (None, None)
-        allow_tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
         return torch.ops.resfused.conv2d_triton(
             x,
             self._weight(p),
@@ -182,5 +188,5 @@ class TritonConv(Kernel):
             list(p.stride),
             list(p.padding),
             bool(relu),
-            bool(allow_tf32),
+            allow_tf32(x.dtype),
         )
