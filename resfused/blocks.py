@@ -55,7 +55,7 @@ class FusedModule(nn.Module):
     """
 
     _snapshot = None  # module_state.Snapshot of the parameter state `_folded` was made from
-    _folded = None  # FoldedWeights
+    _folded = None  # {dtype: FoldedWeights}
     _plans = None  # {(input signature, may_overwrite_x): plan}, see `_forward`
 
     @classmethod
@@ -103,9 +103,12 @@ class FusedModule(nn.Module):
         if torch.compiler.is_compiling():
             return FoldedWeights(x.dtype)  # traced: the folding becomes part of the graph
         self._refresh_snapshot()
-        if self._folded is None or self._folded.dtype != x.dtype:
-            self._folded, self._plans = FoldedWeights(x.dtype), {}
-        return self._folded
+        if self._folded is None:
+            self._folded, self._plans = {}, {}
+        folded = self._folded.get(x.dtype)
+        if folded is None:
+            folded = self._folded[x.dtype] = FoldedWeights(x.dtype)
+        return folded
 
     def _refresh_snapshot(self) -> module_state.Snapshot:
         """The module's current snapshot; the folded weights and plans are dropped when the
@@ -135,7 +138,7 @@ class FusedModule(nn.Module):
                 f"resfused.{name}: expected a non-empty height and width, got input of shape {tuple(x.shape)}"
             )
         weight = self._entry_conv().weight
-        if x.dtype != weight.dtype:
+        if x.dtype != weight.dtype and not (autocast_on(x) and x.dtype == torch.get_autocast_dtype(x.device.type)):
             raise TypeError(
                 f"resfused.{name}: input dtype {x.dtype} does not match the block's parameters ({weight.dtype})"
             )
@@ -162,17 +165,26 @@ class FusedModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if autocast_on(x):
-            # torch.autocast does not reach into a fused module: it computes in its parameters'
-            # dtype (its folded weights are built for one dtype; for bfloat16, convert the model
-            # with `.to(torch.bfloat16)`), and an input that autocast lowered is cast back up, as
-            # for an op on autocast's float32 list. (Before, an eval forward with autograd crashed:
-            # its differentiable path calls F.conv2d, which autocast lowered.)
-            dtype = self._entry_conv().weight.dtype
-            if x.dtype != dtype and x.dtype == torch.get_autocast_dtype(x.device.type):
-                x = x.to(dtype)
-            with torch.autocast(x.device.type, enabled=False):
-                return self.forward(x)
+            return self._autocast_forward(x)
         with buffer_cache.scope_for(self):
+            return self._forward(x, may_overwrite_x=False)
+
+    def _autocast_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """forward under torch.autocast. In eval mode without autograd the block computes in
+        autocast's dtype, as the eager convs it stands for would: the input is cast to it, the
+        weights are folded for it (float64 folding, then one rounding; kept next to the fold for
+        the parameters' dtype) and the output has it. In training and with autograd it computes in
+        its parameters' dtype with autocast off inside (an input autocast lowered is cast back up,
+        as for an op on autocast's float32 list): the fused training kernels and the
+        differentiable folding take activations and parameters in one dtype."""
+        device = x.device.type
+        low, params = torch.get_autocast_dtype(device), self._entry_conv().weight.dtype
+        if not self.training and not self._needs_autograd(x) and x.dtype in (params, low):
+            with buffer_cache.scope_for(self):
+                return self._forward(x.to(low), may_overwrite_x=False)
+        if x.dtype != params and x.dtype == low:
+            x = x.to(params)
+        with torch.autocast(device, enabled=False), buffer_cache.scope_for(self):
             return self._forward(x, may_overwrite_x=False)
 
     def _forward(self, x: torch.Tensor, may_overwrite_x: bool) -> torch.Tensor:

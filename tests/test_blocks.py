@@ -233,24 +233,46 @@ def test_parameters_made_under_inference_mode():
         )
 
 
-@pytest.mark.parametrize("grad", [False, True])
-def test_autocast_does_not_reach_into_fused_blocks(grad):
-    """Fused modules compute in their parameters' dtype under torch.autocast, casting a
-    lower-precision input back up. Before, eval with autograd crashed (F.conv2d was autocast)."""
-    fused, ref = _pair("BasicBlock", (16, 32, 2))
-    x = torch.randn(2, 16, 8, 8, requires_grad=grad)
+@parametrize_cases(ONE_PER_TYPE)
+def test_eval_under_autocast_computes_in_autocast_dtype(name, args):
+    """In eval mode without autograd, torch.autocast reaches the fused block as it reaches the eager
+    convs: bfloat16 weights (folded in float64, rounded once), bfloat16 output, on the fused kernels."""
+    fused, ref = _pair(name, args)
+    x = torch.randn(2, args[0], 9, 7)
     with torch.no_grad():
-        expected = ref(x).double()
-    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = copy.deepcopy(ref).double()(x.double())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            eager = ref(x)
+            with resfused.ops.trace_kernels() as ran:
+                y = fused(x)
+                y_again = fused(x.bfloat16())  # an input autocast already lowered: the same
+    assert y.dtype == eager.dtype == torch.bfloat16
+    assert_matches_reference(y, expected, torch.bfloat16, eager, what=f"{name} under autocast")
+    torch.testing.assert_close(y_again, y, rtol=0, atol=0)
+    assert "reference" not in {c.kernel for c in ran if c.op == "conv"}
+    with torch.no_grad():  # autocast off again: the float32 fold, float32 output
+        assert_matches_reference(fused(x).double(), expected, torch.float32, what=f"{name} after autocast")
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_autocast_with_autograd_computes_in_the_parameters_dtype(train):
+    """With autograd (frozen-BN fine-tuning, or training) a fused module computes in its parameters'
+    dtype under torch.autocast, casting a lower-precision input back up. Before, eval with
+    autograd crashed (F.conv2d was autocast)."""
+    fused, ref = _pair("BasicBlock", (16, 32, 2))
+    fused.train(train), ref.train(train)
+    x = torch.randn(2, 16, 8, 8, requires_grad=True)
+    ref64 = copy.deepcopy(ref).double()
+    x64 = x.detach().double().requires_grad_(True)
+    expected = ref64(x64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
         y = fused(x)
         y_from_bf16 = fused(x.detach().bfloat16())
     assert y.dtype == y_from_bf16.dtype == torch.float32
-    assert_matches_reference(y.detach().double(), expected, torch.float32, what="under autocast")
-    if grad:
-        y.sum().backward()
-        x64 = x.detach().double().requires_grad_(True)
-        copy.deepcopy(ref).double()(x64).sum().backward()
-        assert_matches_reference(x.grad, x64.grad, torch.float32, what="input gradient under autocast")
+    assert_matches_reference(y.detach().double(), expected.detach(), torch.float32, what="under autocast")
+    y.sum().backward()
+    expected.sum().backward()
+    assert_matches_reference(x.grad, x64.grad, torch.float32, what="input gradient under autocast")
 
 
 @parametrize_cases([BLOCK_CASES[1], BLOCK_CASES[2], BLOCK_CASES[5]])
