@@ -273,3 +273,31 @@ def test_bn_train_act_cuda_kernel(dtype, layout):
         assert_matches_reference(
             ours.cpu(), expected, dtype if elementwise else torch.float32, eager if elementwise else None, name
         )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("layout", [CL, torch.contiguous_format])
+def test_bn_train_cuda_reduction_many_slots_deterministic(dtype, layout):
+    # A ResNet stage-1 shape on a real GPU: the reduction grid spans every SM (about 2 blocks per
+    # SM, many slots per channel), results vs float64, and the same bits on a second run.
+    from resfused import _native
+
+    if not _native.has_kernel("bn_train_act", "cuda"):
+        pytest.skip("resfused._C was built without the CUDA bn_train kernels")
+    x, w, b, g = _inputs((32, 64, 28, 28), layout, dtype, seed=3)
+    dev = [t.cuda() for t in (x, w, b, g)]
+    runs = []
+    for _ in range(2):
+        y, mean, var = torch.ops.resfused.bn_train_act(*dev[:3], EPS, True)
+        runs.append((y, mean, var, *torch.ops.resfused.bn_train_act_backward(dev[3], *dev[:3], mean, var, EPS, True)))
+    for a, b_ in zip(*runs):
+        assert torch.equal(a.contiguous().view(torch.uint8), b_.contiguous().view(torch.uint8))
+    y, mean, var, gx, gw, gb = runs[0]
+    ref = _forward_backward(lambda *a: _bn(*a, True), g.double(), x.double(), w.double(), b.double())
+    base = _forward_backward(lambda *a: _bn(*a, True), g, x, w.to(dtype), b.to(dtype)) if dtype in LOWP else (None,) * 4
+    for name, ours, expected, eager in zip(("y", "grad_x", "grad_weight", "grad_bias"), (y, gx, gw, gb), ref, base):
+        elementwise = name in ("y", "grad_x")
+        assert_matches_reference(
+            ours.cpu(), expected, dtype if elementwise else torch.float32, eager if elementwise else None, name
+        )

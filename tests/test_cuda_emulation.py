@@ -75,6 +75,23 @@ def test_emulator_warp_shuffles_run_lanes_in_lock_step(emu, first):
     assert_matches_reference(out, expected, what="warp_sum_xor")
 
 
+def test_emulator_schedule_seed_changes_the_block_order(emu):
+    # mode 5 is a race (every block writes out[0]): in grid order block 7 of 8 writes last; under
+    # schedule seeds the last block differs, which is what lets the BN determinism test catch an
+    # order-dependent reduction.
+    x = torch.zeros(8 * 32)
+    old = emu.emulator_configure(132, 0)
+    try:
+        assert emu.emulator_selftest(x, 5)[0] == 7
+        last = set()
+        for seed in range(1, 9):
+            emu.emulator_configure(132, seed)
+            last.add(int(emu.emulator_selftest(x, 5)[0]))
+        assert last - {7}, last
+    finally:
+        emu.emulator_configure(*old)
+
+
 def test_emulator_rejects_shuffles_the_gpu_leaves_undefined(emu):
     x = torch.randn(64)
     with pytest.raises(RuntimeError, match="lane that has exited"):

@@ -131,6 +131,7 @@ std::vector<int64_t> emulator_configure(int64_t sm_count, int64_t schedule_seed)
 //   mode 0: block-reverse through shared memory across a barrier (correct kernel; returns it)
 //   mode 1: global read one past the end   mode 2: misaligned 16-byte load
 //   mode 3: shared write past the buffer   mode 4: phase 1 reads shared memory nobody wrote (NaN)
+//   mode 5: out[0] = the index of the block that ran last (shows the schedule order)
 struct SelfTestArgs {
   gptr<const float> in;
   gptr<float> out;
@@ -143,6 +144,10 @@ struct SelfTestKernel {
   static void run(const Params& a, gptr<float> smem) {
     const int t = threadIdx.x, n = blockDim.x;
     const int64_t g = int64_t(blockIdx.x) * n + t;
+    if (a.mode == 5) {  // a race: every block's thread 0 writes out[0]; the last block run wins
+      if (Phase == 0 && t == 0) a.out[0] = static_cast<float>(blockIdx.x);
+      return;
+    }
     if constexpr (Phase == 0) {
       if (a.mode == 1 && t == n - 1)
         smem[t] = a.in[g + 1];
