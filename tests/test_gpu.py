@@ -16,6 +16,7 @@ multiples of a vector or a tile.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -365,20 +366,24 @@ def test_cuda_graph_capture_and_replay_after_warm_up():
 @pytest.mark.gpu
 def test_a_non_default_stream_orders_every_kernel():
     """The input is written on a side stream behind a ~50 ms sleep; the forward is issued on that
-    stream. A kernel launched on another stream would not wait and would read the zeros there."""
+    stream. A kernel launched on another stream would not wait and would read the zeros there.
+    Twice: as called after a warm-up (a block may replay calls it recorded), and under
+    trace_kernels(), which takes the full selection path at every call."""
     fused, model = _fused_model("resnext50_32x4d", "cuda", torch.float16)
     src = torch.randn(2, 3, 15, 15, device="cuda", dtype=torch.float16)
     with torch.no_grad():
         fused(src)  # warm-up: autotuning and folding happen outside the test stream
-    x = torch.zeros_like(src)
-    torch.cuda.synchronize()
     stream = torch.cuda.Stream()
-    with torch.no_grad(), torch.cuda.stream(stream):
-        torch.cuda._sleep(100_000_000)  # clock cycles
-        x.copy_(src)
-        y = fused(x)
-    stream.synchronize()
-    compare_modules(lambda _: y, model, src, what="forward on a side stream")
+    for path in ("as called", "traced"):
+        x = torch.zeros_like(src)
+        torch.cuda.synchronize()
+        traced = trace_kernels() if path == "traced" else contextlib.nullcontext()
+        with torch.no_grad(), torch.cuda.stream(stream), traced:
+            torch.cuda._sleep(100_000_000)  # clock cycles
+            x.copy_(src)
+            y = fused(x)
+        stream.synchronize()
+        compare_modules(lambda _: y, model, src, what=f"forward on a side stream ({path})")
 
 
 @pytest.mark.gpu
