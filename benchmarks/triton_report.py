@@ -76,15 +76,15 @@ def _variants(which: str):
 
 
 def configs_for(dtype: str) -> tuple:
-    """The autotune table of a dtype class: FMA configs for fp32 without TF32, else MMA ones."""
-    from resfused.triton.conv import CONFIG_TABLE, CONFIG_TABLE_FMA, uses_fma
+    """The configs the autotuner may try for a dtype class: FMA configs for fp32 without TF32,
+    else MMA ones, less those whose pipeline would overflow shared memory in that dtype."""
+    from resfused.triton import conv
 
-    return CONFIG_TABLE_FMA if uses_fma(DTYPES[dtype][0] == "fp32", DTYPES[dtype][1]) else CONFIG_TABLE
+    dt, tf32 = DTYPES[dtype]
+    return conv.configs_for(4 if dt == "fp32" else 2, conv.uses_fma(dt == "fp32", tf32))
 
 
 def jobs(which: str, targets=(80, 90)) -> list[Job]:
-    from resfused.triton.conv import CONFIG_TABLE
-
     if which == "test":
         # Every config on both targets for fp16 and fp32-ieee (the worst variant), plus one
         # config of the other dtypes and of the GEMM specialization.
@@ -95,11 +95,13 @@ def jobs(which: str, targets=(80, 90)) -> list[Job]:
             for cc in (80, 90)
         ]
         # fp32 with TF32 on sm_80: the tightest MMA case (a 64x64x64 config spilled there).
-        out += [Job("fp32-tf32", "conv3x3", "res_strided", True, c, 80) for c in CONFIG_TABLE]
+        tf32 = configs_for("fp32-tf32")
+        out += [Job("fp32-tf32", "conv3x3", "res_strided", True, c, 80) for c in tf32]
+        biggest = configs_for("fp16")[0]
         out += [
-            Job("bf16", "conv3x3", "res_nhwc", True, CONFIG_TABLE[0], 80),
-            Job("fp32-tf32", "conv3x3", "res_nhwc", False, CONFIG_TABLE[0], 90),
-            Job("fp16", "gemm1x1", "res_nhwc", False, CONFIG_TABLE[0], 80),
+            Job("bf16", "conv3x3", "res_nhwc", True, biggest, 80),
+            Job("fp32-tf32", "conv3x3", "res_nhwc", False, tf32[0], 90),
+            Job("fp16", "gemm1x1", "res_nhwc", False, biggest, 80),
         ]
         return out
     return [Job(*v, c, cc) for v in _variants(which) for c in configs_for(v[0]) for cc in targets]
@@ -191,8 +193,8 @@ def compile_job(job: Job) -> dict:
     )
 
 
-def run(which: str, workers: int = 2, targets=(80, 90)) -> list[dict]:
-    todo = jobs(which, targets)
+def run(which: str, workers: int = 2, targets=(80, 90), only=None) -> list[dict]:
+    todo = [j for j in jobs(which, targets) if only is None or "x".join(map(str, j.config[:3])) in only]
     with ProcessPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(compile_job, todo))
 
@@ -219,8 +221,9 @@ def main(argv=None) -> int:
     p.add_argument("--targets", nargs="+", type=int, default=[80, 90], choices=sorted(TARGETS))
     p.add_argument("--jobs", type=int, default=2, help="parallel compiles (default 2)")
     p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--config", action="append", help="only this tile, as BMxBNxBK (repeatable), e.g. 128x256x64")
     args = p.parse_args(argv)
-    results = run(args.set, args.jobs, tuple(args.targets))
+    results = run(args.set, args.jobs, tuple(args.targets), args.config)
     print_table(results)
     if args.json:
         with open(args.json, "w") as f:

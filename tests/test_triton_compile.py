@@ -5,10 +5,11 @@ turns on for this process) @triton.jit returns an InterpretedFunction that trito
 take. The subprocess is `python -m benchmarks.triton_report --set test`, the same code that prints
 the per-config report; this test asserts on its JSON.
 
-Scope: the test set (35 compiles, ~1 min on 2 cores with a cold Triton cache) is every config of
+Scope: the test set (42 compiles, ~3 min on 2 cores with a cold Triton cache) is every config of
 both tables (tensor-core MMA and fp32 FMA) on both targets for the register-heaviest variant (3x3,
-prologue, strided residual, bias, ReLU) in fp16 and fp32-without-TF32, every config of fp32 with
-TF32 on sm_80, plus one config each of bf16, fp32-TF32 on sm_90 and the 1x1 GEMM specialization.
+prologue, strided residual, bias, ReLU) in fp16 and fp32-without-TF32, every config fp32 with TF32
+may run (resfused.triton.conv.configs_for) on sm_80, plus one config each of bf16, fp32-TF32 on
+sm_90 and the 1x1 GEMM specialization.
 Every variant x every config (`--set all`, ~1 h on 2 cores) and
 the worst variant of every dtype x form (`--set worst`) are run by the script, not here.
 """
@@ -51,12 +52,13 @@ def test_every_job_compiled(report):
 
     results, _ = report
     assert len(results) == len(jobs("test")) > 0
-    from resfused.triton.conv import CONFIG_TABLE, CONFIG_TABLE_FMA
+    from resfused.triton.conv import CONFIG_TABLE, CONFIG_TABLE_FMA, configs_for
 
     seen = {(r["job"]["dtype"], tuple(r["job"]["config"]), r["job"]["cc"]) for r in results}
     for cc in (80, 90):
         assert all(("fp16", c, cc) in seen for c in CONFIG_TABLE)
         assert all(("fp32-ieee", c, cc) in seen for c in CONFIG_TABLE_FMA)
+    assert all(("fp32-tf32", c, 80) in seen for c in configs_for(4, False))
 
 
 def test_no_spills(report):
@@ -94,7 +96,7 @@ def test_autotune_pruning_picks_the_dtype_table():
     from resfused.triton import conv
 
     def pruned(dtype, allow_tf32, cig=64, cog=64, m=4096):
-        args = {"x_ptr": torch.empty(0, dtype=dtype), "M": m, "CIg": cig, "COg": cog}
+        args = {"x_ptr": torch.empty(0, dtype=dtype), "M": m, "M_BUCKET": conv.m_bucket(m), "CIg": cig, "COg": cog}
         return conv._prune_configs(conv.CONFIGS_MMA + conv.CONFIGS_FMA, args, ALLOW_TF32=allow_tf32)
 
     fma = {id(c) for c in conv.CONFIGS_FMA}
@@ -104,3 +106,31 @@ def test_autotune_pruning_picks_the_dtype_table():
     # a 16-channel group keeps only BLOCK_N = 16 tiles; tiny M keeps only BLOCK_M = 32
     assert {c.kwargs["BLOCK_N"] for c in pruned(torch.float16, False, cig=16, cog=16)} == {16}
     assert {c.kwargs["BLOCK_M"] for c in pruned(torch.float16, False, m=20)} == {32}
+    # the pruning sees M only through its bucket, as the autotuner caches per bucket
+    assert pruned(torch.float16, False, m=33) == pruned(torch.float16, False, m=64)
+
+
+def test_autotune_key():
+    from resfused.triton import conv
+
+    # M is bucketed (a new batch or resolution re-tunes only past a power of two); stride is in.
+    assert "M" not in conv.AUTOTUNE_KEY and {"M_BUCKET", "stride_h", "stride_w", "C_out"} <= set(conv.AUTOTUNE_KEY)
+    assert [conv.m_bucket(m) for m in (1, 32, 33, 49, 64, 65, 25088)] == [32, 32, 64, 64, 64, 128, 32768]
+    assert set(conv.AUTOTUNE_KEY) <= set(conv.RUNTIME_ARGS) | {
+        "KH", "KW", "IS_GEMM", "HAS_RES", "RES_NHWC", "PROLOGUE", "ALLOW_TF32"
+    }  # fmt: skip
+
+
+def test_sizes_are_not_specialized():
+    # Compiled (TRITON_INTERPRET=0, in a subprocess) the kernel leaves the batch- and
+    # resolution-dependent sizes unspecialized; the runtime argument list matches the kernel's.
+    code = (
+        "from resfused.triton import conv as c; k = c.conv2d_nhwc_kernel; "
+        "print([p.name for p in k.params if p.do_not_specialize]); "
+        "print([p.name for p in k.params if not p.is_constexpr] == list(c.RUNTIME_ARGS))"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    names, matches = run.stdout.strip().splitlines()
+    assert eval(names) == ["M", "M_BUCKET", "H", "W", "OH", "OW"] and matches == "True"

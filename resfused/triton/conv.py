@@ -59,6 +59,12 @@ CONFIG_TABLE_FMA = (
 )
 
 
+def configs_for(element_size: int, fma: bool) -> tuple:
+    """The table rows the autotuner may try for a dtype of `element_size` bytes: the FMA table for
+    fp32 without TF32, else the tensor-core table."""
+    return CONFIG_TABLE_FMA if fma else CONFIG_TABLE
+
+
 def _config(bm, bn, bk, w, s):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
 
@@ -66,9 +72,40 @@ def _config(bm, bn, bk, w, s):
 CONFIGS_MMA = [_config(*c) for c in CONFIG_TABLE]
 CONFIGS_FMA = [_config(*c) for c in CONFIG_TABLE_FMA]
 
-# The autotune key: the GEMM shape and the variant; Triton's autotuner adds the dtypes of the
-# tensor arguments to it, so fp16/bf16/fp32 are tuned (and cached) separately.
-AUTOTUNE_KEY = ["M", "CIg", "COg", "KH", "KW", "IS_GEMM", "HAS_RES", "PROLOGUE", "ALLOW_TF32"]
+
+def config_tuple(c: triton.Config) -> tuple:
+    """A triton.Config as its table row (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)."""
+    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+
+
+# The autotune key: what changes the best config. M enters as M_BUCKET (the next power of two of
+# N*OH*OW), so a new batch size or resolution re-tunes only when it crosses a power of two; the
+# stride changes the input reuse of a tile. Triton's autotuner adds the dtypes of the tensor
+# arguments, so fp16/bf16/fp32 are tuned (and cached) separately.
+AUTOTUNE_KEY = [
+    "M_BUCKET",
+    "CIg",
+    "COg",
+    "C_out",
+    "KH",
+    "KW",
+    "stride_h",
+    "stride_w",
+    "IS_GEMM",
+    "HAS_RES",
+    "RES_NHWC",
+    "PROLOGUE",
+    "ALLOW_TF32",
+]
+# Sizes that change with the batch and the resolution are not specialized (Triton would compile
+# a new kernel whenever one of them switches between 1, a multiple of 16 and anything else); the
+# channel counts and strides keep their divisibility hints (vector loads along channels).
+DO_NOT_SPECIALIZE = ["M", "M_BUCKET", "H", "W", "OH", "OW"]
+
+
+def m_bucket(m: int) -> int:
+    """The autotune key's stand-in for M = N*OH*OW: its next power of two (at least 32)."""
+    return max(32, triton.next_power_of_2(m))
 
 
 def uses_fma(is_fp32: bool, allow_tf32: bool) -> bool:
@@ -77,23 +114,24 @@ def uses_fma(is_fp32: bool, allow_tf32: bool) -> bool:
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Keep the config table of the dtype (MMA or FMA), then drop tiles much wider than the
-    problem (a 16-channel group does not need BLOCK_N=128)."""
+    """Keep the dtype's configs (the MMA or the FMA table), then drop tiles much
+    wider than the problem (a 16-channel group does not need BLOCK_N=128). Depends only on the
+    autotune key (M through M_BUCKET), as the autotuner caches its result per key."""
     x = named_args["x_ptr"]
     fma = uses_fma(str(x.dtype) == "torch.float32", bool(kwargs.get("ALLOW_TF32", False)))
-    table = CONFIGS_FMA if fma else CONFIGS_MMA
-    cog, cig, m = named_args["COg"], named_args["CIg"], named_args["M"]
+    allowed = set(configs_for(x.element_size(), fma))
+    kept = [c for c in configs if config_tuple(c) in allowed]
+    cog, cig, m = named_args["COg"], named_args["CIg"], named_args["M_BUCKET"]
     need_n = max(16, triton.next_power_of_2(cog))
     need_k = max(16, triton.next_power_of_2(cig))
-    need_m = max(32, triton.next_power_of_2(m))
-    kept = list(table)
+    need_m = max(32, m)
     for key, need in (("BLOCK_N", need_n), ("BLOCK_M", need_m), ("BLOCK_K", need_k)):
         smallest = min(c.kwargs[key] for c in kept)  # never prune to nothing
         kept = [c for c in kept if c.kwargs[key] <= max(need, smallest)]
     return kept
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DO_NOT_SPECIALIZE)
 def conv2d_nhwc_kernel(
     x_ptr,
     w_ptr,
@@ -103,6 +141,7 @@ def conv2d_nhwc_kernel(
     shift_ptr,
     y_ptr,
     M,
+    M_BUCKET,
     H,
     W,
     OH,
@@ -227,8 +266,13 @@ def conv2d_nhwc_kernel(
     tl.store(y_ptr + tile_base + tile_offs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
+# cache_results: the timings of each key are kept in Triton's cache directory (TRITON_CACHE_DIR),
+# so a second process with the same shapes does not time the configs again.
 conv2d_nhwc_autotuned = triton.autotune(
-    configs=CONFIGS_MMA + CONFIGS_FMA, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs}
+    configs=CONFIGS_MMA + CONFIGS_FMA,
+    key=AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": _prune_configs},
+    cache_results=True,
 )(conv2d_nhwc_kernel)
 
 # Used where autotuning cannot run (the interpreter has no CUDA timer): the smallest tile.
@@ -240,14 +284,42 @@ def grid(M: int, groups: int, COg: int):
     return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), groups * triton.cdiv(COg, meta["BLOCK_N"]))
 
 
-def launch(kernel, x, w_hwio, bias, residual, scale, shift, y, stride, padding, groups, relu, allow_tf32, config=None):
-    """Launch `kernel` (conv2d_nhwc_autotuned, conv2d_nhwc_kernel, or their wrap_triton wrappers).
+# The kernel's runtime (not constexpr) parameters, in order: launches pass them positionally (the
+# autotuner's pruning reads them by name from the positional arguments).
+RUNTIME_ARGS = (
+    "x_ptr",
+    "w_ptr",
+    "bias_ptr",
+    "res_ptr",
+    "scale_ptr",
+    "shift_ptr",
+    "y_ptr",
+    "M",
+    "M_BUCKET",
+    "H",
+    "W",
+    "OH",
+    "OW",
+    "CIg",
+    "COg",
+    "C_out",
+    "stride_h",
+    "stride_w",
+    "pad_h",
+    "pad_w",
+    "sxn",
+    "sxh",
+    "sxw",
+    "srn",
+    "src",
+    "srh",
+    "srw",
+)
 
-    x: (N, C_in, H, W) with contiguous channels (channels_last; other strides free); w_hwio:
-    (KH, KW, CIg, C_out) contiguous; y: (N, C_out, OH, OW) dense channels_last; bias/scale/shift:
-    1-D or None; residual: y's shape, any strides, or None. `config` (block sizes) is required
-    when `kernel` is not the autotuned one. Returns y.
-    """
+
+def arguments(x, w_hwio, bias, residual, scale, shift, y, stride, padding, groups, relu, allow_tf32):
+    """The kernel's arguments for a conv: (runtime arguments in RUNTIME_ARGS order, constexprs,
+    grid), or None when there is nothing to compute (an empty output). See `launch`."""
     n, c_in, h, w = x.shape
     kh, kw, cig, c_out = w_hwio.shape
     _, _, oh, ow = y.shape
@@ -260,7 +332,7 @@ def launch(kernel, x, w_hwio, bias, residual, scale, shift, y, stride, padding, 
     if tuple(y.stride()) != dense_nhwc and m * c_out > 0:
         raise ValueError(f"conv2d_nhwc: y must be dense channels_last with strides {dense_nhwc}, got {y.stride()}")
     if m == 0 or c_out == 0:
-        return y
+        return None
     # Row indices, weight offsets and in-tile output offsets are int32 (see the module docstring).
     if m >= 2**31 or w_hwio.numel() >= 2**31 or 128 * c_out >= 2**31:
         raise ValueError(f"conv2d_nhwc: N*OH*OW={m} / weight size {w_hwio.numel()} exceed int32 indexing")
@@ -279,7 +351,7 @@ def launch(kernel, x, w_hwio, bias, residual, scale, shift, y, stride, padding, 
     res_strides = tuple(residual.stride()) if residual is not None else (0, 0, 0, 0)
     res_nhwc = residual is not None and res_strides == dense_nhwc
     # Unused pointer arguments get a real tensor (y) so that the signature is the same for every variant.
-    kernel[grid(m, groups, cog)](
+    runtime = (
         x,
         w_hwio,
         bias if bias is not None else y,
@@ -288,6 +360,7 @@ def launch(kernel, x, w_hwio, bias, residual, scale, shift, y, stride, padding, 
         shift if shift is not None else y,
         y,
         m,
+        m_bucket(m),
         h,
         w,
         oh,
@@ -303,6 +376,8 @@ def launch(kernel, x, w_hwio, bias, residual, scale, shift, y, stride, padding, 
         sxh,
         sxw,
         *res_strides,
+    )
+    constexprs = dict(
         KH=kh,
         KW=kw,
         IS_GEMM=is_gemm,
@@ -313,6 +388,26 @@ def launch(kernel, x, w_hwio, bias, residual, scale, shift, y, stride, padding, 
         PROLOGUE=scale is not None,
         ALLOW_TF32=bool(allow_tf32),
         UPCAST_DOT=upcast_dot,
-        **(config or {}),
     )
+    return runtime, constexprs, grid(m, groups, cog)
+
+
+def autotune_key(runtime: tuple, constexprs: dict) -> tuple:
+    """The values of AUTOTUNE_KEY for `arguments`' result (the autotuner adds the dtypes)."""
+    named = dict(zip(RUNTIME_ARGS, runtime), **constexprs)
+    return tuple(named[k] for k in AUTOTUNE_KEY)
+
+
+def launch(kernel, x, w_hwio, bias, residual, scale, shift, y, stride, padding, groups, relu, allow_tf32, config=None):
+    """Launch `kernel` (conv2d_nhwc_autotuned, conv2d_nhwc_kernel, or their wrap_triton wrappers).
+
+    x: (N, C_in, H, W) with contiguous channels (channels_last; other strides free); w_hwio:
+    (KH, KW, CIg, C_out) contiguous; y: (N, C_out, OH, OW) dense channels_last; bias/scale/shift:
+    1-D or None; residual: y's shape, any strides, or None. `config` (block sizes, and optionally
+    num_warps / num_stages) is required when `kernel` is not the autotuned one. Returns y.
+    """
+    args = arguments(x, w_hwio, bias, residual, scale, shift, y, stride, padding, groups, relu, allow_tf32)
+    if args is not None:
+        runtime, constexprs, launch_grid = args
+        kernel[launch_grid](*runtime, **constexprs, **(config or {}))
     return y
