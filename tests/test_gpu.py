@@ -446,24 +446,37 @@ def test_compile_fullgraph_auto_backend(device, dtype):
 @pytest.mark.parametrize("grad", [False, True])
 @pytest.mark.parametrize("device", DEVICES)
 def test_autocast(device, grad):
-    """The documented behaviour (FusedModule.forward): torch.autocast does not reach into a fused
-    block; it computes in its parameters' dtype (float32 here), and an input autocast lowered
-    comes back up to it. So the result is float32, at the float32 tolerance."""
+    """The documented behaviour (FusedModule._autocast_forward): in eval mode without autograd a
+    fused block computes in autocast's dtype as the eager convs do (weights folded for it, output
+    in it; judged with eager autocast as the comparator); with autograd it computes in its
+    parameters' dtype (float32 here) at the float32 tolerance."""
     low = torch.float16 if device == "cuda" else torch.bfloat16
     ref = randomize_bn(R.ResNeXtBottleneck(32, 32, 2, 4, 8)).eval().to(device)
     fused = resfused.ResNeXtBottleneck.from_reference(copy.deepcopy(ref))
     x = torch.randn(2, 32, 9, 7, device=device, requires_grad=grad)
-    with torch.set_grad_enabled(grad), torch.autocast(device, dtype=low):
+    ref64 = copy.deepcopy(ref).double()
+    with torch.no_grad():
+        expected = ref64(x.detach().double())
+    if not grad:
+        with torch.no_grad(), torch.autocast(device, dtype=low):
+            eager = ref(x)
+            with trace_kernels() as ran:
+                y = fused(x)
+                y_again = fused(x.to(low))  # an input autocast already lowered: the same bits
+        assert y.dtype == eager.dtype == low
+        assert_matches_reference(y, expected, low, eager, what=f"eval under autocast on {device}")
+        assert torch.equal(y_again, y)
+        _assert_fused_path(ran, device, f"eval under autocast on {device}")
+        return
+    with torch.autocast(device, dtype=low):
         y = fused(x)
         y_from_low = fused(x.detach().to(low))
     assert y.dtype == y_from_low.dtype == torch.float32
-    ref64 = copy.deepcopy(ref).double()
+    assert_matches_reference(y, expected, torch.float32, what=f"autograd under autocast on {device}")
     with torch.no_grad():
-        assert_matches_reference(y, ref64(x.double()), torch.float32, what=f"under autocast on {device}")
-        expected = ref64(x.detach().to(low).double())
-        assert_matches_reference(y_from_low, expected, torch.float32, what=f"{low} input under autocast")
-    if grad:
-        y.sum().backward()
-        x64 = x.detach().double().requires_grad_()
-        ref64(x64).sum().backward()
-        assert_matches_reference(x.grad, x64.grad, torch.float32, what=f"input gradient under autocast on {device}")
+        expected_low = ref64(x.detach().to(low).double())
+    assert_matches_reference(y_from_low, expected_low, torch.float32, what=f"{low} input, autograd under autocast")
+    y.sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    ref64(x64).sum().backward()
+    assert_matches_reference(x.grad, x64.grad, torch.float32, what=f"input gradient under autocast on {device}")
