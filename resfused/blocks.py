@@ -151,17 +151,26 @@ class FusedModule(nn.Module):
         """Whether a BN of this eval-mode module still normalizes with batch statistics: one left in
         train mode (BN re-calibration, AdaBN) or one without running statistics. Such a module
         cannot be folded; the training runner follows each BN's own mode, as the reference does."""
-        return any(uses_batch_statistics(m) for m in self._refresh_snapshot().bns)
+        return any(uses_batch_statistics(m) for m in self._batch_norms())
 
     def _has_synced_bn(self) -> bool:
         """Whether an nn.SyncBatchNorm of this module is in training mode. torch synchronizes such a
         BN's batch statistics across the processes of its group (when one is initialized), and the
         fused training kernels compute local statistics: the module runs `reference_forward`, which
         calls the SyncBatchNorm's own forward. In eval mode a SyncBatchNorm folds like a BatchNorm2d."""
-        return any(type(m) is nn.SyncBatchNorm and m.training for m in self._refresh_snapshot().bns)
+        return any(type(m) is nn.SyncBatchNorm and m.training for m in self._batch_norms())
 
     def _needs_autograd(self, x: torch.Tensor) -> bool:
-        return torch.is_grad_enabled() and (x.requires_grad or self._refresh_snapshot().any_requires_grad())
+        if not torch.is_grad_enabled() or x.requires_grad:
+            return torch.is_grad_enabled()
+        if torch.compiler.is_compiling():
+            return any(p.requires_grad for p in self.parameters())
+        return self._refresh_snapshot().any_requires_grad()
+
+    def _batch_norms(self) -> list[nn.Module]:
+        if torch.compiler.is_compiling():  # traced: the graph's guards watch the modules, not snapshots
+            return [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        return self._refresh_snapshot().bns
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if autocast_on(x):
@@ -195,9 +204,10 @@ class FusedModule(nn.Module):
         if plan is not None:
             # Recorded by a call with this input signature on the same parameter state, which
             # passed the checks below: only the NaN/Inf check depends on the data.
-            if not finite.is_finite(x):
+            check_finite, calls = plan
+            if check_finite and not finite.is_finite(x):
                 return self.reference_forward(x)
-            return self._program(x, PlanRunner(plan), may_overwrite_x)
+            return self._program(x, PlanRunner(calls), may_overwrite_x)
         self._check_input(x)
         if self.training or self._has_batch_statistics_bn():
             if self._has_synced_bn():
@@ -205,26 +215,27 @@ class FusedModule(nn.Module):
             return self._program(x, TrainingRunner(), may_overwrite_x)
         if self._needs_autograd(x):
             return self._program(x, FoldedRunner(FoldedWeights(x.dtype, differentiable=True)), may_overwrite_x)
-        if not _may_reach_onednn_relu(self, x):
+        if torch.compiler.is_compiling():
             return self._program(x, FoldedRunner(self._folded_weights(x)), may_overwrite_x)
-        # oneDNN's ReLU maps NaN to 0 (runtime/finite.py): the block checks its input once, and a
-        # NaN or Inf gets the reference computation, NaN and all.
-        if not finite.is_finite(x):
+        # oneDNN's ReLU maps NaN to 0 (runtime/finite.py): on the CPU the block checks its input
+        # once, and a NaN or Inf gets the reference computation, NaN and all.
+        check_finite = x.device.type == "cpu"
+        if check_finite and not finite.is_finite(x):
             return self.reference_forward(x)
-        recorder = PlanRecorder(self._folded_weights(x))
+        recorder = PlanRecorder(self._folded_weights(x), inputs_finite=check_finite)
         y = self._program(x, recorder, may_overwrite_x)
         plan_key = self._plan_key(x, may_overwrite_x, recording=True)
         if recorder.plan is not None and plan_key is not None:
             plans = self._plans
             if len(plans) >= MAX_PLANS:
                 plans.pop(next(iter(plans)))  # the oldest
-            plans[plan_key] = recorder.plan
+            plans[plan_key] = (check_finite, recorder.plan)
         return y
 
     def _plan_key(self, x, may_overwrite_x: bool, recording: bool = False):
         """The key of the plan that may run this call, or None when no plan may (see PlanRecorder):
-        a plan holds the kernel calls of one eval forward on the CPU without autograd, for one input
-        signature and one parameter state."""
+        a plan holds the kernel calls of one eval forward without autograd, for one input signature
+        and one parameter state."""
         if not (recording or self._plans) or self.training or not isinstance(x, torch.Tensor):
             return None
         if x.layout is not torch.strided or trace.active() or torch.compiler.is_compiling():
@@ -463,12 +474,6 @@ def refresh(module: nn.Module) -> nn.Module:
         if isinstance(m, FusedModule):
             m._folded = m._snapshot = m._plans = None
     return module
-
-
-def _may_reach_onednn_relu(module: nn.Module, x: torch.Tensor) -> bool:
-    """Whether `module`'s folded forward on x may reach oneDNN's ReLU, which maps NaN to 0: on the
-    CPU and not traced (a traced graph has no oneDNN call of ours)."""
-    return x.device.type == "cpu" and not module.training and not torch.compiler.is_compiling()
 
 
 def autocast_on(x) -> bool:

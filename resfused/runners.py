@@ -77,19 +77,19 @@ class FoldedRunner:
 
 
 class PlanRecorder(FoldedRunner):
-    """FoldedRunner for a block whose input was checked finite, which also records each conv_bn and
+    """FoldedRunner that also records each conv_bn and
     pre_act call as a bound function of its tensors (ops.bind_conv_bias_act): the block's `plan`
     for later calls with the same input signature and parameter state, or None when some call's
     kernel choice could not be fixed in advance."""
 
-    def __init__(self, weights: FoldedWeights):
-        super().__init__(weights, inputs_finite=True)
+    def __init__(self, weights: FoldedWeights, inputs_finite: bool):
+        super().__init__(weights, inputs_finite)
         self.plan: list | None = []
 
     def conv_bn(self, x, conv, bn, relu=False, residual=None, pre_bn=None, may_overwrite_residual=False):
         prologue = None if pre_bn is None else self.weights.scale_shift(pre_bn)
         p = self.weights.conv(conv, bn)
-        call = bind_conv_bias_act(x, p, residual, relu, prologue, may_overwrite_residual, inputs_finite=True)
+        call = bind_conv_bias_act(x, p, residual, relu, prologue, may_overwrite_residual, self.inputs_finite)
         if call is None:
             self.plan = None
             return super().conv_bn(x, conv, bn, relu, residual, pre_bn, may_overwrite_residual)
@@ -110,8 +110,8 @@ class PlanRunner(FoldedRunner):
     depends only on its structure and `may_overwrite_x`, both fixed for a plan), so the i-th
     conv_bn / pre_act call runs the i-th bound function."""
 
-    def __init__(self, plan: list):
-        self.weights, self.inputs_finite, self._calls = None, True, iter(plan)
+    def __init__(self, calls: list):
+        self.weights, self._calls = None, iter(calls)
 
     def conv_bn(self, x, conv, bn, relu=False, residual=None, pre_bn=None, may_overwrite_residual=False):
         return next(self._calls)(x, residual)

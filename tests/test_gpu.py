@@ -415,20 +415,11 @@ def test_a_model_on_the_second_gpu():
 # ------------------------------------------------------------------------ compile and autocast
 
 
-# A known bug, seen on the CPU (tests/test_compile.py fails the same way); remove with the fix.
-COMPILE_BROKEN = pytest.mark.xfail(
-    strict=True,
-    reason="since 9491e17 (lean eval forward) FusedModule._has_batch_statistics_bn -> _refresh_snapshot -> "
-    "runtime/module_state.ModuleState.__init__ calls Tensor.is_inference(), which dynamo cannot trace "
-    "(Unsupported: 'Encountered tensor.is_inference() during tracing' under fullgraph=True)",
-)
-
-
 @pytest.mark.parametrize(
     "device, dtype",
     [
-        pytest.param("cpu", torch.float32, id="cpu", marks=[pytest.mark.slow, COMPILE_BROKEN]),
-        pytest.param("cuda", torch.float16, id="cuda", marks=[pytest.mark.gpu, COMPILE_BROKEN]),
+        pytest.param("cpu", torch.float32, id="cpu", marks=pytest.mark.slow),
+        pytest.param("cuda", torch.float16, id="cuda", marks=pytest.mark.gpu),
     ],
 )
 def test_compile_fullgraph_auto_backend(device, dtype):

@@ -199,3 +199,19 @@ def test_plans_per_block_are_bounded():
         for size in range(5, 5 + resfused.blocks.MAX_PLANS + 3):
             fused(torch.randn(1, 8, size, size))
     assert len(fused._plans) == resfused.blocks.MAX_PLANS
+
+
+def test_off_the_cpu_a_plan_has_no_nan_check(choices):
+    """Off the CPU no kernel's ReLU drops NaN (the CUDA tables have none), so a plan is recorded
+    without the input check (which would synchronize with the device). Meta tensors on the
+    reference backend stand in for a GPU here: a NaN check on them would raise."""
+    fused, _ = _pair("Bottleneck", (32, 8))
+    fused.to("meta")
+    x = torch.empty(2, 32, 8, 8, device="meta")
+    with torch.no_grad(), resfused.use_backend("reference"):
+        fused(x)
+        ((check_finite, calls),) = fused._plans.values()
+        assert not check_finite and len(calls) == 3
+        choices["n"] = 0
+        assert fused(x).shape == (2, 32, 8, 8)
+    assert choices["n"] == 0

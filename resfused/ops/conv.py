@@ -70,9 +70,12 @@ def _needs_autograd(x, p: ConvParams, residual, prologue) -> bool:
     return any(t is not None and t.requires_grad for t in tensors)
 
 
-def _choice_is_fixed(relu: bool, needs_grad: bool, inputs_finite: bool) -> bool:
+def _choice_is_fixed(x, relu: bool, needs_grad: bool, inputs_finite: bool) -> bool:
     """Whether the kernel choice for a call depends only on its signature (see `_choose`)."""
-    return not needs_grad and (inputs_finite or not relu) and not trace.active() and not torch.compiler.is_compiling()
+    if needs_grad or trace.active() or torch.compiler.is_compiling():
+        return False
+    # The data decides only between a kernel whose ReLU maps NaN to 0 and the ones after it.
+    return inputs_finite or not relu or all(k.relu_keeps_nan for k in candidates(KERNELS, x.device))
 
 
 def _choose(x, p: ConvParams, residual, prologue, relu: bool, needs_grad: bool, inputs_finite: bool):
@@ -84,7 +87,7 @@ def _choose(x, p: ConvParams, residual, prologue, relu: bool, needs_grad: bool, 
     autograd records, that torch.compile traces, whose ReLU input is not known to be finite (the
     answer depends on the data) or that trace_kernels() records (it wants the reasons) always ask.
     """
-    remember = _choice_is_fixed(relu, needs_grad, inputs_finite)
+    remember = _choice_is_fixed(x, relu, needs_grad, inputs_finite)
     # Tuning on (resfused.set_tuning): the fastest candidate, timed here or read from the cache.
     measure = tuning_applies(x.device, needs_grad, inputs_finite or not relu)
     if remember:
@@ -154,7 +157,7 @@ def bind_conv_bias_act(
     on the data)."""
     check_inputs(x, p, residual, prologue)
     needs_grad = _needs_autograd(x, p, residual, prologue)
-    if not _choice_is_fixed(relu, needs_grad, inputs_finite):
+    if not _choice_is_fixed(x, relu, needs_grad, inputs_finite):
         return None
     kernel = _choose(x, p, residual, prologue, relu, needs_grad, inputs_finite)
     return _bound_call(kernel, x, p, residual, relu, prologue, may_overwrite_residual)
