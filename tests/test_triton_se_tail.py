@@ -174,12 +174,73 @@ def test_triton_scale_add_relu_addresses_past_2_31():
     assert_matches_reference(out[tail].cpu(), expected.cpu(), torch.float16, eager.cpu(), "last image past 2^31")
 
 
+# ------------------------------------------------------------------------------ channel mean
+# 45 and 713 pixels cross the NCHW tiles (256 pixels per step), 67 and 300 channels the
+# channels_last ones (64 channels per program); 1x1 and 2x2 are the late stages at small inputs.
+MEAN_SHAPES = [(2, 67, 5, 9), (1, 300, 1, 1), (1, 3, 23, 31), (3, 8, 2, 2), (2, 130, 40, 41)]
+
+
+@needs_triton
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", MEAN_SHAPES, ids=["x".join(map(str, s)) for s in MEAN_SHAPES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_triton_channel_mean_matches_the_reference(dtype, shape, layout):
+    y, _, _ = _inputs(dtype, shape, layout, layout)
+    y = y.nan_to_num(0.0) + 0.25  # a non-zero mean; a NaN is checked below
+    with resfused.use_backend("triton"), trace_kernels() as ran:
+        out = resfused.ops.se.channel_mean(y)
+    assert [c[:2] for c in ran] == [("channel_mean", "triton")], ran
+    eager = y.mean((2, 3)) if dtype != torch.float32 else None
+    assert_matches_reference(out, y.double().mean((2, 3)), dtype, eager, what=f"mean {dtype} {shape} {layout}")
+    assert out.shape == shape[:2] and out.dtype == dtype and out.is_contiguous()
+    y[0, 0, -1, -1] = float("nan")
+    with resfused.use_backend("triton"):
+        out = resfused.ops.se.channel_mean(y)
+    assert out[0, 0].isnan() and not out[0, 1:].isnan().any() and not out[1:].isnan().any()
+
+
+@needs_triton
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_triton_channel_mean_gradient_and_opcheck(layout):
+    y, _, _ = _inputs(torch.float32, (2, 13, 5, 3), layout, layout)
+    y = y.nan_to_num(0.0).requires_grad_(True)
+    grad = torch.randn(2, 13, device=DEVICE)
+    torch.ops.resfused.channel_mean_triton(y).backward(grad)
+    y64 = y.detach().double().requires_grad_(True)
+    y64.mean((2, 3)).backward(grad.double())
+    assert_matches_reference(y.grad, y64.grad, torch.float32, what="mean grad")
+    assert y.grad.is_contiguous(
+        memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    )
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    if not INTERPRETED:
+        utils += ("test_aot_dispatch_dynamic",)
+    torch.library.opcheck(torch.ops.resfused.channel_mean_triton, (y.detach(),), test_utils=utils)
+    torch.library.opcheck(torch.ops.resfused.channel_mean_triton, (y.detach().requires_grad_(True),), test_utils=utils)
+    with pytest.raises(ValueError, match="'y' must be 4-D"):
+        torch.ops.resfused.channel_mean_triton(y.detach()[0])
+
+
+def test_channel_mean_is_atens_outside_the_triton_backend():
+    # Under "auto" (CPU and CUDA) ATen's mean stays: no GPU measurement says the Triton one is faster.
+    y = torch.randn(2, 5, 3, 3)
+    with trace_kernels() as ran:
+        out = resfused.ops.se.channel_mean(y)
+    assert [c[:2] for c in ran] == [("channel_mean", "aten")] and torch.equal(out, y.mean((2, 3)))
+    from resfused.ops import se
+
+    assert se.CHANNEL_MEAN_KERNELS["auto-cuda"] == [] and [k.name for k in se.CHANNEL_MEAN_KERNELS["triton"]] == [
+        "triton"
+    ]
+
+
 # --------------------------------------------------------------------------- offline compile
 PTXAS = os.environ.get("PTXAS", "/usr/local/cuda/bin/ptxas")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Runs with TRITON_INTERPRET=0 (the interpreter's InterpretedFunction cannot be compiled): every
-# dtype x layout at the largest tiles the launcher makes, for sm_80 and sm_90; ptxas -v on the PTX.
+# Runs with TRITON_INTERPRET=0 (the interpreter's InterpretedFunction cannot be compiled): both
+# kernels, every dtype x layout at the largest tiles the launchers make, for sm_80 and sm_90;
+# ptxas -v on the PTX.
 _COMPILE = r"""
 import itertools, json, os, re, subprocess, sys, tempfile
 import triton
@@ -188,9 +249,9 @@ from triton.compiler import ASTSource
 from resfused.triton import se_tail
 
 ptxas, out = sys.argv[1], []
-fn = se_tail.scale_add_relu_kernel
-for cc, dt, cl in itertools.product((80, 90), ("fp32", "fp16", "bf16"), (True, False)):
-    block_hw, block_c = se_tail.tile_for(4096, 4096, cl)
+kernels = ((se_tail.scale_add_relu_kernel, se_tail.tile_for), (se_tail.channel_mean_kernel, se_tail.mean_tile_for))
+for (fn, tile), cc, dt, cl in itertools.product(kernels, (80, 90), ("fp32", "fp16", "bf16"), (True, False)):
+    block_hw, block_c = tile(4096, 4096, cl)
     signature = {name: ("constexpr" if p.is_constexpr else "*" + dt if name.endswith("_ptr") else "i32")
                  for name, p in zip(fn.arg_names, fn.params)}
     k = triton.compile(
@@ -203,14 +264,14 @@ for cc, dt, cl in itertools.product((80, 90), ("fp32", "fp16", "bf16"), (True, F
         arch = {80: "sm_80", 90: "sm_90a"}[cc]
         log = subprocess.run([ptxas, "-v", f"-arch={arch}", path, "-o", os.devnull],
                              capture_output=True, text=True, check=True).stderr
-    out.append(dict(cc=cc, dtype=dt, channels_last=cl, tile=[block_hw, block_c],
+    out.append(dict(kernel=fn.__name__, cc=cc, dtype=dt, channels_last=cl, tile=[block_hw, block_c],
                     registers=int(re.search(r"Used (\d+) registers", log).group(1)),
                     spills=sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))))
 print(json.dumps(out))
 """
 
 
-def test_triton_scale_add_relu_compiles_for_sm80_and_sm90_without_spills():
+def test_triton_se_kernels_compile_for_sm80_and_sm90_without_spills():
     ptxas = PTXAS if os.path.exists(PTXAS) else shutil.which("ptxas")
     if ptxas is None:
         pytest.skip(f"ptxas not found at {PTXAS}")
@@ -224,5 +285,5 @@ def test_triton_scale_add_relu_compiles_for_sm80_and_sm90_without_spills():
     )
     assert run.returncode == 0, run.stderr[-5000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(results) == 2 * 3 * 2
+    assert len(results) == 2 * 2 * 3 * 2
     assert all(r["spills"] == 0 and 0 < r["registers"] <= 255 for r in results), results

@@ -1,6 +1,7 @@
-"""The Triton SE tail (resfused/triton/se_tail.py) as a torch.library op, and its adapter.
+"""The Triton SE kernels (resfused/triton/se_tail.py) as torch.library ops, and their adapters.
 
     torch.ops.resfused.scale_add_relu_triton(y, gate, residual) -> relu(y * gate[n, c] + residual)
+    torch.ops.resfused.channel_mean_triton(y) -> mean over H, W of y, [N, C] in y's dtype
 
 in y's layout (dense NCHW or channels_last; a residual in the other layout is copied to y's
 first). Like conv2d_triton (kernels/conv_triton.py) it is a `triton_op`: eager calls launch the
@@ -9,6 +10,8 @@ torch.compile traces through `wrap_triton`. The backward is the native op's form
 (kernels/se_tail.py) in PyTorch ops, with g' = grad * (out > 0):
 
     d/dy = g' * gate[n, c],   d/dgate = sum over H, W of g' * y (fp32 accumulation),   d/dr = g'
+
+and the channel mean's, d/dy[n, c, h, w] = grad[n, c] / (H * W), in y's layout.
 """
 
 from __future__ import annotations
@@ -104,3 +107,72 @@ class TritonScaleAddRelu(Kernel):
 
     def run(self, y, gate, residual):
         return torch.ops.resfused.scale_add_relu_triton(y, gate, residual)
+
+
+# ------------------------------------------------------------------------------ channel mean
+@triton_op("resfused::channel_mean_triton", mutates_args=())
+def channel_mean_triton(y: torch.Tensor) -> torch.Tensor:
+    from resfused.triton import se_tail as kernels
+
+    _check_mean(y)
+    layout = _layout(y)
+    y = y.contiguous(memory_format=layout)
+    out = torch.empty(y.shape[:2], dtype=y.dtype, device=y.device)
+    kernels.launch_mean(_traceable(kernels.channel_mean_kernel), y, out, layout == torch.channels_last)
+    return out
+
+
+def _check_mean(y) -> None:
+    if y.dim() != 4:
+        raise ValueError(f"channel_mean_triton: 'y' must be 4-D (N, C, H, W), got {tuple(y.shape)}")
+    if y.dtype not in _DTYPES:
+        raise TypeError(f"channel_mean_triton: 'y' must have a dtype of {_DTYPES}, got {y.dtype}")
+
+
+@channel_mean_triton.register_fake
+def _(y):
+    _check_mean(y)
+    return y.new_empty(y.shape[:2])
+
+
+def _mean_setup(ctx, inputs, output):
+    (y,) = inputs
+    ctx.shape, ctx.layout = y.shape, _layout(y)
+
+
+def _mean_backward(ctx, grad):
+    n, c, h, w = ctx.shape
+    return (grad / (h * w))[:, :, None, None].expand(n, c, h, w).contiguous(memory_format=ctx.layout)
+
+
+channel_mean_triton.register_autograd(_mean_backward, setup_context=_mean_setup)
+
+
+class AtenChannelMean(Kernel):
+    """y.mean((2, 3)): ATen's reduction (fp32 accumulation for fp16 / bf16), one kernel on CUDA."""
+
+    name = "aten"
+    differentiable = True
+
+    def run(self, y):
+        return y.mean((2, 3))
+
+
+class TritonChannelMean(Kernel):
+    """The channel mean in one Triton pass: CUDA tensors (or CPU under TRITON_INTERPRET=1)."""
+
+    name = "triton"
+    differentiable = True
+
+    def unsupported_reasons(self, y):
+        if y.dtype not in _DTYPES:
+            yield f"dtype {y.dtype} (the kernel has {_DTYPES})"
+        if y.device.type != "cuda" and not (y.device.type == "cpu" and backend.triton_interpreter_enabled()):
+            yield f"needs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got {y.device.type}"
+        if y.shape[1] * y.shape[2] * y.shape[3] >= 2**31:
+            yield "one image holds 2^31 or more elements (int32 offsets inside an image)"
+        if y.shape[0] > 65535:
+            yield f"batch {y.shape[0]} above CUDA's grid limit of 65535 images"
+
+    def run(self, y):
+        return torch.ops.resfused.channel_mean_triton(y)

@@ -102,3 +102,68 @@ def launch(kernel, y, gate, residual, out, channels_last: bool) -> None:
         BLOCK_C=block_c,
         num_warps=NUM_WARPS,
     )
+
+
+# ------------------------------------------------------------------------------ channel mean
+# mean[n, c] = sum over H, W of y[n, c, h, w] / (H * W), the pooled vector of an SE / ECA gate.
+# A program owns BLOCK_C channels of one image and walks its pixels BLOCK_HW at a time, summing a
+# [BLOCK_HW, BLOCK_C] fp32 tile, reduced to the channels at the end (one rounding, at the store).
+# Fewer channels per program than the tail (64 / 2048 // 256) so that a batch-1 late stage still
+# spreads over several programs.
+MEAN_MAX_CONTIGUOUS = {True: 64, False: 256}
+
+
+@triton.jit
+def channel_mean_kernel(
+    y_ptr,
+    out_ptr,
+    C,
+    HW,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    n = tl.program_id(1)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    base = n.to(tl.int64) * C * HW
+    acc = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
+    for start in range(0, HW, BLOCK_HW):
+        hw = start + tl.arange(0, BLOCK_HW)
+        mask = (hw[:, None] < HW) & c_ok[None, :]
+        if CHANNELS_LAST:
+            offs = hw[:, None] * C + c[None, :]
+        else:
+            offs = c[None, :] * HW + hw[:, None]
+        acc += tl.load(y_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    total = tl.sum(acc, axis=0)
+    tl.store(out_ptr + n.to(tl.int64) * C + c, (total / HW).to(out_ptr.dtype.element_ty), mask=c_ok)
+
+
+def mean_tile_for(c: int, hw: int, channels_last: bool) -> tuple[int, int]:
+    """(BLOCK_HW, BLOCK_C) of the channel mean, shaped as tile_for's with MEAN_MAX_CONTIGUOUS."""
+    if channels_last:
+        block_c = min(MEAN_MAX_CONTIGUOUS[True], triton.next_power_of_2(c))
+        block_hw = min(max(1, TILE_ELEMENTS // block_c), triton.next_power_of_2(hw))
+    else:
+        block_hw = min(MEAN_MAX_CONTIGUOUS[False], triton.next_power_of_2(hw))
+        block_c = min(max(1, TILE_ELEMENTS // block_hw), triton.next_power_of_2(c))
+    return block_hw, block_c
+
+
+def launch_mean(kernel, y, out, channels_last: bool) -> None:
+    """Launch the channel mean over dense y of one layout into out [N, C] contiguous. H*W = 0 gives
+    0 / 0 = NaN, as torch.mean over an empty dimension does."""
+    n, c, h, w = y.shape
+    hw = h * w
+    if n == 0 or c == 0:
+        return
+    if c * hw >= 2**31:
+        raise ValueError(f"channel_mean_triton: one image of 'y' holds {c * hw} elements; the kernel takes < 2^31")
+    if n > MAX_GRID_YZ:
+        raise ValueError(f"channel_mean_triton: batch {n} is above CUDA's grid limit of {MAX_GRID_YZ}")
+    block_hw, block_c = mean_tile_for(c, hw, channels_last)
+    kernel[(triton.cdiv(c, block_c), n)](
+        y, out, c, hw, CHANNELS_LAST=channels_last, BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=NUM_WARPS
+    )
