@@ -85,3 +85,27 @@ def test_only_speed_rules_are_measured_rules():
     assert isinstance(reasons["grouped3x3"], MeasuredRule) and "measured faster" in reasons["grouped3x3"]
     assert isinstance(reasons["winograd_f43 7x7"], MeasuredRule)
     assert not isinstance(reasons["winograd_f43"], MeasuredRule)  # grouped: not a dense 3x3 at all
+
+
+@pytest.mark.parametrize("c_in,groups,k", [(3, 1, 3), (32, 4, 1)])
+def test_auto_sends_few_channels_per_group_from_triton_to_the_library_conv(c_in, groups, k):
+    # A stem conv (3 input channels) or a 1x1 conv with 8 channels per group: under `auto` on CUDA
+    # the Triton conv declines (its tensor-core K step would be mostly padding: a speed rule), the
+    # library conv (cuDNN) runs and the op applies the tail. The `auto-cuda` list is walked here
+    # with CPU tensors, which the Triton adapter takes under TRITON_INTERPRET=1 (conftest sets it).
+    p = _params(k=k, c_in=c_in, c_out=64, groups=groups)
+    p = ConvParams(p.weight, p.bias, (2, 2), p.padding, (1, 1), groups)
+    x = torch.randn(1, c_in, 16, 16).contiguous(memory_format=CL)
+    with resfused.use_backend("auto"), trace_kernels() as ran:
+        chosen = selection.select("conv", conv_op.KERNELS["auto-cuda"], conv_op.REFERENCE, (x, p, None, None))
+    assert chosen.name == "library+tail"
+    triton_reasons = [why for name, why in ran[0].skipped if name == "triton"]
+    assert len(triton_reasons) == 1 and triton_reasons[0].startswith(f"{c_in // groups} input channels per group")
+    assert isinstance(triton_reasons[0], MeasuredRule)
+    # 16 channels per group take the Triton conv; the forced `triton` backend takes every count.
+    wide = _params(k=3, c_in=16, c_out=64)
+    x16 = torch.randn(1, 16, 16, 16).contiguous(memory_format=CL)
+    with resfused.use_backend("auto"):
+        assert conv_op.KERNELS["auto-cuda"][1].supports(x16, wide, None, None)
+    with resfused.use_backend("triton"):
+        assert conv_op.KERNELS["triton"][0].supports(x, p, None, None)

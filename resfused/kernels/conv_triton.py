@@ -31,9 +31,13 @@ import torch
 from torch.library import triton_op, wrap_triton
 
 from resfused import backend
-from resfused.kernels.base import ConvParams, Kernel
+from resfused.kernels.base import ConvParams, Kernel, MeasuredRule
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Below this many input channels per group (a network's stem: 3) the K chunks of the tensor-core
+# configs (BLOCK_K 32 or 64) are mostly padding; under `auto` such convs go to the library conv
+# (cuDNN) with the fused tail. The forced `triton` backend still runs them (the kernel is correct).
+MIN_CHANNELS_PER_GROUP = 16
 
 
 def _output(x: torch.Tensor, weight_hwio: torch.Tensor, stride, padding) -> torch.Tensor:
@@ -172,6 +176,13 @@ class TritonConv(Kernel):
             yield f"dilation {p.dilation}"
         if x.shape[2] + 2 * p.padding[0] < p.kernel_size[0] or x.shape[3] + 2 * p.padding[1] < p.kernel_size[1]:
             yield "the input is smaller than the kernel (an empty output)"
+        cig = p.weight.shape[1]
+        if cig < MIN_CHANNELS_PER_GROUP and backend.get_backend() == "auto":
+            # A speed rule (from the tile shapes; not yet timed on a GPU): measured selection may time it.
+            yield MeasuredRule(
+                f"{cig} input channels per group (< {MIN_CHANNELS_PER_GROUP}): most of each tensor-core "
+                "K step would be padding; the library conv (cuDNN) with the fused tail is faster"
+            )
 
     def _weight(self, p: ConvParams) -> torch.Tensor:
         return p.state_for(self.name, lambda: to_hwio(p.weight))
