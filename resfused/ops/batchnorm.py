@@ -11,6 +11,7 @@ kernel and autograd: resfused/kernels/batchnorm_train.py.
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from resfused import folding
@@ -48,6 +49,7 @@ def _update_running_stats(bn, mean, var, count: int) -> None:
 def batch_norm_act(x: torch.Tensor, bn: torch.nn.BatchNorm2d, relu: bool) -> torch.Tensor:
     """[relu](bn(x)), fused; in training mode also updates bn's running statistics."""
     checks.activation(x, "x")
+    checks.module(bn, "bn", nn.modules.batchnorm._BatchNorm, "a BatchNorm module (nn.BatchNorm2d)")
     if x.shape[1] != bn.num_features:
         raise ValueError(f"resfused: 'x' must have {bn.num_features} channels for this BatchNorm, got {tuple(x.shape)}")
     if not uses_batch_statistics(bn):

@@ -7,11 +7,18 @@ these run first so that every backend, the reference included, rejects bad input
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 
 
 def activation(x, name: str, rank: int | None = None) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"resfused: {name!r} must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        # The kernels read strided memory; a sparse or oneDNN (to_mkldnn) tensor would reach them
+        # only to fail in the dispatcher with a message that names neither argument nor fix.
+        raise TypeError(
+            f"resfused: {name!r} must be a dense (strided) tensor, got layout {x.layout}; convert it with .to_dense()"
+        )
     if not x.is_floating_point():
         raise TypeError(f"resfused: {name!r} must be a floating-point tensor, got dtype {x.dtype}")
     if rank is not None and x.dim() != rank:
@@ -56,3 +63,23 @@ def channel_vector(v, name: str, x, x_name: str) -> None:
             f"resfused: {name!r} must have shape [{x.shape[1]}] (one value per channel of {x_name!r}), "
             f"got {tuple(v.shape)}"
         )
+
+
+def module(m, name: str, expected: type, what: str) -> None:
+    """`m` must be an instance of `expected` (an nn.Conv2d, a BatchNorm), described as `what`."""
+    if not isinstance(m, expected):
+        raise TypeError(f"resfused: {name!r} must be {what}, got {type(m).__module__}.{type(m).__qualname__}")
+
+
+def conv_input(x, x_name: str, conv: nn.Conv2d, conv_name: str) -> None:
+    """`x` is an input `conv` can take: a 4-D floating-point tensor with its input channels, on
+    its device and in its dtype."""
+    module(conv, conv_name, nn.Conv2d, "an nn.Conv2d")
+    activation(x, x_name, rank=4)
+    if x.shape[1] != conv.in_channels:
+        raise ValueError(
+            f"resfused: {x_name!r} must have {conv.in_channels} channels (dim 1) for {conv_name!r}, "
+            f"got shape {tuple(x.shape)}"
+        )
+    same_device(conv.weight, f"{conv_name}.weight", x, x_name)
+    same_dtype(conv.weight, f"{conv_name}.weight", x, x_name)

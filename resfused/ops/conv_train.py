@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from resfused.kernels.conv_train import ATenTrainConv, WinogradTrainConv
+from resfused.ops import checks
 from resfused.ops.selection import candidates, select
 
 _ATEN = ATenTrainConv()
@@ -16,5 +17,6 @@ KERNELS = {"cpu": [WinogradTrainConv()], "auto-cuda": [], "cuda": [], "triton": 
 
 def conv2d_train(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """conv(x) with autograd; Winograd F(4x4, 3x3) where that trains faster, else ATen's conv."""
+    checks.conv_input(x, "x", conv, "conv")
     args = (x, conv)
     return select("conv_train", candidates(KERNELS, x.device), _ATEN, args, needs_grad=True).run(*args)
