@@ -38,11 +38,12 @@ def test_every_traced_op_has_a_fake_kernel_right_after_import():
         import resfused
         from resfused import _native
         from torch._library.simple_registry import singleton
-        ops = set(_native.op_names()) | {{"conv2d_triton"}}
+        triton_ops = {{"conv2d_triton", "scale_add_relu_triton", "channel_mean_triton"}}
+        ops = set(_native.op_names()) | triton_ops
         missing = sorted(op for op in ops - set({sorted(UNTRACED)!r})
                          if singleton.find("resfused::" + op).fake_impl.kernel is None)
         assert not missing, missing
-        assert singleton.find("resfused::conv2d_triton").fake_impl.kernel is not None
+        assert all(singleton.find("resfused::" + op).fake_impl.kernel is not None for op in triton_ops)
         print(len(ops))
     """)
     assert done.returncode == 0, done.stderr
