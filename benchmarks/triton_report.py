@@ -142,6 +142,7 @@ def compile_job(job: Job) -> dict:
         PROLOGUE=job.prologue,
         ALLOW_TF32=tf32,
         UPCAST_DOT=False,
+        GROUP_M=conv.GROUP_M,
         BLOCK_M=bm,
         BLOCK_N=bn,
         BLOCK_K=bk,

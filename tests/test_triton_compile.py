@@ -103,6 +103,11 @@ def test_autotune_pruning_picks_the_dtype_table():
     assert all(id(c) in fma for c in pruned(torch.float32, False))
     for dtype, tf32 in ((torch.float32, True), (torch.float16, False), (torch.bfloat16, False)):
         assert not any(id(c) in fma for c in pruned(dtype, tf32))
+    # the tiles that spill or overflow shared memory in fp32 are tried for 16-bit dtypes only
+    half_only = {conv.config_tuple(c) for c in pruned(torch.float16, False, 256, 256)} - {
+        conv.config_tuple(c) for c in pruned(torch.float32, True, 256, 256)
+    }
+    assert half_only == set(conv.HALF_ONLY) and half_only
     # a 16-channel group keeps only BLOCK_N = 16 tiles; tiny M keeps only BLOCK_M = 32
     assert {c.kwargs["BLOCK_N"] for c in pruned(torch.float16, False, cig=16, cog=16)} == {16}
     assert {c.kwargs["BLOCK_M"] for c in pruned(torch.float16, False, m=20)} == {32}

@@ -268,6 +268,12 @@ def test_single_channel_input_with_a_free_channel_stride():
         assert_matches_reference(y, expected, torch.float32, what=f"1-channel input, batch {n}")
 
 
+def test_tiles_in_several_bands():
+    # The kernel walks M tiles in bands of GROUP_M (8): 17x18 outputs = 306 rows are 10 M tiles of
+    # 32 (a full band, then a band of 2, its last tile partial), times 2 groups x 2 N tiles.
+    _check_conv(1, 36, 36, (17, 18), 3, 1, 2, "res_nhwc_relu", True, torch.float32)
+
+
 def test_the_launch_runs_under_the_input_device(monkeypatch):
     """Triton launches on the current device: the op makes the input's device current first."""
     from resfused.kernels import conv_triton
@@ -322,6 +328,23 @@ def test_fp32_tf32_follows_the_cudnn_flag(monkeypatch, cudnn_tf32, matmul_tf32):
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
     assert seen == [cudnn_tf32, False]
+
+
+def test_launch_bounds_use_the_largest_tile():
+    # In-tile output offsets (< BLOCK_M * C_out) are int32 for every config, the largest BLOCK_M
+    # included: C_out = 2^31 / MAX_BLOCK_M is refused (meta tensors: nothing is allocated).
+    from resfused.triton import conv as kernels
+
+    x = torch.empty(1, 1, 1, 1, device="meta", memory_format=torch.channels_last)
+    for c_out, fits in ((2**31 // kernels.MAX_BLOCK_M, False), (2**31 // kernels.MAX_BLOCK_M - 1, True)):
+        w = torch.empty(1, 1, 1, c_out, device="meta")
+        y = torch.empty(1, c_out, 1, 1, device="meta", memory_format=torch.channels_last)
+        args = (x, w, None, None, None, None, y, (1, 1), (0, 0), 1, False, False)
+        if fits:
+            assert kernels.arguments(*args) is not None
+        else:
+            with pytest.raises(ValueError, match="int32"):
+                kernels.arguments(*args)
 
 
 @pytest.mark.gpu

@@ -33,36 +33,55 @@ import triton
 import triton.language as tl
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Tensor-core configs (fp16, bf16, fp32 with
-# TF32): every one fits sm_80's 163 KiB of shared memory in fp32 too ((BM + BN) * BK * 4 bytes *
-# stages <= 96 KiB) and keeps the fp32 accumulator at <= 64 registers per thread
-# (BM*BN / (32*warps)). The small-N configs serve grouped convs (16-64 channels per group), the
-# small-M ones batch-1 late stages (7x7). 64x16x32 runs 4 warps: with 2 warps, triton 3.6's
-# fp16/bf16 code for sm_80 spilled (ptxas capped it at 96 registers); 4 warps need 64, no spill.
+# TF32). Every one compiles for sm_80 and sm_90 without spills and within shared memory in the
+# kernel's register-heaviest variant (tests/test_triton_compile.py). The BLOCK_K = 64 tiles are the
+# ones that map to wgmma on sm_90. Four tiles serve 16-bit dtypes only (HALF_ONLY).
+# 128x256x64 and 256x128x64 are not here: with 8 or 16 warps and 2 or 3 stages they spilled
+# (52-1784 bytes) on sm_80 or sm_90 in the variants with a prologue or a residual (measured with
+# benchmarks/triton_report.py, triton 3.8); they need a leaner gather than this kernel's. The
+# small-N configs serve grouped convs (16-64 channels per group), the small-M ones batch-1 late
+# stages (7x7). 64x16x32 runs 4 warps: with 2 warps, triton 3.6's fp16/bf16 code for sm_80
+# spilled (ptxas capped it at 96 registers); 4 warps need 64, no spill. Register counts sit close to
+# where ptxas starts spilling, so num_stages were chosen for 0 spills under triton 3.6 and 3.8 alike.
 CONFIG_TABLE = (
+    (128, 128, 64, 8, 3),
     (128, 128, 32, 8, 3),
-    (128, 64, 32, 8, 4),
+    (128, 64, 64, 8, 3),
+    (64, 128, 64, 4, 3),
+    (128, 64, 32, 8, 3),
     (64, 128, 32, 4, 4),
     (64, 64, 32, 4, 4),
     (128, 32, 32, 4, 4),
-    (64, 32, 64, 4, 3),
+    (64, 32, 64, 4, 4),
     (32, 64, 64, 4, 3),
     (64, 16, 32, 4, 3),
 )
+# fp16/bf16 only: in fp32 (TF32) 128x128x64 takes 161 KiB of shared memory on sm_80 (the limit is
+# 163 KiB) and 225 KiB on sm_90 (227); on sm_80, in fp32, it and 128x64x64 spill 64 bytes (triton
+# 3.8), 64x128x64 48 bytes (triton 3.6), and 128x64x32 8 bytes (3.8; 16 with 4 stages in 3.6).
+HALF_ONLY = frozenset({(128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 32, 8, 3)})
 # fp32 with TF32 off: tl.dot becomes FMA, which holds operand slices of the whole K chunk in
 # registers; BLOCK_K = 16 keeps it free of spills on sm_80 (K = 32/64 spilled, see
 # benchmarks/triton_report.py).
 CONFIG_TABLE_FMA = (
-    (128, 64, 16, 8, 3),
+    (128, 64, 16, 8, 4),
     (64, 64, 16, 4, 3),
     (64, 32, 16, 4, 3),
     (32, 32, 16, 2, 3),
 )
+# Largest BLOCK_M of both tables: the launcher's int32 bound on in-tile output offsets
+# (< BLOCK_M * C_out) uses it.
+MAX_BLOCK_M = max(c[0] for c in CONFIG_TABLE + CONFIG_TABLE_FMA)
+# M tiles per band of the tile order (see the kernel): programs resident together share input rows.
+GROUP_M = 8
 
 
 def configs_for(element_size: int, fma: bool) -> tuple:
     """The table rows the autotuner may try for a dtype of `element_size` bytes: the FMA table for
-    fp32 without TF32, else the tensor-core table."""
-    return CONFIG_TABLE_FMA if fma else CONFIG_TABLE
+    fp32 without TF32, else the tensor-core table less HALF_ONLY for 4-byte elements."""
+    if fma:
+        return CONFIG_TABLE_FMA
+    return tuple(c for c in CONFIG_TABLE if element_size <= 2 or c not in HALF_ONLY)
 
 
 def _config(bm, bn, bk, w, s):
@@ -114,7 +133,7 @@ def uses_fma(is_fp32: bool, allow_tf32: bool) -> bool:
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Keep the dtype's configs (the MMA or the FMA table), then drop tiles much
+    """Keep the dtype's configs (MMA or FMA table, within shared memory), then drop tiles much
     wider than the problem (a 16-channel group does not need BLOCK_N=128). Depends only on the
     autotune key (M through M_BUCKET), as the autotuner caches its result per key."""
     x = named_args["x_ptr"]
@@ -173,12 +192,24 @@ def conv2d_nhwc_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_gn = tl.program_id(1)
+    # Tile order: a 1-D grid walked GROUP_M M-tiles at a time, every (group, N tile) of those
+    # rows before the next GROUP_M rows, so the programs resident at once read the same input
+    # rows (and the same weight columns) from L2 instead of each streaming its own.
+    pid = tl.program_id(0)
     n_blocks = tl.cdiv(COg, BLOCK_N)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_gn = (C_out // COg) * n_blocks
+    per_band = GROUP_M * num_pid_gn
+    band = pid // per_band
+    first_m = band * GROUP_M
+    band_m = min(num_pid_m - first_m, GROUP_M)
+    in_band = pid - band * per_band
+    pid_m = first_m + in_band % band_m
+    pid_gn = in_band // band_m
     g = pid_gn // n_blocks
-    pid_n = pid_gn % n_blocks
+    pid_n = pid_gn - g * n_blocks
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -204,11 +235,14 @@ def conv2d_nhwc_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     w_cols = g * COg + offs_n  # weight columns (global output channels) of this tile
 
-    for i in range(0, KH * KW * k_chunks):
-        tap = i // k_chunks
-        c0 = (i - tap * k_chunks) * BLOCK_K
-        kh = tap // KW
-        kw = tap - kh * KW
+    # Step i covers tap (kh, kw) and channels c0 .. c0 + BLOCK_K of it; the three are carried
+    # from step to step (c0 wraps to the next tap, kw to the next row) instead of decoded from i,
+    # which took an integer division by the runtime k_chunks every step.
+    c0 = 0
+    kh = 0
+    kw = 0
+    for _ in range(0, KH * KW * k_chunks):
+        tap = kh * KW + kw
         ci = c0 + offs_k
         k_mask = ci < CIg
         cin = c_in0 + ci
@@ -242,6 +276,13 @@ def conv2d_nhwc_kernel(
             acc = tl.dot(a, w, acc, input_precision="tf32")
         else:
             acc = tl.dot(a, w, acc, input_precision="ieee")
+        c0 += BLOCK_K
+        next_tap = c0 >= CIg
+        c0 = tl.where(next_tap, 0, c0)
+        kw = tl.where(next_tap, kw + 1, kw)
+        next_row = kw == KW
+        kw = tl.where(next_row, 0, kw)
+        kh = tl.where(next_row, kh + 1, kh)
 
     # Epilogue, on the fp32 accumulator, before the single store.
     if HAS_BIAS:
@@ -280,8 +321,8 @@ INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}
 
 
 def grid(M: int, groups: int, COg: int):
-    """Launch grid: (M tiles, groups * N tiles) for the config's block sizes."""
-    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), groups * triton.cdiv(COg, meta["BLOCK_N"]))
+    """Launch grid (1-D; the kernel orders the tiles): M tiles * groups * N tiles of the config."""
+    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * groups * triton.cdiv(COg, meta["BLOCK_N"]),)
 
 
 # The kernel's runtime (not constexpr) parameters, in order: launches pass them positionally (the
@@ -334,8 +375,12 @@ def arguments(x, w_hwio, bias, residual, scale, shift, y, stride, padding, group
     if m == 0 or c_out == 0:
         return None
     # Row indices, weight offsets and in-tile output offsets are int32 (see the module docstring).
-    if m >= 2**31 or w_hwio.numel() >= 2**31 or 128 * c_out >= 2**31:
-        raise ValueError(f"conv2d_nhwc: N*OH*OW={m} / weight size {w_hwio.numel()} exceed int32 indexing")
+    # The program id is int32 too: the most programs any config launches (its smallest tiles).
+    programs = triton.cdiv(m, 32) * groups * triton.cdiv(cog, 16)
+    if m >= 2**31 or w_hwio.numel() >= 2**31 or MAX_BLOCK_M * c_out >= 2**31 or programs >= 2**31:
+        raise ValueError(
+            f"conv2d_nhwc: N*OH*OW={m} / weight size {w_hwio.numel()} / C_out={c_out} exceed int32 indexing"
+        )
     is_gemm = (
         kh == 1
         and kw == 1
@@ -388,6 +433,7 @@ def arguments(x, w_hwio, bias, residual, scale, shift, y, stride, padding, group
         PROLOGUE=scale is not None,
         ALLOW_TF32=bool(allow_tf32),
         UPCAST_DOT=upcast_dot,
+        GROUP_M=GROUP_M,
     )
     return runtime, constexprs, grid(m, groups, cog)
 
