@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="NAME",
         help="models to run: set names (default: resnet18 resnet50 resnext50_32x4d; family: regnet_y_800mf "
-        "regnet_x_800mf seresnext50_32x4d ecaresnet50d resnet50d resnetv2_50, issue 15's; all: both) and/or "
+        "regnet_x_800mf seresnext50_32x4d ecaresnet50d resnet50d resnetv2_50; all: both) and/or "
         "model names (torchvision, or the timm ones of the family). Default: default (--quick: resnet18)",
     )
     p.add_argument(
@@ -205,8 +205,8 @@ def _run_cpu(args) -> int:
     return 0
 
 
-# The issues' targets (fp32, 2 threads, batch 8 unless noted), printed next to what this run measured:
-# issue 3's for the default models, issue 15's for the family (--models family).
+# The project's CPU targets (fp32, 2 threads, batch 8 unless noted), printed next to what this run
+# measured: for the default models and for the family (--models family).
 _TARGETS = [
     ("resnet50", 8, "eager_nchw", 1.8),
     ("resnet50", 8, "compile", 1.0),
@@ -251,7 +251,7 @@ def _print_targets(results) -> None:
                 "fp32 and bf16 rows are timed apart, not interleaved)"
             )
     if lines:
-        print("\ntargets (issues 3 and 15):")
+        print("\ntargets:")
         print("\n".join(lines))
 
 

@@ -94,7 +94,7 @@ _QUICK = [
 ]
 
 MODELS = ("resnet18", "resnet50", "resnext50_32x4d")
-# The rest of the residual family (issue 15): SE / ECA, ResNet-D shortcuts, pre-activation
+# The rest of the residual family: SE / ECA, ResNet-D shortcuts, pre-activation
 # bottlenecks, RegNet X / Y. `--models family` runs these alone.
 FAMILY = (
     "regnet_y_800mf",

@@ -38,7 +38,7 @@ t_roof / t_measured, from the peaks of the device in KNOWN_GPUS (dense tensor-co
 uses the TF32 peak when TF32 is on, else the FMA peak). Model rows count FLOPs only (conv and
 linear layers): the fraction of the compute peak.
 
-Targets (issue 17), printed with the measured ratio and pass / FAIL / not measured: every
+The project's GPU targets, printed with the measured ratio and pass / FAIL / not measured: every
 ResNet-50 / ResNeXt-50 block at batch 32 fp16 >= 1.3x eager channels_last; whole models (fp16 and
 bf16, batch 32) >= 1.3x eager channels_last and >= 1.0x torch.compile max-autotune (the fused model
 with CUDA graphs against the compiled one, which uses them too); the grouped 3x3 at ResNeXt-50
@@ -687,7 +687,7 @@ def evaluate_targets(rows: list[dict]) -> list[dict]:
 
 
 def print_targets(targets: list[dict]) -> None:
-    print("\ntargets (issue 17; ratios without CUDA graphs unless said):")
+    print("\ntargets (ratios without CUDA graphs unless said):")
     for t in targets:
         measured = "-" if t["measured"] is None else f"x{t['measured']:.2f}"
         print(f"  {t['status']:>12s}  {measured:>7s} (>= x{t['threshold']:.1f})  {t['target']}")

@@ -1,4 +1,4 @@
-"""The rest of the residual family (issue 15): SyncBatchNorm models, ResNet-D avg-down shortcuts and
+"""The rest of the residual family: SyncBatchNorm models, ResNet-D avg-down shortcuts and
 the pre-activation bottleneck, each against its original in float64 (docs/design.md, Numerics)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The production CUDA path on a real GPU (issue 17, section 2): the `auto` backend on every block
+"""The production CUDA path on a real GPU: the `auto` backend on every block
 type and on fused torchvision ResNet-50 / ResNeXt-50, the CUDA grouped 3x3 kernel over its whole
 range, the CUDA tails and training BatchNorm, a training step, CUDA graphs, streams, a second
 GPU, torch.compile and torch.autocast. Every result is compared with the float64 reference at

@@ -1,4 +1,4 @@
-"""Squeeze-excitation blocks (issue 15): torchvision RegNet X / Y (ResBottleneckBlock with an optional
+"""Squeeze-excitation blocks: torchvision RegNet X / Y (ResBottleneckBlock with an optional
 SE between the grouped 3x3 and the last 1x1, SimpleStemIN stem), against the float64 originals
 (docs/design.md, Numerics)."""
 
@@ -59,7 +59,7 @@ def test_torchvision_regnet_converts_every_block_and_the_stem(name, n_blocks, ha
     assert not [c for c in ran if c.op == "batch_norm"], ran
 
 
-# Issue 15's table names the 800MF models: the same blocks at other widths and group widths.
+# The benchmark runs the 800MF models: the same blocks at other widths and group widths.
 REGNETS_800MF = [("regnet_x_800mf", 16, False), ("regnet_y_800mf", 14, True)]
 
 

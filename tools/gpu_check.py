@@ -23,7 +23,7 @@ ninja installed; no venv, nothing installed). The Python that runs this script r
 4. benchmark: `python -m benchmarks.gpu --gpu-dtype fp16 --batch 32 --budget S` (the grouped
    3x3 op against cuDNN, every block at batch 32 fp16, fuse(resnet50) / fuse(resnext50_32x4d) at
    batch 32 fp16 and bf16, with and without CUDA graphs, each row checked against float64, the
-   issue's targets with pass / FAIL; GPU_CHECK_BENCH_ARGS replaces the arguments before --budget,
+   project's GPU targets with pass / FAIL; GPU_CHECK_BENCH_ARGS replaces the arguments before --budget,
    e.g. with `--compile` for torch.compile max-autotune, minutes per model). S is the step's time
    limit less BENCH_LAST_ROW_S: the benchmark starts no row after it and lists the rows left out.
    -> bench.log, bench.json (benchmarks/gpu.py's JSON, rewritten after every row), bench.md (the
@@ -176,7 +176,7 @@ def bench_markdown(results: dict) -> str:
         )
     targets = results.get("targets", [])
     if targets:
-        lines += ["", "Targets (issue 17):", "", "| target | measured | needed | status |", "|---|---|---|---|"]
+        lines += ["", "Targets:", "", "| target | measured | needed | status |", "|---|---|---|---|"]
         for t in targets:
             measured = "-" if t["measured"] is None else f"x{t['measured']:.2f}"
             lines.append(f"| {t['target']} | {measured} | >= x{t['threshold']:.1f} | {t['status']} |")
