@@ -330,6 +330,50 @@ def test_fp32_tf32_follows_the_cudnn_flag(monkeypatch, cudnn_tf32, matmul_tf32):
     assert seen == [cudnn_tf32, False]
 
 
+def test_a_tuned_key_launches_the_kernel_directly(monkeypatch):
+    """The CUDA path's logic, run on CPU tensors: the autotuner runs once per autotune key (M
+    bucketed to a power of two), then the plain kernel with the remembered config."""
+    import triton
+
+    from resfused.kernels import conv_triton
+    from resfused.triton import conv as kernels
+
+    monkeypatch.setattr(conv_triton, "_TUNED", {})
+    calls = []
+    chosen = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4, num_stages=3)
+
+    class Tuner:  # stands in for the Autotuner: launches its choice, sets best_config
+        best_config = None
+
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                calls.append(("tune", args[7]))
+                self.best_config = chosen
+                kernels.conv2d_nhwc_kernel[grid](*args, **kw, **chosen.kwargs)
+
+            return run
+
+    class Direct:
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                calls.append(("direct", args[7], kw["BLOCK_M"], kw["num_warps"]))
+                kernels.conv2d_nhwc_kernel[grid](*args, **kw)
+
+            return run
+
+    w = torch.randn(16, 16, 3, 3) / 12
+    for n, hw in ((1, (6, 6)), (1, (6, 6)), (1, (7, 7)), (1, (5, 6)), (2, (6, 6))):  # M = 36, 36, 49, 30, 72
+        x = torch.randn(n, 16, *hw).contiguous(memory_format=torch.channels_last)
+        w_hwio = conv_triton.to_hwio(w)
+        y = conv_triton._output(x, w_hwio, (1, 1), (1, 1))
+        args = (x, w_hwio, None, None, None, None, y, (1, 1), (1, 1), 1, True, False)
+        conv_triton._launch_cuda(kernels, args, tuner=Tuner(), direct=Direct())
+        expected = torch.relu(F.conv2d(x.double(), w.double(), padding=1))
+        assert_matches_reference(y, expected, torch.float32, what=f"M={n * hw[0] * hw[1]}")
+    # M = 36 tunes bucket 64; 36 and 49 reuse it; 30 (bucket 32) and 72 (bucket 128) tune their own.
+    assert calls == [("tune", 36), ("direct", 36, 64, 4), ("direct", 49, 64, 4), ("tune", 30), ("tune", 72)]
+
+
 def test_launch_bounds_use_the_largest_tile():
     # In-tile output offsets (< BLOCK_M * C_out) are int32 for every config, the largest BLOCK_M
     # included: C_out = 2^31 / MAX_BLOCK_M is refused (meta tensors: nothing is allocated).

@@ -15,7 +15,11 @@ registered as well so that fake-tensor tracing never reaches a launch (the inter
 try to run on fake tensors).
 
 On CUDA the launch runs under the input's device (torch.cuda.device(x.device)): Triton launches
-on the current device and stream, and a model on cuda:1 must not launch on cuda:0.
+on the current device and stream, and a model on cuda:1 must not launch on cuda:0. The first call
+of each autotune key (resfused/triton/conv.py: M bucketed to a power of two, the channel counts,
+kernel size, stride, variant, dtype) times the configs; later calls launch the compiled kernel with
+the remembered config directly (`_TUNED`), without the autotuner. Timing cannot run while a CUDA
+graph is being captured: run the model once on the shapes it will see before capturing.
 
 `TritonConv` is the adapter resfused/ops/conv.py lists for CUDA tensors: it keeps the HWIO
 weight in ConvParams.kernel_state. fp32 uses TF32 when torch.backends.cudnn.allow_tf32 is set
@@ -26,6 +30,7 @@ eager fp32 convs do the same arithmetic; torch.backends.cuda.matmul.allow_tf32 g
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 from torch.library import triton_op, wrap_triton
@@ -114,6 +119,38 @@ def allow_tf32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and bool(torch.backends.cudnn.allow_tf32)
 
 
+# Autotune key (+ dtypes, device) -> the config the autotuner chose for it, so that a tuned call
+# launches the compiled kernel directly. Filled under _TUNE_LOCK, read without it.
+_TUNED: dict = {}
+_TUNE_LOCK = threading.Lock()
+
+
+def _launch_cuda(kernels, args: tuple, tuner=None, direct=None) -> None:
+    """Launch on CUDA: the remembered config of this autotune key if there is one (the hot
+    path: the compiled kernel, no autotuner), else the autotuner, once per key, remembering its
+    choice. `tuner` / `direct` stand in for the autotuned and the plain kernel in tests."""
+    prepared = kernels.arguments(*args)
+    if prepared is None:
+        return
+    runtime, constexprs, launch_grid = prepared
+    x = args[0]
+    dtypes = tuple(None if t is None else t.dtype for t in args[2:6])
+    key = (x.device, x.dtype, dtypes, kernels.autotune_key(runtime, constexprs))
+    config = _TUNED.get(key)
+    if config is not None:
+        (kernels.conv2d_nhwc_kernel if direct is None else direct)[launch_grid](*runtime, **constexprs, **config)
+        return
+    if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "conv2d_triton: this conv shape has not been autotuned yet, and autotuning cannot run "
+            "while a CUDA graph is being captured; run the model once on these shapes before capturing"
+        )
+    tuner = kernels.conv2d_nhwc_autotuned if tuner is None else tuner
+    with _TUNE_LOCK:  # the autotuner's best_config is shared state
+        tuner[launch_grid](*runtime, **constexprs)
+        _TUNED[key] = tuner.best_config.all_kwargs()
+
+
 @triton_op("resfused::conv2d_triton", mutates_args=())
 def conv2d_triton(
     x: torch.Tensor,
@@ -139,14 +176,24 @@ def conv2d_triton(
     x = x.contiguous(memory_format=torch.channels_last)
     weight_hwio = weight_hwio.contiguous()
     groups = x.shape[1] // weight_hwio.shape[2]
-    if x.device.type == "cuda":
-        kernel, config = kernels.conv2d_nhwc_autotuned, None
-    else:  # TRITON_INTERPRET=1 on CPU tensors: no autotuning (it times on a CUDA device)
-        kernel, config = kernels.conv2d_nhwc_kernel, kernels.INTERPRETER_CONFIG
     args = (x, weight_hwio, bias, residual, scale, shift, y, stride, padding, groups, relu, allow_tf32)
     with device_guard(x.device):
-        kernels.launch(_traceable(kernel), *args, config=config)
+        if x.device.type != "cuda":  # TRITON_INTERPRET=1 on CPU tensors: no autotuning (it needs a CUDA timer)
+            kernels.launch(_traceable(kernels.conv2d_nhwc_kernel), *args, config=kernels.INTERPRETER_CONFIG)
+        elif torch.compiler.is_compiling() or not _plain_eager(x):
+            # traced (torch.compile, make_fx): the autotuned kernel, which Inductor tunes itself
+            kernels.launch(_traceable(kernels.conv2d_nhwc_autotuned), *args)
+        else:
+            _launch_cuda(kernels, args)
     return y
+
+
+def _plain_eager(x: torch.Tensor) -> bool:
+    """A call on real tensors outside any tracing mode, where launching the kernel directly is the
+    same as what wrap_triton would do."""
+    from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+    return type(x) is torch.Tensor and not is_in_torch_dispatch_mode()
 
 
 @conv2d_triton.register_fake
