@@ -5,7 +5,7 @@ turns on for this process) @triton.jit returns an InterpretedFunction that trito
 take. The subprocess is `python -m benchmarks.triton_report --set test`, the same code that prints
 the per-config report; this test asserts on its JSON.
 
-Scope: the test set (42 compiles, ~3 min on 2 cores with a cold Triton cache) is every config of
+Scope: the test set (40 compiles, ~3 min on 2 cores with a cold Triton cache) is every config of
 both tables (tensor-core MMA and fp32 FMA) on both targets for the register-heaviest variant (3x3,
 prologue, strided residual, bias, ReLU) in fp16 and fp32-without-TF32, every config fp32 with TF32
 may run (resfused.triton.conv.configs_for) on sm_80, plus one config each of bf16, fp32-TF32 on
