@@ -10,7 +10,7 @@ SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.c
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: test bench build info lint format clean fuzz
+.PHONY: test bench build info lint format clean fuzz soak
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,12 @@ CXX_SOURCES = $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o 
 fuzz: $(BUILT)
 	RESFUSED_REQUIRE_NATIVE=1 RESFUSED_FUZZ_CONFIGS=$${RESFUSED_FUZZ_CONFIGS:-10000} $(PY) -m pytest -q tests/test_fuzz.py
 
+# The soak test: 2,000 forwards of a fused resnet50 from 2 threads with load_state_dict, dtype
+# and train/eval changes in between, every output checked and resident memory bounded (README,
+# Memory). About 10-15 minutes on 2 cores; RESFUSED_SOAK_FORWARDS / RESFUSED_SOAK_SEED change it.
+soak: $(BUILT)
+	RESFUSED_REQUIRE_NATIVE=1 RESFUSED_SOAK_FORWARDS=$${RESFUSED_SOAK_FORWARDS:-2000} $(PY) -m pytest -q -s tests/test_soak.py
+
 lint: $(DEPS)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
@@ -74,7 +80,7 @@ compat:
 # 3x3, tails and training BN, a training step, CUDA graphs, streams, cuda:1 with two GPUs, compile,
 # autocast; and the other files' GPU tests) against float64; the GPU benchmark (grouped 3x3 vs
 # cuDNN, blocks, whole models at batch 32 fp16/bf16 vs eager channels_last, with and without CUDA
-# graphs, each row's error vs float64, the issue's targets; torch.compile max-autotune only with
+# graphs, each row's error vs float64, the GPU targets; torch.compile max-autotune only with
 # GPU_CHECK_BENCH_ARGS="... --compile"). Without a GPU it says so in one line and fails (exit 2).
 # tools/gpu_check.py and the README ("On a GPU machine") say what it runs and writes.
 .PHONY: gpu-check
