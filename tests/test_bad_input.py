@@ -247,13 +247,13 @@ def _run(module, leaf, view, mode):
     return y, leaf.grad
 
 
-def check_kind(fused, ref, kind: str, drawn, mode: str, what: str) -> None:
+def check_kind(fused, ref, kind: str, drawn, mode: str, what: str, ref64=None) -> None:
     """`drawn` on `fused` against `ref` (run in float64) in `mode`: the error it must raise, or the
     output, the input gradient (eval+grad) and the buffers (train) within tests/harness.py's rule."""
     description, leaf, view, expectation, words = drawn
     what = f"{what}, {kind} ({description}), {mode}, RESFUSED_BAD_INPUT_SEED={SEED}"
     _tried(kind)
-    ref64 = copy.deepcopy(ref).double()
+    ref64 = copy.deepcopy(ref).double() if ref64 is None else ref64
     (actual, actual_grad), error = _outcome(lambda: _run(fused, leaf, view, mode), (None, None))
     if expectation == "error":
         assert error is not None, f"{what}: expected an error, got a result"
@@ -295,13 +295,18 @@ def _fresh_pair(make_ref, fuse):
 
 def _fuzz_target(make_ref, fuse, in_ch: int, what: str, rng: random.Random, modes=MODES) -> int:
     tried = 0
+    fused, ref = _fresh_pair(make_ref, fuse)
+    ref64 = copy.deepcopy(ref).double()
     for kind, draw in BLOCK_KINDS.items():
         for mode in KIND_MODES.get(kind, modes):
             if mode not in modes:
                 continue
             for _ in range(DRAWS):
-                fused, ref = _fresh_pair(make_ref, fuse)  # train mode changes the statistics
-                check_kind(fused, ref, kind, draw(rng, in_ch, torch.float32), mode, what)
+                if mode == "train":  # changes the running statistics: a fresh pair each time
+                    train_fused, train_ref = _fresh_pair(make_ref, fuse)
+                    check_kind(train_fused, train_ref, kind, draw(rng, in_ch, torch.float32), mode, what)
+                else:  # eval modes leave both modules as they were (but for parameter .grad)
+                    check_kind(fused, ref, kind, draw(rng, in_ch, torch.float32), mode, what, ref64)
                 tried += 1
     return tried
 
