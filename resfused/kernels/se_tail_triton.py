@@ -88,6 +88,18 @@ def _backward(ctx, grad):
 scale_add_relu_triton.register_autograd(_backward, setup_context=_setup)
 
 
+def _reasons_against(y):
+    """What both kernels cannot take: one program per image, int32 offsets inside it."""
+    if y.dtype not in _DTYPES:
+        yield f"dtype {y.dtype} (the kernel has {_DTYPES})"
+    if y.device.type != "cuda" and not (y.device.type == "cpu" and backend.triton_interpreter_enabled()):
+        yield f"needs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got {y.device.type}"
+    if y.shape[1] * y.shape[2] * y.shape[3] >= 2**31:
+        yield "one image holds 2^31 or more elements (int32 offsets inside an image)"
+    if y.shape[0] > 65535:
+        yield f"batch {y.shape[0]} above CUDA's grid limit of 65535 images"
+
+
 class TritonScaleAddRelu(Kernel):
     """relu(y * gate + residual) in one Triton pass: CUDA tensors (or CPU under TRITON_INTERPRET=1),
     fp16 / bf16 / fp32."""
@@ -96,14 +108,7 @@ class TritonScaleAddRelu(Kernel):
     differentiable = True
 
     def unsupported_reasons(self, y, gate, residual):
-        if y.dtype not in _DTYPES:
-            yield f"dtype {y.dtype} (the kernel has {_DTYPES})"
-        if y.device.type != "cuda" and not (y.device.type == "cpu" and backend.triton_interpreter_enabled()):
-            yield f"needs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got {y.device.type}"
-        if y.shape[1] * y.shape[2] * y.shape[3] >= 2**31:
-            yield "one image holds 2^31 or more elements (int32 offsets inside an image)"
-        if y.shape[0] > 65535:
-            yield f"batch {y.shape[0]} above CUDA's grid limit of 65535 images"
+        yield from _reasons_against(y)
 
     def run(self, y, gate, residual):
         return torch.ops.resfused.scale_add_relu_triton(y, gate, residual)
@@ -165,14 +170,7 @@ class TritonChannelMean(Kernel):
     differentiable = True
 
     def unsupported_reasons(self, y):
-        if y.dtype not in _DTYPES:
-            yield f"dtype {y.dtype} (the kernel has {_DTYPES})"
-        if y.device.type != "cuda" and not (y.device.type == "cpu" and backend.triton_interpreter_enabled()):
-            yield f"needs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got {y.device.type}"
-        if y.shape[1] * y.shape[2] * y.shape[3] >= 2**31:
-            yield "one image holds 2^31 or more elements (int32 offsets inside an image)"
-        if y.shape[0] > 65535:
-            yield f"batch {y.shape[0]} above CUDA's grid limit of 65535 images"
+        yield from _reasons_against(y)
 
     def run(self, y):
         return torch.ops.resfused.channel_mean_triton(y)
