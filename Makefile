@@ -47,7 +47,7 @@ fuzz: $(BUILT)
 
 # The soak test: 2,000 forwards of a fused resnet50 from 2 threads with load_state_dict, dtype
 # and train/eval changes in between, every output checked and resident memory bounded (README,
-# Memory). 6.5 minutes on a shared 2-core Xeon; RESFUSED_SOAK_FORWARDS / RESFUSED_SOAK_SEED change it.
+# Memory). 4-6.5 minutes on a shared 2-core Xeon; RESFUSED_SOAK_FORWARDS / RESFUSED_SOAK_SEED change it.
 soak: $(BUILT)
 	RESFUSED_REQUIRE_NATIVE=1 RESFUSED_SOAK_FORWARDS=$${RESFUSED_SOAK_FORWARDS:-2000} $(PY) -m pytest -q -s tests/test_soak.py
 

@@ -35,16 +35,19 @@ oneDNN's primitive cache.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import random
 import threading
 import time
+import types
 
 import pytest
 import torch
 import torch.nn as nn
 
 import resfused
+from resfused import blocks
 from resfused.blocks import FusedModule
 from resfused.kernels import winograd_f43
 from resfused.runtime import buffer_cache
@@ -59,6 +62,9 @@ BATCHES = (1, 2, 4)
 RESOLUTIONS = (32, 48, 64)
 TRAIN_INPUTS = ((2, 64), (4, 48))  # batch, resolution: >= 4 values per channel at layer4's BNs
 PACKED_COPIES = 4  # runtime/packing.PackedByShape's `keep`
+# A block's plans (at most MAX_PLANS input signatures) hold bound oneDNN calls, each with the packed
+# copy for its shape (kernels/conv_onednn.bind): a copy the LRU above dropped lives on in a plan.
+PINNED_COPIES = getattr(blocks, "MAX_PLANS", 0)
 WINOGRAD_MAX_CHANNELS = 512  # kernels/conv_winograd.faster_than_direct: no Winograd above it
 SLACK_MB = 160
 
@@ -86,7 +92,9 @@ def cache_bound_bytes(model: nn.Module, dtypes) -> int:
     (README, Memory): per conv with weight W (n elements, s bytes each, C_out output channels)
 
         (n + C_out) * s                   the folded weight and bias
-      + 4 * n * s                         oneDNN packed copies, 4 input shapes at most
+      + (4 + 4) * n * s                   oneDNN packed copies: the 4 most recently used input
+                                          shapes, plus one pinned by each of the block's plans
+                                          (4 at most)
       + 4 * 36/9 * n * s                  Winograd packed copies (float32 3x3 stride-1 convs
                                           of at most 512 input channels only), 4 at most
     """
@@ -98,7 +106,7 @@ def cache_bound_bytes(model: nn.Module, dtypes) -> int:
         ) and (conv.in_channels <= WINOGRAD_MAX_CHANNELS)
         for dtype in dtypes:
             s = torch.empty((), dtype=dtype).element_size()
-            total += (n + conv.out_channels) * s + PACKED_COPIES * n * s
+            total += (n + conv.out_channels) * s + (PACKED_COPIES + PINNED_COPIES) * n * s
             if winograd and dtype == torch.float32:
                 total += PACKED_COPIES * (winograd_f43.POSITIONS // 9) * n * s
     return total
@@ -110,7 +118,8 @@ _MODULE_INTERNALS = {"_parameters", "_buffers", "_modules", "training"}
 def held_bytes(model: nn.Module) -> int:
     """Bytes of every tensor a fused module keeps beyond its parameters and buffers (folded
     weights, oneDNN's opaque packed copies at their logical size, Winograd copies, whatever a
-    plan holds), found by walking its attributes and the resfused objects they reach."""
+    plan holds), found by walking its attributes, the resfused objects they reach and the
+    variables that functions (a plan's bound calls) close over; each tensor counted once."""
     own = set()
     for t in (*model.parameters(), *model.buffers()):
         own.add(t.data_ptr())
@@ -134,6 +143,18 @@ def held_bytes(model: nn.Module) -> int:
         elif isinstance(obj, (list, tuple, set, frozenset)):
             for v in obj:
                 visit(v)
+        elif isinstance(obj, types.FunctionType):
+            for cell in obj.__closure__ or ():
+                try:
+                    visit(cell.cell_contents)
+                except ValueError:  # an empty cell
+                    pass
+            for v in obj.__defaults__ or ():
+                visit(v)
+        elif isinstance(obj, functools.partial):
+            visit(obj.func)
+            visit(obj.args)
+            visit(obj.keywords)
         elif type(obj).__module__.startswith("resfused"):
             for v in getattr(obj, "__dict__", {}).values():
                 visit(v)
