@@ -21,6 +21,8 @@ statistics across processes; see `FusedModule._has_synced_bn`).
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn as nn
 
@@ -32,6 +34,30 @@ from resfused.runtime import buffer_cache, finite, module_state, trace, tuning_c
 # Plans kept per block (input signatures), the least recently recorded dropped first. Each holds
 # references to the folded weights and to the packed weight copies its calls use.
 MAX_PLANS = 4
+
+
+class Derived:
+    """What a fused block derives from one state of its parameters: the folded weights per dtype
+    and the plans (see FusedModule._forward). Replaced whole when the state changes."""
+
+    def __init__(self):
+        self.folded: dict[torch.dtype, FoldedWeights] = {}
+        self.plans: dict[tuple, tuple[bool, list]] = {}
+        self._lock = threading.Lock()
+
+    def folded_for(self, dtype: torch.dtype) -> FoldedWeights:
+        folded = self.folded.get(dtype)
+        if folded is None:
+            with self._lock:  # threads calling for the first time share one FoldedWeights
+                folded = self.folded.setdefault(dtype, FoldedWeights(dtype))
+        return folded
+
+    def remember_plan(self, key: tuple, plan: tuple[bool, list]) -> None:
+        with self._lock:
+            if key not in self.plans and len(self.plans) >= MAX_PLANS:
+                self.plans.pop(next(iter(self.plans)))  # the oldest
+            self.plans[key] = plan
+
 
 __all__ = [
     "BasicBlock",
@@ -54,9 +80,8 @@ class FusedModule(nn.Module):
     reference class they also derive from (and stays available as `reference_forward`).
     """
 
-    _snapshot = None  # module_state.Snapshot of the parameter state `_folded` was made from
-    _folded = None  # {dtype: FoldedWeights}
-    _plans = None  # {(input signature, may_overwrite_x): plan}, see `_forward`
+    _snapshot = None  # module_state.Snapshot of the parameter state `_derived` was made from
+    _derived = None  # Derived
 
     @classmethod
     def from_reference(cls, block: nn.Module) -> FusedModule:
@@ -95,32 +120,28 @@ class FusedModule(nn.Module):
         # The folded weights hold backend-specific tensors (oneDNN's opaque blocked weights) that
         # can be neither deep-copied nor pickled; derived state, rebuilt on the next forward.
         state = dict(super().__getstate__())
-        for derived in ("_folded", "_snapshot", "_plans"):
+        for derived in ("_derived", "_snapshot"):
             state.pop(derived, None)
         return state
 
     def _folded_weights(self, x: torch.Tensor) -> FoldedWeights:
         if torch.compiler.is_compiling():
             return FoldedWeights(x.dtype)  # traced: the folding becomes part of the graph
-        self._refresh_snapshot()
-        if self._folded is None:
-            self._folded, self._plans = {}, {}
-        folded = self._folded.get(x.dtype)
-        if folded is None:
-            folded = self._folded[x.dtype] = FoldedWeights(x.dtype)
-        return folded
+        return self._current_derived().folded_for(x.dtype)
 
-    def _refresh_snapshot(self) -> module_state.Snapshot:
-        """The module's current snapshot; the folded weights and plans are dropped when the
-        parameter state differs from the one they were made from."""
-        snapshot = self._snapshot
-        if snapshot is not None and snapshot.unchanged():
-            return snapshot
+    def _current_derived(self) -> Derived:
+        """The derived state for the current parameter state: a new one when it differs from the
+        one the last was made from. Threads that run the block concurrently each read it once per
+        call; a refresh replaces it whole (`_derived` first, then `_snapshot`, so that a reader
+        never pairs a new snapshot with old derived state)."""
+        snapshot, derived = self._snapshot, self._derived
+        if snapshot is not None and derived is not None and snapshot.unchanged():
+            return derived
         new = module_state.Snapshot(self)
-        if snapshot is None or not new.same_state(snapshot):
-            self._folded = self._plans = None
+        if snapshot is None or derived is None or not new.same_state(snapshot):
+            derived = self._derived = Derived()
         self._snapshot = new
-        return new
+        return derived
 
     def _check_input(self, x: torch.Tensor) -> None:
         name = type(self).__name__
@@ -129,6 +150,10 @@ class FusedModule(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"resfused.{name}: expected a 4-D input (N, C, H, W), got {shape}")
+        if x.layout is not torch.strided:
+            raise TypeError(
+                f"resfused.{name}: expected a dense (strided) input, got layout {x.layout}; call .to_dense() first"
+            )
         if x.shape[1] != self.in_channels:
             raise ValueError(
                 f"resfused.{name}: expected {self.in_channels} input channels, got input of shape {tuple(x.shape)}"
@@ -165,12 +190,14 @@ class FusedModule(nn.Module):
             return torch.is_grad_enabled()
         if torch.compiler.is_compiling():
             return any(p.requires_grad for p in self.parameters())
-        return self._refresh_snapshot().any_requires_grad()
+        self._current_derived()
+        return self._snapshot.any_requires_grad()
 
     def _batch_norms(self) -> list[nn.Module]:
         if torch.compiler.is_compiling():  # traced: the graph's guards watch the modules, not snapshots
             return [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        return self._refresh_snapshot().bns
+        self._current_derived()
+        return self._snapshot.bns
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if autocast_on(x):
@@ -200,7 +227,8 @@ class FusedModule(nn.Module):
         """`may_overwrite_x`: nobody reads `x` after this call (ResidualStage knows it for the
         blocks it chains), so an identity shortcut may be overwritten by the last conv's output."""
         plan_key = self._plan_key(x, may_overwrite_x)
-        plan = None if plan_key is None else self._plans.get(plan_key)
+        derived = self._derived  # read after the snapshot check: a refresh replaces it first
+        plan = None if plan_key is None or derived is None else derived.plans.get(plan_key)
         if plan is not None:
             # Recorded by a call with this input signature on the same parameter state, which
             # passed the checks below: only the NaN/Inf check depends on the data.
@@ -222,21 +250,24 @@ class FusedModule(nn.Module):
         check_finite = x.device.type == "cpu"
         if check_finite and not finite.is_finite(x):
             return self.reference_forward(x)
-        recorder = PlanRecorder(self._folded_weights(x), inputs_finite=check_finite)
+        derived = self._current_derived()
+        recorder = PlanRecorder(derived.folded_for(x.dtype), inputs_finite=check_finite)
         y = self._program(x, recorder, may_overwrite_x)
         plan_key = self._plan_key(x, may_overwrite_x, recording=True)
         if recorder.plan is not None and plan_key is not None:
-            plans = self._plans
-            if len(plans) >= MAX_PLANS:
-                plans.pop(next(iter(plans)))  # the oldest
-            plans[plan_key] = (check_finite, recorder.plan)
+            # Into the plans of the state the calls were bound on: if a refresh replaced it
+            # meanwhile, the plan is dropped with it.
+            derived.remember_plan(plan_key, (check_finite, recorder.plan))
         return y
 
     def _plan_key(self, x, may_overwrite_x: bool, recording: bool = False):
         """The key of the plan that may run this call, or None when no plan may (see PlanRecorder):
         a plan holds the kernel calls of one eval forward without autograd, for one input signature
         and one parameter state."""
-        if not (recording or self._plans) or self.training or not isinstance(x, torch.Tensor):
+        derived = self._derived
+        if not (recording or (derived is not None and derived.plans)) or self.training:
+            return None
+        if not isinstance(x, torch.Tensor):
             return None
         if x.layout is not torch.strided or trace.active() or torch.compiler.is_compiling():
             return None
@@ -472,7 +503,7 @@ def refresh(module: nn.Module) -> nn.Module:
     rebuilds them: for edits their version counters cannot see (through `.data`). Returns `module`."""
     for m in module.modules():
         if isinstance(m, FusedModule):
-            m._folded = m._snapshot = m._plans = None
+            m._derived = m._snapshot = None
     return module
 
 

@@ -54,7 +54,7 @@ def test_replayed_plan_matches_the_reference(name, args, layout, choices):
     fused, ref = _pair(name, args)
     x = torch.randn(2, args[0], 9, 7).contiguous(memory_format=layout)
     _run_twice(fused, ref, x, name)
-    assert len(fused._plans) == 1
+    assert len(fused._derived.plans) == 1
     choices["n"] = 0
     with torch.no_grad():
         fused(x)
@@ -151,10 +151,10 @@ def test_an_unrelated_registration_keeps_the_folded_weights():
     fused, ref = _pair("Bottleneck", (32, 8))
     x = torch.randn(2, 32, 8, 8)
     _run_twice(fused, ref, x, "before")
-    folded, plans = fused._folded, fused._plans
+    derived = fused._derived
     torch.nn.Conv2d(3, 3, 1)  # registers parameters on another module: the snapshot is taken again
     _run_twice(fused, ref, x, "after")
-    assert fused._folded is folded and fused._plans is plans
+    assert fused._derived is derived
 
 
 def test_nan_input_after_a_plan_takes_the_reference():
@@ -198,7 +198,7 @@ def test_plans_per_block_are_bounded():
     with torch.no_grad():
         for size in range(5, 5 + resfused.blocks.MAX_PLANS + 3):
             fused(torch.randn(1, 8, size, size))
-    assert len(fused._plans) == resfused.blocks.MAX_PLANS
+    assert len(fused._derived.plans) == resfused.blocks.MAX_PLANS
 
 
 def test_off_the_cpu_a_plan_has_no_nan_check(choices):
@@ -210,7 +210,7 @@ def test_off_the_cpu_a_plan_has_no_nan_check(choices):
     x = torch.empty(2, 32, 8, 8, device="meta")
     with torch.no_grad(), resfused.use_backend("reference"):
         fused(x)
-        ((check_finite, calls),) = fused._plans.values()
+        ((check_finite, calls),) = fused._derived.plans.values()
         assert not check_finite and len(calls) == 3
         choices["n"] = 0
         assert fused(x).shape == (2, 32, 8, 8)

@@ -356,19 +356,10 @@ def test_soak_fused_resnet50_from_two_threads():
         torch.set_num_threads(previous_threads)
 
 
-CONCURRENT_FIRST_CALL_BUG = (
-    "two threads' first calls of a fused block after a parameter change race on its derived state: one "
-    "thread's FusedModule._refresh_snapshot, holding a stale snapshot, sets self._folded = self._plans = None "
-    "while the other is recording a plan, whose `plans = self._plans; len(plans)` then fails with TypeError "
-    "(also `self._plans.get` in _forward and `self._folded.get` in _folded_weights). The soak test hits it in "
-    "its first round. Fix (blocks.py): take the refresh, the folded-weights creation and the plan insertion "
-    "under one lock, or read self._plans / self._folded once into locals and skip recording when None"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=CONCURRENT_FIRST_CALL_BUG)
 def test_first_calls_from_two_threads(monkeypatch):
-    """The interleaving of the race above, forced with events: thread B takes its snapshot of a
+    """Two threads' first calls after a parameter change, in the interleaving that once crashed
+    (one thread's refresh dropped the derived state while the other was recording a plan into it),
+    forced with events: thread B takes its snapshot of a
     fresh block before thread A has one, and finishes its refresh (dropping the derived state) while
     A, which made the folded weights meanwhile, is recording its plan. Each wait times out after 5 s,
     so a fix that serializes these steps passes instead of hanging."""

@@ -42,6 +42,15 @@ REFERENCE = ReferenceConv()
 
 
 def check_inputs(x, p: ConvParams, residual, prologue) -> None:
+    if not isinstance(p, ConvParams):
+        raise TypeError(
+            f"resfused: 'p' must be a ConvParams (ConvParams.from_modules(conv, bn) folds a conv and its BN), "
+            f"got {type(p).__name__}"
+        )
+    if prologue is not None and not (
+        isinstance(prologue, (tuple, list)) and len(prologue) == 2 and all(isinstance(t, torch.Tensor) for t in prologue)
+    ):
+        raise TypeError(f"resfused: 'prologue' must be a (scale, shift) pair of tensors, got {prologue!r:.80}")
     checks.activation(x, "x", rank=4)
     if x.shape[1] != p.in_channels:
         raise ValueError(
