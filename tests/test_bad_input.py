@@ -217,18 +217,6 @@ BLOCK_KINDS = {
     "H or W of 0": kind_zero_hw,
     "NaN / Inf": kind_non_finite,
 }
-# Modes left to the xfail tests below (known bugs): other layouts in eval mode without autograd,
-# NaN / Inf in train mode (the fused BatchNorm's statistics).
-KIND_MODES = {
-    "sparse layout": ("eval+grad", "train"),
-    "oneDNN layout": ("eval+grad", "train"),
-    "NaN / Inf": ("eval", "eval+grad"),
-}
-LAYOUT_BUG = (
-    "an eval-mode block without autograd checks a sparse or to_mkldnn() input for NaN/Inf (runtime.finite) "
-    "before any layout check and fails with NotImplementedError from resfused::all_finite; fix: "
-    "FusedModule._check_input (blocks.py) should reject x.layout != torch.strided with a TypeError"
-)
 
 
 def _run(module, leaf, view, mode):
@@ -298,9 +286,7 @@ def _fuzz_target(make_ref, fuse, in_ch: int, what: str, rng: random.Random, mode
     fused, ref = _fresh_pair(make_ref, fuse)
     ref64 = copy.deepcopy(ref).double()
     for kind, draw in BLOCK_KINDS.items():
-        for mode in KIND_MODES.get(kind, modes):
-            if mode not in modes:
-                continue
+        for mode in modes:
             for _ in range(DRAWS):
                 if mode == "train":  # changes the running statistics: a fresh pair each time
                     train_fused, train_ref = _fresh_pair(make_ref, fuse)
@@ -343,7 +329,6 @@ def test_converted_model_rejects_or_computes_bad_inputs():
     print(f"fused resnet18: {tried} bad inputs")
 
 
-@pytest.mark.xfail(strict=True, reason=LAYOUT_BUG)
 @pytest.mark.parametrize("kind", ["sparse layout", "oneDNN layout"])
 @pytest.mark.parametrize("index", [1, 5])
 def test_blocks_reject_other_layouts_clearly(index, kind):
@@ -517,22 +502,6 @@ def _with_nan(x, rng):
     return x
 
 
-NAN_GRADIENT_BUG = (
-    "eval with autograd, a NaN or Inf in the input: where a fused ReLU's output is NaN, its backward passes no "
-    "gradient (resfused::add_relu_backward and scale_shift_act_backward test out > 0, false for NaN), where "
-    "torch.relu's (threshold_backward: 0 only where out <= 0) passes it, so input gradients differ from the "
-    "reference's at finite positions; fix (csrc/cpu/tails.cpp, a rebuild): zero the gradient where !(out > 0) "
-    "is replaced by where out <= 0"
-)
-NON_FINITE_BN_TRAIN_BUG = (
-    "train mode, an Inf or NaN in a channel: nn.BatchNorm2d's batch variance is NaN, so its whole output "
-    "channel and its running_var become NaN; the fused BatchNorm (csrc/cpu/bn_train.cpp) clamps the variance "
-    "with std::max(0.0, v), which returns 0 for a NaN v, so the channel comes out as 0 / +Inf (after the "
-    "ReLU) and running_var stays finite; fix (a rebuild): v < 0 ? 0 : v, which keeps the NaN"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=NAN_GRADIENT_BUG)
 def test_input_gradient_through_a_nan_matches_the_reference():
     name, args = BLOCK_CASES[0]
     fused, ref = _fresh_pair(_block_ref(name, args, 0), getattr(resfused, name).from_reference)
@@ -542,7 +511,6 @@ def test_input_gradient_through_a_nan_matches_the_reference():
     check_kind(fused, ref, "NaN in eval with autograd", ("one NaN", x, None, "match", ()), "eval+grad", name)
 
 
-@pytest.mark.xfail(strict=True, reason=NON_FINITE_BN_TRAIN_BUG)
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
 def test_train_batch_norm_of_a_non_finite_channel_matches_the_reference(value):
     _tried("NaN / Inf in train-mode BatchNorm")
@@ -555,14 +523,6 @@ def test_train_batch_norm_of_a_non_finite_channel_matches_the_reference(value):
     assert_matches_reference(bn.running_mean, bn64.running_mean, torch.float32, what="running_mean")
     assert_matches_reference(bn.running_var, bn64.running_var, torch.float32, what="running_var")
     assert_matches_reference(y, y64, torch.float32, what="output")
-
-
-CONV_PARAMS_BUG = (
-    "conv_bias_act does not check that 'p' is a ConvParams: an nn.Conv2d or None fails with AttributeError "
-    "('Conv2d' object has no attribute 'kernel_state' / 'NoneType' has no attribute 'in_channels'), and a "
-    "prologue that is not a (scale, shift) pair with IndexError; fix: ops/conv.py check_inputs should raise "
-    "TypeError for a 'p' that is not a ConvParams and for a prologue that is not a pair of tensors"
-)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
@@ -593,7 +553,6 @@ def test_ops_reject_or_compute_bad_arguments(backend):
     print(f"ops, backend {backend}: {count} bad calls")
 
 
-@pytest.mark.xfail(strict=True, reason=CONV_PARAMS_BUG)
 @pytest.mark.parametrize("bad", ["conv", "None", "prologue"])
 def test_conv_bias_act_rejects_a_wrong_params_argument_clearly(bad):
     p, conv, _ = _conv_params(random.Random(SEED))

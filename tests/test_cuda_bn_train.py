@@ -220,6 +220,23 @@ def test_bn_train_nan_stays_in_its_channel(emu):  # noqa: F811
     assert_matches_reference(y[:, keep], ref, what="channels without NaN")
 
 
+@pytest.mark.parametrize("layout", [CL, torch.contiguous_format])
+def test_bn_train_statistics_of_infinite_channels_follow_torch(emu, layout):  # noqa: F811
+    """A channel whose first value is +Inf: mean +Inf and variance NaN, as nn.BatchNorm2d computes
+    them (a shift by that first value gave Inf - Inf = NaN for the mean); -Inf and +Inf together:
+    NaN for both."""
+    x, w, b, _ = _inputs((2, 4, 3, 3), layout, torch.float32)
+    x[0, 1, 0, 0] = x[1, 1, 2, 2] = float("inf")  # the first value of channel 1 in either layout
+    x[0, 3, 0, 0], x[1, 3, 1, 1] = float("inf"), float("-inf")
+    _, mean, var = emu.bn_train_act(x, w, b, EPS, True)
+    x64 = x.double()
+    expected_mean = x64.mean((0, 2, 3))
+    expected_var = x64.var((0, 2, 3), unbiased=False)
+    torch.testing.assert_close(mean, expected_mean.float(), equal_nan=True)
+    torch.testing.assert_close(var, expected_var.float(), equal_nan=True)
+    assert mean[1] == float("inf") and var[1].isnan() and mean[3].isnan()
+
+
 def test_bn_train_weight_and_bias_dtypes(emu):  # noqa: F811
     # bf16 activations with bf16 parameters (a model cast with .to(bfloat16)): grads come back bf16.
     x, w, b, g = _inputs((2, 8, 4, 4), CL, torch.bfloat16, seed=3)

@@ -61,6 +61,30 @@ def test_add_relu_mixed_layouts_and_nan():
     assert torch.isnan(y[0, 1, 2, 3])
 
 
+def test_relu_backward_lets_nan_through_like_torch_relu():
+    """torch.relu's backward zeroes the gradient where its output <= 0, so where the output is NaN
+    the gradient passes; the fused tails' backwards do the same (a NaN-free mask would make the
+    input gradients of a fused block differ from the reference's next to a NaN)."""
+    x = torch.randn(2, 8, 5, 5)
+    x[0, 1, 2, 3], x[1, 2, 0, 0] = float("nan"), float("inf")
+    r = torch.randn_like(x)
+    scale, shift = torch.randn(8), torch.randn(8)
+    for fused, eager in (
+        (lambda a: ops.add_relu(a, r), lambda a: torch.relu(a + r)),
+        (
+            lambda a: ops.scale_shift_act(a, scale, shift, True),
+            lambda a: torch.relu(a * scale[:, None, None] + shift[:, None, None]),
+        ),
+    ):
+        grads = []
+        for fn in (fused, eager):
+            leaf = x.clone().requires_grad_(True)
+            fn(leaf).backward(torch.ones_like(x))
+            grads.append(leaf.grad)
+        torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0, equal_nan=True)
+        assert grads[0][0, 1, 2, 3] != 0
+
+
 @pytest.mark.parametrize("relu", [True, False])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontiguous"])
 @pytest.mark.parametrize("shape", SHAPES)

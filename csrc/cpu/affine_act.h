@@ -1,7 +1,8 @@
 // The per-channel affine(+ReLU) passes that the tails and BatchNorm kernels share.
 //
 //   forward:  y = act(x * s[c] + b[c])
-//   backward: g' = g * (x * s[c] + b[c] > 0) if relu else g
+//   backward: g' = 0 where x * s[c] + b[c] <= 0 if relu, else g (a NaN lets g through, as
+//             torch.relu's backward does: it zeroes where its output <= 0)
 //             gx = g' * s[c] + k1[c] * x + k0[c]           (k1 = k0 = 0 for a fixed affine)
 //             sums: S_gx[c] = sum g' * x,  S_g[c] = sum g'
 //
@@ -70,7 +71,7 @@ std::vector<double> affine_act_backward(const ChannelGeometry& geo, const scalar
     if (geo.channels_last) {
       for (; i + IO::kSize <= inner; i += IO::kSize) {
         Vec xv = IO::load(xr + i), sv = Vec::loadu(s + i), gv = IO::load(gr + i);
-        if (relu) gv = Vec::blendv(Vec(0), gv, xv * sv + Vec::loadu(b + i) > Vec(0));
+        if (relu) gv = Vec::blendv(gv, Vec(0), xv * sv + Vec::loadu(b + i) <= Vec(0));
         if (gxr) {
           Vec out = gv * sv;
           if (k1) out = out + Vec::loadu(k1 + i) * xv + Vec::loadu(k0 + i);
@@ -83,7 +84,7 @@ std::vector<double> affine_act_backward(const ChannelGeometry& geo, const scalar
       }
       for (; i < inner; ++i) {
         Acc xv = xr[i], gv = gr[i];
-        if (relu && !(xv * s[i] + b[i] > Acc(0))) gv = Acc(0);
+        if (relu && xv * s[i] + b[i] <= Acc(0)) gv = Acc(0);
         if (gxr) gxr[i] = static_cast<scalar_t>(gv * s[i] + (k1 ? k1[i] * xv + k0[i] : Acc(0)));
         if (ps) {
           ps[i] += gv * xv;
@@ -96,7 +97,7 @@ std::vector<double> affine_act_backward(const ChannelGeometry& geo, const scalar
       Vec acc_gx(0), acc_g(0);
       for (; i + IO::kSize <= inner; i += IO::kSize) {
         Vec xv = IO::load(xr + i), gv = IO::load(gr + i);
-        if (relu) gv = Vec::blendv(Vec(0), gv, xv * sv + bv > Vec(0));
+        if (relu) gv = Vec::blendv(gv, Vec(0), xv * sv + bv <= Vec(0));
         if (gxr) IO::store(gxr + i, k1 ? gv * sv + k1v * xv + k0v : gv * sv);
         acc_gx = acc_gx + gv * xv;
         acc_g = acc_g + gv;

@@ -4,7 +4,7 @@
 //   1. per-channel sums of d = x - K[c] and d^2, K[c] = the channel's first value (shifted data:
 //      var = (S2 - S1^2/M) / M stays accurate when |mean| >> std), tasks added up in double;
 //   2. y = act(x * s + b), s = weight / sqrt(var + eps), b = bias - mean * s.
-// Backward (g' = grad masked by y > 0 when relu; xhat = (x - mean) * invstd; M values per channel):
+// Backward (g' = grad, zeroed where y <= 0 when relu; xhat = (x - mean) * invstd; M values per channel):
 //   grad_bias = sum g',  grad_weight = sum g' * xhat = invstd * (sum g'x - mean * sum g'),
 //   grad_x = s * (g' - grad_bias / M - xhat * grad_weight / M) = g' * s + k1 * x + k0,
 //   k1 = -s * invstd * grad_weight / M,  k0 = -s * grad_bias / M - k1 * mean;
@@ -58,7 +58,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_train_act(const at::Tensor& x,
     const scalar_t* xp = xc.const_data_ptr<scalar_t>();
     // K[c]: the first value of channel c (row 0 holds every channel in channels_last; plane c otherwise).
     std::vector<Acc> K(C);
-    for (int64_t c = 0; c < C; ++c) K[c] = static_cast<Acc>(geo.channels_last ? xp[c] : xp[c * geo.inner]);
+    for (int64_t c = 0; c < C; ++c) {
+      const Acc first = static_cast<Acc>(geo.channels_last ? xp[c] : xp[c * geo.inner]);
+      // Not an Inf or NaN: it would turn a channel of +Inf's mean into Inf - Inf = NaN (torch: Inf).
+      K[c] = std::isfinite(first) ? first : Acc(0);
+    }
     const Acc* k = K.data();
     const int64_t inner = geo.inner;
     auto sums = per_channel_sums<Acc>(geo, 2, [&](int64_t r, Acc* ps) {
@@ -99,7 +103,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_train_act(const at::Tensor& x,
     for (int64_t c = 0; c < C; ++c) {
       const double s1 = sums[c], s2 = sums[C + c];
       mean[c] = static_cast<double>(k[c]) + s1 / M;
-      var[c] = std::max(0.0, (s2 - s1 * s1 / M) / M);
+      const double v = (s2 - s1 * s1 / M) / M;
+      var[c] = v < 0 ? 0.0 : v;  // rounding can go below 0; a NaN (NaN or Inf in the channel) stays
     }
     std::vector<Acc> s(C), b(C);
     normalization_affine(mean.data(), var.data(), weight, bias, eps, s.data(), b.data(), C);

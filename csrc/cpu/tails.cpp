@@ -52,8 +52,8 @@ at::Tensor add_relu_backward(const at::Tensor& grad_out, const at::Tensor& out) 
     using Acc = typename VecIO<scalar_t>::Acc;
     binary_map(
         grad_in.data_ptr<scalar_t>(), gc.const_data_ptr<scalar_t>(), oc.const_data_ptr<scalar_t>(), oc.numel(),
-        [](Vec g, Vec o) { return Vec::blendv(Vec(0), g, o > Vec(0)); },
-        [](Acc g, Acc o) { return o > Acc(0) ? g : Acc(0); });
+        [](Vec g, Vec o) { return Vec::blendv(g, Vec(0), o <= Vec(0)); },
+        [](Acc g, Acc o) { return o <= Acc(0) ? Acc(0) : g; });
   });
   return grad_in;
 }
@@ -82,7 +82,7 @@ at::Tensor scale_shift_act(const at::Tensor& x, const at::Tensor& scale, const a
 }
 
 // grad_x = g' * scale[c]; grad_scale[c] = sum g' * x; grad_shift[c] = sum g',
-// with g' = grad_out masked by (x*scale + shift > 0) when relu. Per-channel sums are accumulated
+// with g' = grad_out, zeroed where x*scale + shift <= 0 when relu. Per-channel sums are accumulated
 // per task in the arithmetic precision and added up in double (see per_channel_sums).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> scale_shift_act_backward(const at::Tensor& grad_out, const at::Tensor& x,
                                                                         const at::Tensor& scale,

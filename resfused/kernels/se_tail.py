@@ -2,7 +2,7 @@
 compiled op's fake kernel and autograd formula.
 
     scale_add_relu(y, gate, r)   = relu(y * gate[n, c] + r),        gate [N, C]
-    with g' = grad * (out > 0):  d/dy = g' * gate[n, c],  d/dgate = sum over H, W of g' * y,  d/dr = g'
+    with g' = grad, 0 where out <= 0:  d/dy = g' * gate[n, c],  d/dgate = sum over H, W of g' * y,  d/dr = g'
 
 The backward is written with existing ops: g' by the compiled add_relu_backward (the same ReLU mask
 from the output), the rest in PyTorch.

@@ -7,7 +7,7 @@ in y's layout (dense NCHW or channels_last; a residual in the other layout is co
 first). Like conv2d_triton (kernels/conv_triton.py) it is a `triton_op`: eager calls launch the
 kernel on CUDA, or run it in the interpreter on CPU tensors under TRITON_INTERPRET=1, and
 torch.compile traces through `wrap_triton`. The backward is the native op's formula
-(kernels/se_tail.py) in PyTorch ops, with g' = grad * (out > 0):
+(kernels/se_tail.py) in PyTorch ops, with g' = grad, 0 where out <= 0:
 
     d/dy = g' * gate[n, c],   d/dgate = sum over H, W of g' * y (fp32 accumulation),   d/dr = g'
 
@@ -79,7 +79,7 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad):
     y, gate, out = ctx.saved_tensors
-    masked = torch.where(out > 0, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+    masked = torch.where(out <= 0, torch.zeros((), dtype=grad.dtype, device=grad.device), grad)
     grad_y = masked * gate[:, :, None, None]
     grad_gate = (masked * y).sum((2, 3), dtype=torch.promote_types(y.dtype, torch.float32)).to(gate.dtype)
     return grad_y, grad_gate, masked

@@ -4,7 +4,7 @@ with the compiled ops' fake kernels and autograd formulas side by side.
     add_relu(x, r)                    = relu(x + r)
     scale_shift_act(x, s, b, relu)    = [relu](x * s[c] + b[c]),   c = channel (dim 1)
     d/dx, d/ds, d/db of the latter    = g', sum(g' * x), sum(g')   over all but dim 1,
-                                        g' = grad * (x*s+b > 0) when relu
+                                        g' = grad, 0 where x*s+b <= 0 when relu
 """
 
 from __future__ import annotations

@@ -24,16 +24,19 @@ RESFUSED_DEVICE A bn_normalized(A xv, A mean, A s, A beta) {
 }
 
 // The shift K[c] of the statistics: channel c's first value (row 0 in channels-last, the start
-// of plane c in NC(spatial)).
+// of plane c in NC(spatial)), or 0 when that is not finite (an Inf shift would turn the mean of a
+// channel holding only +Inf into Inf - Inf = NaN, where nn.BatchNorm2d's is Inf).
 template <class T>
 RESFUSED_DEVICE acc_t<T> bn_channel_shift(const BnTrainArgs<T>& a, int64_t c) {
-  return to_acc(a.x[a.inner == 1 ? c : c * a.inner]);
+  const acc_t<T> k = to_acc(a.x[a.inner == 1 ? c : c * a.inner]);
+  return k - k == acc_t<T>(0) ? k : acc_t<T>(0);  // k - k is NaN for Inf and NaN
 }
 
-// g' of one element: the gradient where the forward's pre-activation was > 0 (relu), else as is.
+// g' of one element: 0 where the forward's pre-activation was <= 0 (relu), else as is (NaN passes,
+// as through torch.relu's backward).
 template <class A>
 RESFUSED_DEVICE A bn_masked_grad(A g, A xv, A mean, A s, A beta, bool relu) {
-  return (relu && !(bn_normalized(xv, mean, s, beta) > A(0))) ? A(0) : g;
+  return (relu && bn_normalized(xv, mean, s, beta) <= A(0)) ? A(0) : g;
 }
 
 // What the forward reduction sums: d = x - K[c] and d^2 (shifted statistics).

@@ -9,7 +9,7 @@
 //      mean/var (rounded to acc_t) and coef = (s, beta), s = w / sqrt(var + eps);
 //   3. BnApplyKernel<T, false>: y = act((x - mean) * s + beta), rows x vectors like
 //      scale_shift_act (centered, not x * s + (beta - mean * s): see bn_normalized).
-// Backward (g' = grad masked by (x - mean) s + beta > 0 when relu, xc = x - mean,
+// Backward (g' = grad, 0 where (x - mean) s + beta <= 0 when relu, xc = x - mean,
 // invstd = 1/sqrt(var+eps)):
 //   grad_bias = sum g',  grad_weight = invstd * sum g' xc   (centered: no cancellation),
 //   grad_x = s g' + k1 xc + kb,  k1 = -s invstd grad_weight / M,  kb = -s grad_bias / M;

@@ -1,8 +1,8 @@
 // Kernels of the elementwise tails (arguments and launch shapes in tails_config.cuh).
 //   add_relu:          out = relu(a + b)
-//   add_relu_backward: grad = out > 0 ? grad_out : 0
+//   add_relu_backward: grad = out <= 0 ? 0 : grad_out   (NaN lets it through, as torch.relu's)
 //   scale_shift_act:   y = [relu](x * scale[c] + shift[c])
-//   its backward:      g' = grad masked by (x*scale+shift > 0) if relu;
+//   its backward:      g' = grad, zeroed where x*scale+shift <= 0 if relu;
 //                      grad_x = g' * scale[c], grad_scale[c] = sum g' x, grad_shift[c] = sum g'
 // Arithmetic in acc_t<T> (float, or double for double); one rounding at each store.
 #pragma once
@@ -49,7 +49,7 @@ struct AddReluBackwardKernel {
   static constexpr int kPhases = 1, kMaxThreads = kTailThreads;
   template <int>
   static RESFUSED_DEVICE void run(const Params& a, gptr<float>) {
-    flat_binary(a, [](acc_t<T> g, acc_t<T> o) { return o > acc_t<T>(0) ? g : acc_t<T>(0); });
+    flat_binary(a, [](acc_t<T> g, acc_t<T> o) { return o <= acc_t<T>(0) ? acc_t<T>(0) : g; });
   }
 };
 
@@ -104,7 +104,7 @@ RESFUSED_DEVICE void scale_shift_backward_element(const ScaleShiftArgs<T>& a, in
   using A = acc_t<T>;
   const A xv = to_acc(a.x[i]), s = a.scale[c];
   A g = to_acc(a.grad[i]);
-  if (a.relu && !(xv * s + a.shift[c] > A(0))) g = A(0);
+  if (a.relu && xv * s + a.shift[c] <= A(0)) g = A(0);
   a.out[i] = from_acc<T>(g * s);
   sum_gx += g * xv;
   sum_g += g;
