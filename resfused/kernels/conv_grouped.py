@@ -9,8 +9,10 @@ this one adapter serves whichever device has a kernel. This file also registers 
 Where the CPU kernel runs (_CPU_WINS): only where it measured faster than oneDNN's grouped conv
 with its ReLU post-op and packed weights (`python -m benchmarks.grouped_cpu`): float32 at 4
 channels/group (3.36x oneDNN at 128 channels 56x56, batch 8) and at 8 with stride 2, bfloat16 at
-4, and, from batch 4 and 8 on, float32 at 8 channels/group stride 1 and at 16 stride 2. oneDNN
-keeps 16 channels/group at stride 1 and 32 at any stride (its GEMM tiles fit there), and bf16
+4, and, from batch 4 on, float32 at 8 channels/group stride 1. oneDNN keeps 16 and 32
+channels/group at any stride (its GEMM tiles fit there; 16 at stride 2 won 1.19-1.29x from batch 8
+on a Zen 4 but lost 0.61x on an Emerald Rapids Xeon, so the table leaves it to oneDNN and tuning
+decides per machine), and bf16
 beyond 4 channels/group: its bf16 grouped conv uses the AVX512-BF16 dot-product instruction (two
 MACs per lane), which this kernel (bf16 loads, fp32 FMAs) does not. Measured, by shape, dtype and
 batch: docs/measurements.md, Grouped 3x3 (CPU).
@@ -29,7 +31,6 @@ _CPU_WINS = {
     (torch.float32, 4, 1): 1,
     (torch.float32, 8, 2): 1,
     (torch.float32, 8, 1): 4,
-    (torch.float32, 16, 2): 8,
     (torch.bfloat16, 4, 1): 1,
 }
 
