@@ -48,7 +48,9 @@ def check_inputs(x, p: ConvParams, residual, prologue) -> None:
             f"got {type(p).__name__}"
         )
     if prologue is not None and not (
-        isinstance(prologue, (tuple, list)) and len(prologue) == 2 and all(isinstance(t, torch.Tensor) for t in prologue)
+        isinstance(prologue, (tuple, list))
+        and len(prologue) == 2
+        and all(isinstance(t, torch.Tensor) for t in prologue)
     ):
         raise TypeError(f"resfused: 'prologue' must be a (scale, shift) pair of tensors, got {prologue!r:.80}")
     checks.activation(x, "x", rank=4)
