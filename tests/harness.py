@@ -123,6 +123,19 @@ def forward_backward(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tenso
     return y, grads, {n: b.clone() for n, b in module.named_buffers()}
 
 
+def original_stem_names(named: dict) -> dict:
+    """A fused torchvision ResNet's {name: tensor} (parameters, gradients) with the stem under the
+    original model's names: fuse() puts conv1 + bn1 into one ConvBNAct at conv1 (conv1.conv.*,
+    conv1.bn.*); its state_dict keeps the original keys, named_parameters() does not."""
+    stem = {"conv1.conv.": "conv1.", "conv1.bn.": "bn1."}
+    out = {}
+    for key, value in named.items():
+        for new, old in stem.items():
+            key = old + key[len(new) :] if key.startswith(new) else key
+        out[key] = value
+    return out
+
+
 def compare_step(fused: torch.nn.Module, reference: torch.nn.Module, x: torch.Tensor, mode: str, what: str):
     """`fused` and `reference` (run in float64) on float32 `x`: in "eval" a forward without autograd,
     otherwise a forward and a backward of one random output gradient. Asserts the output, every

@@ -30,7 +30,14 @@ from resfused import reference as R
 from resfused.ops import trace_kernels
 
 from cases import BLOCK_CASES, parametrize_cases
-from harness import LOWP_EPS, assert_matches_reference, compare_modules, forward_backward, randomize_bn
+from harness import (
+    LOWP_EPS,
+    assert_matches_reference,
+    compare_modules,
+    forward_backward,
+    original_stem_names,
+    randomize_bn,
+)
 
 CPU = pytest.param("cpu", id="cpu")
 CUDA = pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)
@@ -313,21 +320,9 @@ def test_training_step_of_fused_resnet18(device):
         ours = sgd_step(fused, x)
     kinds = {(c.op, c.kernel) for c in ran}
     assert ("batch_norm", "native") in kinds and ("add_relu", "native") in kinds, kinds
-    # The fused stem's parameter names differ (conv1.* -> conv1.conv.*, bn1.* -> conv1.bn.*); its
-    # state_dict keeps the original keys.
-    stem = {"conv1.conv.": "conv1.", "conv1.bn.": "bn1."}
-
-    def renamed(d):
-        out = {}
-        for key, value in d.items():
-            for new, old in stem.items():
-                key = old + key[len(new) :] if key.startswith(new) else key
-            out[key] = value
-        return out
-
     assert_matches_reference(ours[0], ref[0], torch.float32, what=f"loss on {device}")
     for what, actual, expected in (("grad", ours[1], ref[1]), ("state", ours[2], ref[2])):
-        actual = renamed(actual)
+        actual = original_stem_names(actual)
         assert set(actual) == set(expected), what
         for key, value in expected.items():
             if key.endswith("num_batches_tracked"):

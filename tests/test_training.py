@@ -12,7 +12,7 @@ from resfused import _native
 from resfused import reference as R
 
 from cases import PROJECTION_CASES, parametrize_cases
-from harness import assert_matches_reference, randomize_bn
+from harness import assert_matches_reference, original_stem_names, randomize_bn
 
 pytestmark = pytest.mark.skipif(not _native.has_kernel("bn_train_act", "cpu"), reason="resfused._C is not built")
 
@@ -217,21 +217,9 @@ def test_sgd_step_of_converted_resnet18_matches_eager():
 
     ref = sgd_step(copy.deepcopy(model).double(), x.double())
     ours = sgd_step(fused, x)
-    # The fused stem's parameter names differ (conv1.* -> conv1.conv.*, bn1.* -> conv1.bn.*); its
-    # state_dict keeps the original keys, which the mapping leaves alone.
-    stem = {"conv1.conv.": "conv1.", "conv1.bn.": "bn1."}
-
-    def renamed(d):
-        out = {}
-        for key, value in d.items():
-            for new, old in stem.items():
-                key = old + key[len(new) :] if key.startswith(new) else key
-            out[key] = value
-        return out
-
     assert_matches_reference(ours[0], ref[0], what="loss")
     for what, actual, expected in (("grad", ours[1], ref[1]), ("state", ours[2], ref[2])):
-        actual = renamed(actual)
+        actual = original_stem_names(actual)
         assert set(actual) == set(expected)
         for key, value in expected.items():
             if key.endswith("num_batches_tracked"):
