@@ -26,6 +26,12 @@ class ReferenceScaleAddRelu(Kernel):
         return torch.relu(y * gate[:, :, None, None] + residual)
 
 
+def gated_backward(masked, y, gate):
+    """(d/dy, d/dgate, d/dresidual) of relu(y * gate[n, c] + residual), given g' (`masked`)."""
+    grad_gate = (masked * y).sum((2, 3), dtype=torch.promote_types(y.dtype, torch.float32)).to(gate.dtype)
+    return masked * gate[:, :, None, None], grad_gate, masked
+
+
 def _register() -> None:
     @torch.library.register_fake("resfused::scale_add_relu")
     def _(y, gate, residual):
@@ -42,9 +48,7 @@ def _register() -> None:
             masked = torch.ops.resfused.add_relu_backward(
                 grad.contiguous(memory_format=suggest_memory_format(out)), out
             )
-        grad_y = masked * gate[:, :, None, None]
-        grad_gate = (masked * y).sum((2, 3), dtype=torch.promote_types(y.dtype, torch.float32)).to(gate.dtype)
-        return grad_y, grad_gate, masked
+        return gated_backward(masked, y, gate)
 
     torch.library.register_autograd("resfused::scale_add_relu", backward, setup_context=setup)
 

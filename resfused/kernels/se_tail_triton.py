@@ -23,6 +23,7 @@ from torch.library import triton_op
 from resfused import backend
 from resfused.kernels.base import Kernel
 from resfused.kernels.conv_triton import _traceable
+from resfused.kernels.se_tail import gated_backward
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -80,9 +81,7 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad):
     y, gate, out = ctx.saved_tensors
     masked = torch.where(out <= 0, torch.zeros((), dtype=grad.dtype, device=grad.device), grad)
-    grad_y = masked * gate[:, :, None, None]
-    grad_gate = (masked * y).sum((2, 3), dtype=torch.promote_types(y.dtype, torch.float32)).to(gate.dtype)
-    return grad_y, grad_gate, masked
+    return gated_backward(masked, y, gate)
 
 
 scale_add_relu_triton.register_autograd(_backward, setup_context=_setup)
