@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.harness import assert_matches_reference
-from tests.test_cuda_emulation import emu  # noqa: F401  (the shared emulation-module fixture)
+from tests.test_cuda_emulation import emu, emu_device  # noqa: F401  (the shared emulation-module fixtures)
 
 CL = torch.channels_last
 LOWP = (torch.float16, torch.bfloat16)
@@ -95,17 +95,9 @@ def test_bn_train_act_and_backward_match_reference(emu, dtype, relu):  # noqa: F
         _check(emu, x, w, b, g, relu, f"{shape} {layout} {dtype} relu={relu}")
 
 
-@pytest.fixture
-def emu_device(emu):  # noqa: F811
-    """emu with the emulated device's SM count / schedule seed restored after the test."""
-    old = emu.emulator_configure(132, 0)
-    yield emu
-    emu.emulator_configure(*old)
-
-
 @pytest.mark.parametrize("sms", [1, 4, 132])
 @pytest.mark.parametrize("layout", [CL, torch.contiguous_format])
-def test_bn_train_many_rows_and_planes(emu_device, layout, sms):
+def test_bn_train_many_rows_and_planes(emu_device, layout, sms):  # noqa: F811
     # channels_last: 1040 rows of 24 channels (fp32: 6 vectors -> blocks of 8 x 32 threads, rows
     # split over up to 33 slots, each thread several rows); NCHW: planes of 260 > 256 threads
     # (each thread several elements of its plane), 9 images. SM counts 1, 4, 132: one slot, a
@@ -117,7 +109,7 @@ def test_bn_train_many_rows_and_planes(emu_device, layout, sms):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
 @pytest.mark.parametrize("layout", [CL, torch.contiguous_format])
-def test_bn_train_results_are_deterministic(emu_device, layout, dtype):
+def test_bn_train_results_are_deterministic(emu_device, layout, dtype):  # noqa: F811
     # Same bits whatever order the blocks, warps and lanes run in (the emulation shuffles the
     # block order and reverses the thread order under a schedule seed): no atomics, and every
     # addition order is fixed by the shape. And the same bits on a second run.

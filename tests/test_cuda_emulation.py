@@ -44,6 +44,14 @@ def emu():
     return torch.ops.resfused_emu
 
 
+@pytest.fixture
+def emu_device(emu):
+    """emu with the emulated device's SM count / schedule seed restored after the test."""
+    old = emu.emulator_configure(132, 0)
+    yield emu
+    emu.emulator_configure(*old)
+
+
 # --- the emulator itself: its checks must be able to fail ---
 
 
@@ -376,16 +384,128 @@ def test_scale_shift_act_and_backward(emu, dtype, relu):
         assert_matches_reference(gb, gm.sum(dims), what=f"grad_shift {shape} {dtype}")
 
 
-def test_scale_shift_backward_many_rows_and_empty(emu):
-    # channels_last with more rows than partial-sum slots (512): each slot sums several rows
-    x = torch.randn(4, 24, 20, 13).contiguous(memory_format=CL)
-    g, s, b = torch.randn_like(x), torch.randn(24), torch.randn(24)
-    gx, gs, gb = emu.scale_shift_act_backward(g, x, s, b, False)
-    assert_matches_reference(gs, (g.double() * x.double()).sum((0, 2, 3)), what="grad_scale")
-    assert_matches_reference(gb, g.double().sum((0, 2, 3)), what="grad_shift")
+def _scale_shift_inputs(shape, layout, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    x = torch.randn(shape, generator=gen).to(dtype).contiguous(memory_format=layout)
+    g = torch.randn(shape, generator=gen).to(dtype).contiguous(memory_format=layout)
+    return x, g, torch.randn(c, generator=gen), torch.randn(c, generator=gen)
+
+
+def _check_scale_shift_backward(emu, g, x, s, b, relu, what):
+    """grad_x, grad_scale, grad_shift of the emulated kernel against float64 (tests/harness.py)."""
+    gx, gs, gb = emu.scale_shift_act_backward(g, x, s, b, relu)
+    view = [1, -1] + [1] * (x.dim() - 2)
+    # scale and shift are the op's float32 parameters (the kernel computes with them, not with
+    # copies rounded to x's dtype): the mask from them in float64, so that no element within a
+    # float16 rounding of x * scale + shift = 0 flips it.
+    xd, gd = x.double(), g.double()
+    sd, bd = s.double().view(view), b.double().view(view)
+    mask = (xd * sd + bd > 0) if relu else torch.ones_like(xd, dtype=torch.bool)
+    gm = torch.where(mask, gd, torch.zeros_like(gd))
+    dims = [0] + list(range(2, x.dim()))
+    if x.dim() == 4 and x.is_contiguous(memory_format=CL) and not x.is_contiguous():
+        assert gx.is_contiguous(memory_format=CL), f"{what}: grad_x layout"
+    eager = None
+    if x.dtype in LOWP:  # eager: g' * scale in float math, rounded once to the low-precision dtype
+        eager = (g * mask.to(x.dtype)).float().mul(s.float().view(view)).to(x.dtype)
+    assert_matches_reference(gx, gm * sd, eager=eager, what=f"{what} grad_x")
+    assert gs.dtype == s.dtype and gb.dtype == b.dtype, what
+    # per-channel sums are float32 (float64 for float64 input): the float32 rule
+    assert_matches_reference(gs, (gm * xd).sum(dims), what=f"{what} grad_scale")
+    assert_matches_reference(gb, gm.sum(dims), what=f"{what} grad_shift")
+    return gx, gs, gb
+
+
+# C = 3, 5 (odd: scalar loads), 16 (vectors in every dtype), 65 (channels-last: the last block's
+# vector columns partly past C); both layouts; rows / images spread over the slots.
+@pytest.mark.parametrize("dtype", TAIL_DTYPES)
+@pytest.mark.parametrize("c", [3, 5, 16, 65])
+@pytest.mark.parametrize("layout", [CL, torch.contiguous_format])
+def test_scale_shift_backward_reduction_over_sm_counts(emu_device, layout, c, dtype):
+    # SM counts 1 (one slot), 4 (a few), 132 (as many slots as there are rows / images, each
+    # finalize lane adding several): the grid is sized from the SM count.
+    shape = (9, c, 6, 8) if layout is CL else (9, c, 4, 8)
+    x, g, s, b = _scale_shift_inputs(shape, layout, dtype, seed=c)
+    for sms in (1, 4, 132):
+        emu_device.emulator_configure(sms, 0)
+        _check_scale_shift_backward(emu_device, g, x, s, b, True, f"{shape} {layout} {dtype} sms={sms}")
+
+
+@pytest.mark.parametrize("layout", [CL, torch.contiguous_format])
+def test_scale_shift_backward_many_rows_and_planes(emu_device, layout):
+    # channels_last: 1040 rows of 24 channels (fp32: 6 vectors -> blocks of 8 x 32 threads, each
+    # thread several rows); NCHW: planes of 260 > 256 threads (each thread several elements of
+    # its plane). relu off: every element of g counts.
+    x, g, s, b = _scale_shift_inputs((4, 24, 20, 13), layout, torch.float32)
+    for sms in (1, 4, 132):
+        emu_device.emulator_configure(sms, 0)
+        _check_scale_shift_backward(emu_device, g, x, s, b, False, f"many rows {layout} sms={sms}")
+
+
+def test_scale_shift_backward_empty(emu):
     e = torch.empty(0, 3, 4, 4)
     gx, gs, gb = emu.scale_shift_act_backward(e, e, torch.ones(3), torch.ones(3), True)
     assert gx.shape == e.shape and torch.equal(gs, torch.zeros(3)) and torch.equal(gb, torch.zeros(3))
+
+
+@pytest.mark.parametrize("dtype", TAIL_DTYPES)
+@pytest.mark.parametrize("layout", [CL, torch.contiguous_format])
+def test_scale_shift_backward_is_deterministic(emu_device, layout, dtype):
+    # Same bits on a second run and whatever order the blocks, warps and lanes run in (the
+    # emulation shuffles the block order and reverses the thread order under a schedule seed):
+    # no atomics, every addition order fixed by the shape and the SM count.
+    x, g, s, b = _scale_shift_inputs((6, 40, 9, 7), layout, dtype, seed=11)
+    runs = []
+    for seed in (0, 0, 12345):
+        emu_device.emulator_configure(8, seed)
+        runs.append(emu_device.scale_shift_act_backward(g, x, s, b, True))
+    for other in runs[1:]:
+        for name, a, b_ in zip(("grad_x", "grad_scale", "grad_shift"), runs[0], other):
+            assert a.shape == b_.shape and a.stride() == b_.stride(), name
+            assert torch.equal(a.contiguous().view(torch.uint8), b_.contiguous().view(torch.uint8)), name
+
+
+@pytest.mark.parametrize("dtype", TAIL_DTYPES)
+@pytest.mark.parametrize("layout", [CL, torch.contiguous_format])
+def test_scale_shift_backward_unaligned_views(emu, layout, dtype):
+    # Storage starting one element past a 16-byte boundary (x, and grad_out separately): scalar
+    # loads and stores, where the shape (C = 16, 4x4 planes) would otherwise allow vectors.
+    x, g, s, b = _scale_shift_inputs((3, 16, 4, 4), layout, dtype, seed=5)
+
+    def shifted(t):
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype)
+        v = buf[1:].as_strided(t.shape, t.stride()).copy_(t)
+        assert v.data_ptr() % 16 != 0 and v.is_contiguous(memory_format=layout)
+        return v
+
+    _check_scale_shift_backward(emu, shifted(g), x, s, b, True, f"unaligned x {layout} {dtype}")
+    _check_scale_shift_backward(emu, g, shifted(x), s, b, True, f"unaligned grad {layout} {dtype}")
+
+
+def test_scale_shift_backward_reduction_launch_shape(emu):
+    half, single = 2, 4
+    c, n = 2048, 32 * 2048 * 7 * 7  # ResNet-50's last stage at batch 32
+    # The same launch as the training BN's reduction (one channel_reduce_config).
+    for args in ((n, c, 1, True, 132, single), (n, c, 49, False, 132, half), (n, 64, 3136, True, 4, single)):
+        assert emu.scale_shift_backward_reduce_config(*args) == emu.bn_train_reduce_config(*args)
+    # channels_last fp32, C = 2048: 512 vectors a row -> 32 x 8 threads, 16 vector columns,
+    # ceil(264 / 16) = 17 slots: 17 * 2 * 2048 floats = 272 KiB of partial sums (before: 512
+    # slots, 8 MiB).
+    gx, gy, bx, by, smem, slots = emu.scale_shift_backward_reduce_config(n, c, 1, True, 132, single)
+    assert (gx, gy, bx, by, slots) == (16, 17, 32, 8, 17) and smem == 8 * 2 * 128 * 4
+    # fp16: vectors of 8 -> 8 columns, 33 slots (528 KiB)
+    *_, slots = emu.scale_shift_backward_reduce_config(n, c, 1, True, 132, half)
+    assert slots == 33
+    # NCHW: one block per channel (2048 >= 2 * 132 blocks already): one slot, 16 KiB (before:
+    # N * 256 = 8192 slots per channel, 128 MiB).
+    gx, gy, bx, by, _, slots = emu.scale_shift_backward_reduce_config(n, c, 49, False, 132, single)
+    assert (gx, gy, bx, by, slots) == (2048, 1, 64, 4, 1)
+    # The buffer is bounded by the SM count, not the batch.
+    for n_batch in (1, 32, 1024):
+        for cc, inner in ((64, 1), (2048, 1), (64, 3136), (2048, 49)):
+            *_, slots = emu.scale_shift_backward_reduce_config(n_batch * cc * inner * 8, cc, inner, True, 132, half)
+            assert slots * cc <= 2 * 132 * 256 * 8 + cc and slots <= 2 * 132
 
 
 def test_tails_bad_arguments(emu):

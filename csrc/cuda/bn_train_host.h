@@ -21,20 +21,6 @@ inline void check_bn_train_args(const at::Tensor& x, const at::Tensor& weight, c
   TORCH_CHECK(eps >= 0, "resfused.bn_train_act: 'eps' must be >= 0, got ", eps);
 }
 
-// The SM count of x's device: the reduction grids are sized to about two blocks per SM.
-inline int device_sm_count(const at::Tensor& x) {
-#ifdef RESFUSED_EMULATION
-  (void)x;
-  return emu::sm_count;
-#else
-  int sms = 0;
-  const cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device());
-  TORCH_CHECK(e == cudaSuccess, "resfused.bn_train_act: cannot query the SM count of ", x.device(), " (",
-              cudaGetErrorString(e), ")");
-  return sms;
-#endif
-}
-
 // The fields common to forward and backward; weight/bias as double (the affine math is double).
 template <class T, class S>
 BnTrainArgs<T> bn_train_args(const at::Tensor& xc, const at::Tensor& w64, const at::Tensor& b64, double eps,
@@ -48,7 +34,7 @@ BnTrainArgs<T> bn_train_args(const at::Tensor& xc, const at::Tensor& w64, const 
   a.inner = channel_inner(xc);
   a.eps = eps;
   a.relu = relu;
-  a.sms = device_sm_count(xc);
+  a.sms = device_sm_count(xc, "bn_train_act");
   return a;
 }
 

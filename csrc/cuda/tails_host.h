@@ -27,6 +27,22 @@ inline int64_t channel_inner(const at::Tensor& x) {
   return spatial;
 }
 
+// The SM count of x's device: the per-channel reduction grids (channel_reduce_config) are sized
+// to about two blocks per SM.
+inline int device_sm_count(const at::Tensor& x, const char* op) {
+#ifdef RESFUSED_EMULATION
+  (void)x;
+  (void)op;
+  return emu::sm_count;
+#else
+  int sms = 0;
+  const cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device());
+  TORCH_CHECK(e == cudaSuccess, "resfused.", op, ": cannot query the SM count of ", x.device(), " (",
+              cudaGetErrorString(e), ")");
+  return sms;
+#endif
+}
+
 template <class Launch>
 at::Tensor binary_impl(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name, const char* op,
                        cudaStream_t stream, Launch launch) {
@@ -124,7 +140,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> scale_shift_act_backward_i
     auto a = scale_shift_args<T, scalar_t>(xc, sc, sh, relu);
     a.grad = kernel_ptr<const T, scalar_t>(gc, "grad_out");
     a.out = kernel_ptr<T, scalar_t>(grad_x, "grad_x");
-    scale_shift_backward_config(a);  // sets a.slots: the size of the partial-sum buffer
+    a.vec = aligned_to(xc.const_data_ptr(), 16) && aligned_to(gc.const_data_ptr(), 16) &&
+            aligned_to(grad_x.const_data_ptr(), 16) && scale_shift_vec_ok<T>(a.C, a.inner);
+    a.sms = device_sm_count(xc, "scale_shift_act_backward");
+    scale_shift_backward_config(a);  // sets a.slots (the partial buffer's size) from a.vec and a.sms
     auto partial = at::empty({a.slots, 2, a.C}, xc.options().dtype(acc_type));
     auto totals = at::empty({2, a.C}, xc.options().dtype(acc_type));
     a.partial = kernel_ptr<acc_t<T>, acc_t<scalar_t>>(partial, "partial sums");

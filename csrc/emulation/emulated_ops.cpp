@@ -117,6 +117,21 @@ std::vector<int64_t> bn_train_reduce_config(int64_t n, int64_t C, int64_t inner,
   return get(BnTrainArgs<float>{});
 }
 
+// The same for the tails backward's reduction (scale_shift_act_backward), which sizes its grid
+// with the same channel_reduce_config.
+std::vector<int64_t> scale_shift_backward_reduce_config(int64_t n, int64_t C, int64_t inner, bool vec, int64_t sms,
+                                                        int64_t elem_bytes) {
+  auto get = [&](auto a) -> std::vector<int64_t> {
+    a.n = n, a.C = C, a.inner = inner, a.vec = vec, a.sms = static_cast<int>(sms);
+    const LaunchConfig c = scale_shift_backward_config(a);
+    return {c.grid.x, c.grid.y, c.block.x, c.block.y, static_cast<int64_t>(c.smem_bytes), a.slots};
+  };
+  if (elem_bytes == 2) return get(ScaleShiftArgs<half_t>{});
+  if (elem_bytes == 8) return get(ScaleShiftArgs<double>{});
+  TORCH_CHECK(elem_bytes == 4, "elem_bytes must be 2, 4 or 8");
+  return get(ScaleShiftArgs<float>{});
+}
+
 // Sets the emulated device's SM count and the launch schedule seed (cuda_emulation.h); returns
 // the previous [sm_count, schedule_seed].
 std::vector<int64_t> emulator_configure(int64_t sm_count, int64_t schedule_seed) {
@@ -267,6 +282,8 @@ TORCH_LIBRARY(resfused_emu, m) {
   m.def("emulator_configure(int sm_count, int schedule_seed) -> int[]", &emulator_configure);
   m.def("bn_train_reduce_config(int n, int C, int inner, bool vec, int sms, int elem_bytes) -> int[]",
         &bn_train_reduce_config);
+  m.def("scale_shift_backward_reduce_config(int n, int C, int inner, bool vec, int sms, int elem_bytes) -> int[]",
+        &scale_shift_backward_reduce_config);
   m.def("emulator_shuffle_selftest(Tensor input, int first, int mode, int block) -> Tensor",
         &emulator_shuffle_selftest);
   m.def("emulator_bank_selftest(int stride, int width) -> int[]", &emulator_bank_selftest);

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "cuda/kernels/bn_train_config.cuh"
+#include "cuda/kernels/channel_reduce.cuh"
 
 namespace resfused::cuda {
 
@@ -73,150 +74,60 @@ struct BackwardOp {
   }
 };
 
-// Pass 1 of both reductions (layout and order: bn_train_config.cuh). Phase 0: each thread sums
-// its elements in registers, a warp butterfly adds the lanes of one channel, one lane per warp
-// and channel stores to shared memory; phase 1: the warps' values added in warp order, one
-// partial[blockIdx.y][which][c] per channel.
+// What channel_reduce_block visits for Op (StatsOp or BackwardOp): x (and grad) loaded as one
+// vector, then Op::add per element into its channel's two sums.
 template <class T, class Op>
-struct BnReduceKernel {
-  using Params = BnTrainArgs<T>;
+struct BnSumOp {
   using A = acc_t<T>;
-  static constexpr int kPhases = 2, kMaxThreads = kBnReduceThreads;
-  static constexpr bool kWarpSync = true;
-  static constexpr int kVec = kTailVec<T>;
-
-  template <int Phase>
-  static RESFUSED_DEVICE void run(const Params& a, gptr<float> smem) {
-    if (a.vec)
-      run_vl<Phase, kVec>(a, smem_as<A>(smem));
-    else
-      run_vl<Phase, 1>(a, smem_as<A>(smem));
-  }
-
-  template <int VL>
-  static RESFUSED_DEVICE void load(const Params& a, int64_t i, A (&xv)[VL], A (&gv)[VL]) {
-    if constexpr (VL > 1) {
-      const auto x = load_pack<VL>(a.x, i);
+  using Channel = typename Op::Channel;
+  const BnTrainArgs<T>& a;
+  RESFUSED_DEVICE Channel channel(int64_t c) const { return Op::channel(a, c); }
+  template <int VL, int S>
+  RESFUSED_DEVICE void visit(int64_t i, const Channel (&ch)[S], A (&s)[2][S]) const {
+    A xv[VL], gv[VL];
+    load_acc<VL>(a.x, i, xv);
+    if constexpr (Op::kGrad) {
+      load_acc<VL>(a.grad, i, gv);
+    } else {
       RESFUSED_UNROLL
-      for (int k = 0; k < VL; ++k) xv[k] = to_acc(x.v[k]);
-      if constexpr (Op::kGrad) {
-        const auto g = load_pack<VL>(a.grad, i);
-        RESFUSED_UNROLL
-        for (int k = 0; k < VL; ++k) gv[k] = to_acc(g.v[k]);
-      }
-    } else {
-      xv[0] = to_acc(a.x[i]);
-      if constexpr (Op::kGrad) gv[0] = to_acc(a.grad[i]);
+      for (int k = 0; k < VL; ++k) gv[k] = A(0);
     }
-  }
-
-  template <int Phase, int VL>
-  static RESFUSED_DEVICE void run_vl(const Params& a, gptr<A> red) {
-    const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x, by = blockDim.y;
-    const int t = ty * bx + tx, warp = t / 32;
-    if (a.inner == 1) {
-      // channels-last: thread (tx, ty) owns channels (blockIdx.x * bx + tx) * VL + k.
-      const int64_t c0 = (int64_t(blockIdx.x) * bx + tx) * VL;
-      if constexpr (Phase == 0) {
-        A s[2][VL];
-        A xv[VL], gv[VL];
-        typename Op::Channel ch[VL];
-        RESFUSED_UNROLL
-        for (int k = 0; k < VL; ++k) s[0][k] = s[1][k] = A(0), gv[k] = A(0);
-        if (c0 < a.C) {  // vectors never straddle C (a.vec implies C % VL == 0)
-          RESFUSED_UNROLL
-          for (int k = 0; k < VL; ++k) ch[k] = Op::channel(a, c0 + k);
-          const int64_t rows = a.n / a.C, step = int64_t(gridDim.y) * by;
-          for (int64_t r = int64_t(blockIdx.y) * by + ty; r < rows; r += step) {
-            load<VL>(a, r * a.C + c0, xv, gv);
-            RESFUSED_UNROLL
-            for (int k = 0; k < VL; ++k) Op::add(ch[k], xv[k], gv[k], s[0][k], s[1][k]);
-          }
-        }
-        // Every lane reaches the butterfly (no early return): lanes tx, tx + bx, ... of a warp
-        // hold the same channels on other rows.
-        A flat[2 * VL];
-        RESFUSED_UNROLL
-        for (int k = 0; k < VL; ++k) flat[k] = s[0][k], flat[VL + k] = s[1][k];
-        warp_sum_xor(flat, bx);
-        if ((t % 32) < bx) {  // the first row of the warp: one lane per channel vector
-          RESFUSED_UNROLL
-          for (int k = 0; k < 2 * VL; ++k) {
-            const int which = k / VL, j = tx * VL + k % VL;
-            red[(warp * 2 + which) * (bx * VL) + j] = flat[k];
-          }
-        }
-      } else {
-        const int width = bx * VL;  // channels of this block
-        for (int e = t; e < 2 * width; e += bx * by) {
-          const int which = e / width, j = e - which * width;
-          const int64_t c = int64_t(blockIdx.x) * width + j;
-          if (c >= a.C) continue;
-          A sum = red[which * width + j];
-          for (int w = 1; w < kBnReduceWarps; ++w) sum += red[(w * 2 + which) * width + j];
-          a.partial[(int64_t(blockIdx.y) * 2 + which) * a.C + c] = sum;
-        }
-      }
-    } else {
-      // NC(spatial): the block's channel is blockIdx.x; thread (tx, ty) walks vectors tx, tx + bx,
-      // ... of the planes of images blockIdx.y * by + ty, + gridDim.y * by, ...
-      const int64_t c = blockIdx.x;
-      if constexpr (Phase == 0) {
-        A s[2] = {A(0), A(0)};
-        A xv[VL], gv[VL];
-        RESFUSED_UNROLL
-        for (int k = 0; k < VL; ++k) gv[k] = A(0);
-        const typename Op::Channel ch = Op::channel(a, c);
-        const int64_t images = a.n / (a.C * a.inner), units = ceil_div(a.inner, VL);
-        const int64_t step = int64_t(gridDim.y) * by;
-        for (int64_t img = int64_t(blockIdx.y) * by + ty; img < images; img += step) {
-          const int64_t base = (img * a.C + c) * a.inner;
-          for (int64_t u = tx; u < units; u += bx) {  // a.vec implies inner % VL == 0
-            load<VL>(a, base + u * VL, xv, gv);
-            RESFUSED_UNROLL
-            for (int k = 0; k < VL; ++k) Op::add(ch, xv[k], gv[k], s[0], s[1]);
-          }
-        }
-        warp_sum_xor(s, 1);
-        if (t % 32 == 0) red[warp * 2] = s[0], red[warp * 2 + 1] = s[1];
-      } else if (t < 2) {
-        A sum = red[t];
-        for (int w = 1; w < kBnReduceWarps; ++w) sum += red[w * 2 + t];
-        a.partial[(int64_t(blockIdx.y) * 2 + t) * a.C + c] = sum;
-      }
+    RESFUSED_UNROLL
+    for (int k = 0; k < VL; ++k) {
+      const int j = S == 1 ? 0 : k;
+      Op::add(ch[j], xv[k], gv[k], s[0][j], s[1][j]);
     }
   }
 };
 
-// Pass 2: per channel, the slots added in a fixed order in double (32 channels x 8 slot-lanes
-// per block: lane ty adds slots ty, ty + 8, ...; after the barrier thread ty == 0 adds the 8
-// lanes' sums in order), then Op's per-channel outputs.
+// Pass 1 of both reductions: channel_reduce_block (channel_reduce.cuh) over BnSumOp.
+template <class T, class Op>
+struct BnReduceKernel {
+  using Params = BnTrainArgs<T>;
+  using A = acc_t<T>;
+  static constexpr int kPhases = 2, kMaxThreads = kReduceThreads;
+  static constexpr bool kWarpSync = true;
+
+  template <int Phase>
+  static RESFUSED_DEVICE void run(const Params& a, gptr<float> smem) {
+    const BnSumOp<T, Op> op{a};
+    if (a.vec)
+      channel_reduce_block<Phase, kTailVec<T>>(op, a.n, a.C, a.inner, smem_as<A>(smem), a.partial);
+    else
+      channel_reduce_block<Phase, 1>(op, a.n, a.C, a.inner, smem_as<A>(smem), a.partial);
+  }
+};
+
+// Pass 2: channel_finalize_block adds each channel's slots in double, then Op's per-channel
+// outputs.
 template <class T, class Op>
 struct BnFinalizeKernel {
   using Params = BnTrainArgs<T>;
-  static constexpr int kPhases = 2, kMaxThreads = kBnFinalizeChannels * kBnFinalizeLanes;
+  static constexpr int kPhases = 2, kMaxThreads = kFinalizeChannels * kFinalizeLanes;
   template <int Phase>
   static RESFUSED_DEVICE void run(const Params& a, gptr<float> smem) {
-    gptr<double> red = smem_as<double>(smem);
-    const int tx = threadIdx.x, ty = threadIdx.y;
-    const int64_t c = int64_t(blockIdx.x) * kBnFinalizeChannels + tx;
-    if constexpr (Phase == 0) {
-      double s0 = 0, s1 = 0;
-      if (c < a.C)
-        for (int64_t k = ty; k < a.slots; k += kBnFinalizeLanes) {
-          s0 += static_cast<double>(a.partial[(k * 2 + 0) * a.C + c]);
-          s1 += static_cast<double>(a.partial[(k * 2 + 1) * a.C + c]);
-        }
-      red[(ty * 2 + 0) * kBnFinalizeChannels + tx] = s0;
-      red[(ty * 2 + 1) * kBnFinalizeChannels + tx] = s1;
-    } else if (ty == 0 && c < a.C) {
-      double s0 = red[tx], s1 = red[kBnFinalizeChannels + tx];
-      for (int l = 1; l < kBnFinalizeLanes; ++l) {
-        s0 += red[(l * 2 + 0) * kBnFinalizeChannels + tx];
-        s1 += red[(l * 2 + 1) * kBnFinalizeChannels + tx];
-      }
-      finish(a, c, s0, s1, Op{});
-    }
+    channel_finalize_block<Phase>(a.partial, a.slots, a.C, smem,
+                                  [&](int64_t c, double s0, double s1) { finish(a, c, s0, s1, Op{}); });
   }
 
   static RESFUSED_DEVICE void finish(const Params& a, int64_t c, double s1, double s2, StatsOp<T>) {
@@ -323,7 +234,7 @@ cudaError_t launch_bn_train(BnTrainArgs<T> a, cudaStream_t s) {
     const cudaError_t e = launch_phased<BnReduceKernel<T, Op>>(part, s, sized);
     if (e != cudaSuccess) return e;
   }
-  cudaError_t e = launch_phased<BnFinalizeKernel<T, Op>>(bn_finalize_config(a.C), s, sized);
+  cudaError_t e = launch_phased<BnFinalizeKernel<T, Op>>(channel_finalize_config(a.C), s, sized);
   if (e != cudaSuccess || a.n == 0) return e;
   const LaunchConfig apply = bn_apply_config(sized);
   return launch_phased<BnApplyKernel<T, kGrad>>(apply, s, sized);

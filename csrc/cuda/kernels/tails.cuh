@@ -7,7 +7,7 @@
 // Arithmetic in acc_t<T> (float, or double for double); one rounding at each store.
 #pragma once
 
-#include "cuda/kernels/channel_slots.cuh"
+#include "cuda/kernels/channel_reduce.cuh"
 #include "cuda/kernels/tails_config.cuh"
 
 namespace resfused::cuda {
@@ -97,44 +97,68 @@ struct ScaleShiftActKernel {
   }
 };
 
-// One element of the backward: writes grad_x, accumulates into (sum_gx, sum_g).
+// What the backward's reduction visits (channel_reduce_block): per vector of x and grad,
+// g' = grad (0 where x * scale + shift <= 0 if relu), grad_x = g' * scale stored as one vector,
+// and the channel's sums g' x and g'.
 template <class T>
-RESFUSED_DEVICE void scale_shift_backward_element(const ScaleShiftArgs<T>& a, int64_t i, int64_t c, acc_t<T>& sum_gx,
-                                                  acc_t<T>& sum_g) {
+struct ScaleShiftGradOp {
   using A = acc_t<T>;
-  const A xv = to_acc(a.x[i]), s = a.scale[c];
-  A g = to_acc(a.grad[i]);
-  if (a.relu && xv * s + a.shift[c] <= A(0)) g = A(0);
-  a.out[i] = from_acc<T>(g * s);
-  sum_gx += g * xv;
-  sum_g += g;
-}
-
-template <class T>
-struct ScaleShiftBackwardPartialKernel {
-  using Params = ScaleShiftArgs<T>;
-  static constexpr int kPhases = 1, kMaxThreads = kTailThreads > kPlaneThreads ? kTailThreads : kPlaneThreads;
-  template <int>
-  static RESFUSED_DEVICE void run(const Params& a, gptr<float>) {
-    using A = acc_t<T>;
-    A sum_gx = 0, sum_g = 0;
-    int64_t c = 0, slot = 0;
-    const bool active =
-        slot_walk(a, c, slot, [](int64_t) {}, [&](int64_t i) { scale_shift_backward_element(a, i, c, sum_gx, sum_g); });
-    if (active) store_slot_pair(a.partial, slot, a.C, c, sum_gx, sum_g);
+  struct Channel {
+    A scale, shift;
+  };
+  const ScaleShiftArgs<T>& a;
+  RESFUSED_DEVICE Channel channel(int64_t c) const { return {a.scale[c], a.shift[c]}; }
+  template <int VL, int S>
+  RESFUSED_DEVICE void visit(int64_t i, const Channel (&ch)[S], A (&s)[2][S]) const {
+    A xv[VL], gv[VL];
+    load_acc<VL>(a.x, i, xv);
+    load_acc<VL>(a.grad, i, gv);
+    Pack<T, VL> o;
+    RESFUSED_UNROLL
+    for (int k = 0; k < VL; ++k) {
+      const int j = S == 1 ? 0 : k;
+      const A g = (a.relu && xv[k] * ch[j].scale + ch[j].shift <= A(0)) ? A(0) : gv[k];
+      o.v[k] = from_acc<T>(g * ch[j].scale);
+      s[0][j] += g * xv[k];
+      s[1][j] += g;
+    }
+    if constexpr (VL > 1)
+      store_pack<VL>(a.out, i, o);
+    else
+      a.out[i] = o.v[0];
   }
 };
 
+// Backward pass 1: channel_reduce_block (channel_reduce.cuh) over ScaleShiftGradOp, which also
+// writes grad_x; every element is visited once.
+template <class T>
+struct ScaleShiftBackwardReduceKernel {
+  using Params = ScaleShiftArgs<T>;
+  using A = acc_t<T>;
+  static constexpr int kPhases = 2, kMaxThreads = kReduceThreads;
+  static constexpr bool kWarpSync = true;
+  template <int Phase>
+  static RESFUSED_DEVICE void run(const Params& a, gptr<float> smem) {
+    const ScaleShiftGradOp<T> op{a};
+    if (a.vec)
+      channel_reduce_block<Phase, kTailVec<T>>(op, a.n, a.C, a.inner, smem_as<A>(smem), a.partial);
+    else
+      channel_reduce_block<Phase, 1>(op, a.n, a.C, a.inner, smem_as<A>(smem), a.partial);
+  }
+};
+
+// Backward pass 2: each channel's slots added in double (channel_finalize_block), rounded once
+// to acc_t: totals = (grad_scale, grad_shift).
 template <class T>
 struct ScaleShiftBackwardFinalizeKernel {
   using Params = ScaleShiftArgs<T>;
-  static constexpr int kPhases = 1, kMaxThreads = kTailThreads;
-  template <int>
-  static RESFUSED_DEVICE void run(const Params& a, gptr<float>) {
-    const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // j = which * C + c
-    if (j >= 2 * a.C) return;
-    const int64_t which = j / a.C, c = j - which * a.C;
-    a.totals[j] = sum_slots<acc_t<T>>(a.partial, a.slots, a.C, which, c);
+  static constexpr int kPhases = 2, kMaxThreads = kFinalizeChannels * kFinalizeLanes;
+  template <int Phase>
+  static RESFUSED_DEVICE void run(const Params& a, gptr<float> smem) {
+    channel_finalize_block<Phase>(a.partial, a.slots, a.C, smem, [&](int64_t c, double sgx, double sg) {
+      a.totals[c] = static_cast<acc_t<T>>(sgx);
+      a.totals[a.C + c] = static_cast<acc_t<T>>(sg);
+    });
   }
 };
 
@@ -164,10 +188,10 @@ cudaError_t launch_scale_shift_act_backward(ScaleShiftArgs<T> a, cudaStream_t s)
   const LaunchConfig part = scale_shift_backward_config(sized);
   if (sized.slots != a.slots) return cudaErrorInvalidConfiguration;  // partial sized for another config
   if (a.n > 0) {
-    const cudaError_t e = launch_phased<ScaleShiftBackwardPartialKernel<T>>(part, s, sized);
+    const cudaError_t e = launch_phased<ScaleShiftBackwardReduceKernel<T>>(part, s, sized);
     if (e != cudaSuccess) return e;
   }
-  return launch_phased<ScaleShiftBackwardFinalizeKernel<T>>(finalize_config(a.C), s, sized);
+  return launch_phased<ScaleShiftBackwardFinalizeKernel<T>>(channel_finalize_config(a.C), s, sized);
 }
 
 }  // namespace resfused::cuda

@@ -3,18 +3,18 @@
 //
 // Layouts: every tensor is dense in one memory format; element i has channel (i / inner) % C,
 // with inner = 1 for channels-last and inner = H*W (the spatial size) for NC(spatial).
-// The per-channel sums of the backward are reduced in two deterministic passes, without
-// atomics or barriers: each thread sums a fixed subset into partial[slot][2][C], then one thread
-// per (sum, channel) adds the slots in order.
+// The per-channel sums of the backward (grad_scale, grad_shift) are the deterministic two-pass
+// reduction of channel_reduce_config.cuh (shared with the training BatchNorm): 2-D blocks with
+// vector loads and warp shuffles write about 2 x SM-count slots partial[slot][2][C] (grad_x is
+// written by the same pass), then a parallel finalize adds each channel's slots in double.
 #pragma once
 
-#include "cuda/kernels/platform.cuh"
+#include "cuda/kernels/channel_reduce_config.cuh"
 
 namespace resfused::cuda {
 
 constexpr int kTailThreads = 256;
 constexpr int64_t kTailMaxBlocks = 1024;  // grid-stride beyond ~one wave of an H100
-constexpr int kPlaneThreads = 256;        // threads summing one NC(spatial) plane
 
 template <class T>
 struct BinaryArgs {  // out = f(a, b) elementwise
@@ -29,13 +29,14 @@ struct ScaleShiftArgs {
   gptr<const T> x;
   gptr<const T> grad;  // backward only
   gptr<const acc_t<T>> scale, shift;
-  gptr<T> out;                                  // forward: y; backward: grad_x
-  gptr<acc_t<T>> partial;                       // backward: [slots][2][C]
-  gptr<acc_t<T>> totals;                        // backward: [2][C]
-  int64_t n = 0, C = 0, inner = 1, planes = 0;  // planes = n / inner (NC(spatial) only)
-  int64_t slots = 0;
-  int64_t rows = 0, row_len = 0;  // forward: rows of row_len elements (set by scale_shift_config)
-  bool relu = false, vec = false;
+  gptr<T> out;             // forward: y; backward: grad_x
+  gptr<acc_t<T>> partial;  // backward: [slots][2][C]
+  gptr<acc_t<T>> totals;   // backward: [2][C]
+  int64_t n = 0, C = 0, inner = 1;
+  int64_t slots = 0;               // backward: set by scale_shift_backward_config (= gridDim.y)
+  int sms = 1;                     // backward: SM count of the device (the host sets it): grid sizing
+  int64_t rows = 0, row_len = 0;   // forward: rows of row_len elements (set by scale_shift_config)
+  bool relu = false, vec = false;  // vec: 16-byte accesses allowed (and vectors within a channel)
 };
 
 template <class T>
@@ -83,32 +84,11 @@ inline LaunchConfig scale_shift_config(ScaleShiftArgs<T>& a) {
   return c;
 }
 
-// Backward partial pass. Channels-last: grid (ceil(C/256), slots), thread = channel, slot s
-// takes rows s, s+slots, ...  NC(spatial): one block per plane, thread t takes elements
-// t, t+256, ... of the plane, slot = image * 256 + t.
-constexpr int64_t kRowSlots = 512;
+// Backward, pass 1 (the sums and grad_x): channel_reduce_config. Sets a.slots (the partial
+// buffer is [slots][2][C]); a.vec and a.sms must be set first. Pass 2: channel_finalize_config.
 template <class T>
 inline LaunchConfig scale_shift_backward_config(ScaleShiftArgs<T>& a) {
-  LaunchConfig c;
-  if (a.inner == 1) {
-    const int64_t rows = a.C == 0 ? 0 : a.n / a.C;
-    a.slots = rows < kRowSlots ? rows : kRowSlots;  // 0 for an empty tensor: the sums are 0
-    c.grid = dim3(static_cast<unsigned>(ceil_div(a.C, kTailThreads)), static_cast<unsigned>(a.slots));
-    c.block = dim3(kTailThreads);
-  } else {
-    a.planes = a.inner == 0 ? 0 : a.n / a.inner;
-    a.slots = (a.planes / a.C) * kPlaneThreads;
-    c.grid = dim3(static_cast<unsigned>(a.planes));
-    c.block = dim3(kPlaneThreads);
-  }
-  return c;
-}
-
-inline LaunchConfig finalize_config(int64_t C) {
-  LaunchConfig c;
-  c.grid = dim3(static_cast<unsigned>(ceil_div(2 * C, kTailThreads)));
-  c.block = dim3(kTailThreads);
-  return c;
+  return channel_reduce_config(a.n, a.C, a.inner, a.vec ? kTailVec<T> : 1, a.sms, sizeof(acc_t<T>), a.slots);
 }
 
 // Defined in tails.cuh; compiled for float/double/half/bfloat16 in tails_kernels.cu.
@@ -119,7 +99,8 @@ cudaError_t launch_add_relu_backward(BinaryArgs<T> a, cudaStream_t s);  // a = g
 template <class T>
 cudaError_t launch_scale_shift_act(ScaleShiftArgs<T> a, cudaStream_t s);
 // Fills out (grad_x), partial and totals; `a.slots` must be set by scale_shift_backward_config
-// before `partial` is allocated (the host calls the config first, then this).
+// (with the same a.vec and a.sms) before `partial` is allocated (the host calls the config
+// first, then this).
 template <class T>
 cudaError_t launch_scale_shift_act_backward(ScaleShiftArgs<T> a, cudaStream_t s);
 
