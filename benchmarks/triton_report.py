@@ -196,8 +196,16 @@ def compile_job(job: Job) -> dict:
 
 def run(which: str, workers: int = 2, targets=(80, 90), only=None) -> list[dict]:
     todo = [j for j in jobs(which, targets) if only is None or "x".join(map(str, j.config[:3])) in only]
+    results = []
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(compile_job, todo))
+        # One line per finished compile on stderr: `--set all` runs for about an hour.
+        for i, r in enumerate(pool.map(compile_job, todo), 1):
+            results.append(r)
+            spill = r["spill_stores"] + r["spill_loads"]
+            print(
+                f"[{i}/{len(todo)}] {r['label']}: {r['registers']} regs, {spill} B spilled", file=sys.stderr, flush=True
+            )
+    return results
 
 
 def print_table(results: list[dict]) -> None:
