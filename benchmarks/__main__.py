@@ -173,7 +173,10 @@ def _run_cpu(args) -> int:
     if out["host_overhead"]:
         from tabulate import tabulate
 
-        print("\nhost overhead per fused forward (batch 1, tiny input; forward minus the ops' profiled self time)")
+        print(
+            "\nhost (Python) time per fused forward (batch 1, tiny input; "
+            "the forward with its conv kernels skipped, minus the ops still run)"
+        )
         print(tabulate(out["host_overhead"], headers="keys", tablefmt="github", floatfmt=".2f"))
     if out["grouped"]:
         from tabulate import tabulate
