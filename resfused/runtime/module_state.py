@@ -47,6 +47,7 @@ def generation() -> int:
 
 _conv_attrs = operator.attrgetter("stride", "padding", "dilation", "groups")
 _bn_attrs = operator.attrgetter("eps", "training")
+_data_ptr, _version = torch.Tensor.data_ptr, operator.attrgetter("_version")
 
 
 class Snapshot:
@@ -70,11 +71,13 @@ class Snapshot:
         self.key = self._current_key()
 
     def _current_key(self) -> tuple:
+        # map() with the unbound method / attrgetter: half the time of the equivalent list
+        # comprehensions (no attribute lookup per element), and this runs on every eval call.
         return (
-            [t.data_ptr() for t in self.tensors],
-            [t._version for t in self.versioned],
-            [_conv_attrs(m) for m in self.convs],
-            [_bn_attrs(m) for m in self.bns],
+            list(map(_data_ptr, self.tensors)),
+            list(map(_version, self.versioned)),
+            list(map(_conv_attrs, self.convs)),
+            list(map(_bn_attrs, self.bns)),
         )
 
     def unchanged(self) -> bool:
