@@ -392,9 +392,10 @@ def _scale_shift_inputs(shape, layout, dtype, seed=0):
     return x, g, torch.randn(c, generator=gen), torch.randn(c, generator=gen)
 
 
-def _check_scale_shift_backward(emu, g, x, s, b, relu, what):
-    """grad_x, grad_scale, grad_shift of the emulated kernel against float64 (tests/harness.py)."""
-    gx, gs, gb = emu.scale_shift_act_backward(g, x, s, b, relu)
+def _check_scale_shift_backward(op, g, x, s, b, relu, what):
+    """grad_x, grad_scale, grad_shift of op (the emulated kernel's module, or the real one's)
+    against float64 (tests/harness.py)."""
+    gx, gs, gb = op.scale_shift_act_backward(g, x, s, b, relu)
     view = [1, -1] + [1] * (x.dim() - 2)
     # scale and shift are the op's float32 parameters (the kernel computes with them, not with
     # copies rounded to x's dtype): the mask from them in float64, so that no element within a
@@ -425,11 +426,14 @@ def _check_scale_shift_backward(emu, g, x, s, b, relu, what):
 def test_scale_shift_backward_reduction_over_sm_counts(emu_device, layout, c, dtype):
     # SM counts 1 (one slot), 4 (a few), 132 (as many slots as there are rows / images, each
     # finalize lane adding several): the grid is sized from the SM count.
-    shape = (9, c, 6, 8) if layout is CL else (9, c, 4, 8)
-    x, g, s, b = _scale_shift_inputs(shape, layout, dtype, seed=c)
-    for sms in (1, 4, 132):
-        emu_device.emulator_configure(sms, 0)
-        _check_scale_shift_backward(emu_device, g, x, s, b, True, f"{shape} {layout} {dtype} sms={sms}")
+    # NCHW planes 10x10 and 12x12: blocks of 32 x 8 to 128 x 2 threads whose last warp has
+    # elements too (vectors in fp32/fp64 at 10x10, in fp32/fp16/bf16 at 12x12), 9 images.
+    shapes = [(9, c, 6, 8)] if layout is CL else [(9, c, 10, 10), (9, c, 12, 12)]
+    for shape in shapes:
+        x, g, s, b = _scale_shift_inputs(shape, layout, dtype, seed=c)
+        for sms in (1, 4, 132):
+            emu_device.emulator_configure(sms, 0)
+            _check_scale_shift_backward(emu_device, g, x, s, b, True, f"{shape} {layout} {dtype} sms={sms}")
 
 
 @pytest.mark.parametrize("layout", [CL, torch.contiguous_format])
@@ -479,8 +483,8 @@ def test_scale_shift_backward_unaligned_views(emu, layout, dtype):
         assert v.data_ptr() % 16 != 0 and v.is_contiguous(memory_format=layout)
         return v
 
-    _check_scale_shift_backward(emu, shifted(g), x, s, b, True, f"unaligned x {layout} {dtype}")
-    _check_scale_shift_backward(emu, g, shifted(x), s, b, True, f"unaligned grad {layout} {dtype}")
+    _check_scale_shift_backward(emu, shifted(g), x, s, b, True, f"unaligned grad {layout} {dtype}")
+    _check_scale_shift_backward(emu, g, shifted(x), s, b, True, f"unaligned x {layout} {dtype}")
 
 
 def test_scale_shift_backward_reduction_launch_shape(emu):
@@ -506,6 +510,30 @@ def test_scale_shift_backward_reduction_launch_shape(emu):
         for cc, inner in ((64, 1), (2048, 1), (64, 3136), (2048, 49)):
             *_, slots = emu.scale_shift_backward_reduce_config(n_batch * cc * inner * 8, cc, inner, True, 132, half)
             assert slots * cc <= 2 * 132 * 256 * 8 + cc and slots <= 2 * 132
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("layout", [CL, torch.contiguous_format])
+def test_scale_shift_backward_cuda_many_slots_deterministic(dtype, layout):
+    # A ResNet stage-1 shape on a real GPU: the reduction grid spans every SM (about 2 blocks per
+    # SM, several slots per channel), results vs float64, and the same bits on a second run.
+    from resfused import _native
+
+    if not _native.has_kernel("scale_shift_act_backward", "cuda"):
+        pytest.skip("resfused._C was built without the CUDA tails kernels")
+    x, g, s, b = _scale_shift_inputs((32, 64, 28, 28), layout, dtype, seed=3)
+    dev = [t.cuda() for t in (g, x, s, b)]
+    runs = [torch.ops.resfused.scale_shift_act_backward(*dev, True) for _ in range(2)]
+    for name, a, b_ in zip(("grad_x", "grad_scale", "grad_shift"), *runs):
+        assert torch.equal(a.contiguous().view(torch.uint8), b_.contiguous().view(torch.uint8)), name
+
+    class OnCuda:  # the op's results, moved back for the float64 comparison
+        @staticmethod
+        def scale_shift_act_backward(*args):
+            return tuple(t.cpu() for t in runs[0])
+
+    _check_scale_shift_backward(OnCuda, g, x, s, b, True, f"cuda {layout} {dtype}")
 
 
 def test_tails_bad_arguments(emu):
