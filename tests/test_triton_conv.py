@@ -268,6 +268,38 @@ def test_single_channel_input_with_a_free_channel_stride():
         assert_matches_reference(y, expected, torch.float32, what=f"1-channel input, batch {n}")
 
 
+def test_bf16_stores_round_to_nearest_even():
+    """Both bf16 roundings of the kernel (the prologue's output, the epilogue's store) round to
+    nearest even, as the GPU's cvt.rn does and eager bf16 ops do; the interpreter's own cast
+    truncates (found by tests/test_fuzz.py: a PreActBasicBlock at 2.5x eager bf16's error). With
+    one input channel, y = x * w is exact in fp32 (a product of two bf16 values), so the stored
+    value is one rounding of it; the prologue with w = 1 stores one rounding of relu(x*s + b)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 1, 64, 64, generator=g).to(torch.bfloat16).to(DEVICE)
+    x = x.contiguous(memory_format=torch.channels_last)
+    scale, shift = (torch.tensor([v], device=DEVICE).to(torch.bfloat16) for v in (1.3, 0.1))
+    w = 1.7421875  # 8 significant bits: most products x * w need 16
+    for prologue, weight, exact in (
+        (False, w, x.float() * w),
+        (True, 1.0, torch.relu(x.float() * scale.float() + shift.float())),
+    ):
+        expected = exact.to(torch.bfloat16)
+        assert not torch.equal(expected.float(), exact)  # there is something to round
+        y = torch.ops.resfused.conv2d_triton(
+            x,
+            torch.full((1, 1, 1, 1), weight, dtype=torch.bfloat16, device=DEVICE),
+            None,
+            None,
+            scale if prologue else None,
+            shift if prologue else None,
+            [1, 1],
+            [0, 0],
+            False,
+            False,
+        )
+        assert torch.equal(y, expected), f"prologue {prologue}: {int((y != expected).sum())} of {y.numel()} differ"
+
+
 def test_tiles_in_several_bands():
     # The kernel walks M tiles in bands of GROUP_M (8): 17x18 outputs = 306 rows are 10 M tiles of
     # 32 (a full band, then a band of 2, its last tile partial), times 2 groups x 2 N tiles.

@@ -153,6 +153,22 @@ def _prune_configs(configs, named_args, **kwargs):
     return kept
 
 
+@triton.jit
+def _round_to_bf16(v):
+    """fp32 `v` rounded to the nearest bfloat16 (ties to even), still held in fp32; NaN kept.
+
+    Interpreter only (UPCAST_DOT): its fp32 -> bf16 cast drops the low 16 bits (rounds toward
+    zero), where the GPU's cvt.rn rounds to nearest even; that bias of up to one bf16 ulp per
+    store put an interpreted bf16 PreActBasicBlock at 2.5x the CPU kernels' error (3.6e-2 vs
+    1.4e-2, found by tests/test_fuzz.py). Adding 0x7FFF plus the lowest kept bit and then
+    dropping the low 16 bits is round-to-nearest-even on the bit pattern (a carry into the
+    exponent is the correct rounding up, up to Inf), so the cast after it is exact.
+    """
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+    return tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
+
+
 @triton.jit(do_not_specialize=DO_NOT_SPECIALIZE)
 def conv2d_nhwc_kernel(
     x_ptr,
@@ -266,7 +282,10 @@ def conv2d_nhwc_kernel(
             b = tl.load(shift_ptr + cin, mask=k_mask, other=0.0).to(tl.float32)
             a_act = tl.maximum(a.to(tl.float32) * s[None, :] + b[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL)
             # Padding (and out-of-range rows/channels) must be 0 after the prologue, not relu(shift).
-            a = tl.where(a_mask, a_act, 0.0).to(x_ptr.dtype.element_ty)
+            a = tl.where(a_mask, a_act, 0.0)
+            if UPCAST_DOT:  # the interpreter's bf16 cast truncates: round to nearest first
+                a = _round_to_bf16(a)
+            a = a.to(x_ptr.dtype.element_ty)
 
         # Weight HWIO: row (kh*KW + kw)*CIg + ci, column = global output channel.
         w_rows = tap * CIg + ci
@@ -307,6 +326,8 @@ def conv2d_nhwc_kernel(
     if RELU:
         # NaN stays NaN, as in torch.relu (the default maximum returns the non-NaN operand, 0).
         acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    if UPCAST_DOT:  # the interpreter's bf16 cast truncates: round to nearest first
+        acc = _round_to_bf16(acc)
     tl.store(y_ptr + tile_base + tile_offs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -395,6 +416,7 @@ def arguments(x, w_hwio, bias, residual, scale, shift, y, stride, padding, group
     # The interpreter (TRITON_INTERPRET=1) multiplies bf16 tiles as their raw uint16 bits in
     # tl.dot (its numpy dot does not decode bfloat16); there the tiles are upcast to fp32 first.
     # bf16 x bf16 products are exact in fp32, so this matches a bf16 MMA with fp32 accumulation.
+    # Its fp32 -> bf16 casts truncate; under the same flag the kernel rounds to nearest even first.
     upcast_dot = bool(triton.knobs.runtime.interpret) and str(x.dtype) == "torch.bfloat16"
     res_strides = tuple(residual.stride()) if residual is not None else (0, 0, 0, 0)
     res_nhwc = residual is not None and res_strides == dense_nhwc
