@@ -65,7 +65,17 @@ class OneDNNConv(Kernel):
         if not has_residual:
             conv, act = torch.ops.mkldnn._convolution_pointwise, "relu" if relu else "none"
             return lambda x, residual: conv(x, *args, act, [], None)
-        conv_add, act = torch.ops.mkldnn._convolution_pointwise.binary, "relu" if relu else None
+        act = "relu" if relu else None
+        if p.output_hw(*x.shape[-2:]) == (1, 1):
+            # torch 2.11's out-of-place binary post-op fails ("could not create a memory") on a
+            # 1x1 output with more than one channel (torch 2.14's does not); the in-place sum
+            # post-op works on both, into a copy of the residual (N*C elements at 1x1).
+            conv_add_ = torch.ops.mkldnn._convolution_pointwise_.binary
+            cl = torch.channels_last
+            return lambda x, residual: conv_add_(
+                residual.to(x.dtype, memory_format=cl, copy=True), x, *args, "add", None, act, [], None
+            )
+        conv_add = torch.ops.mkldnn._convolution_pointwise.binary
         return lambda x, residual: conv_add(x, residual, *args, "add", None, act, [], None)
 
     def can_run_into_residual(self, x, residual) -> bool:
