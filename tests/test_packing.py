@@ -73,6 +73,23 @@ def test_onednn_conv_packs_per_batch_size_and_stays_correct():
 
 
 @needs_onednn
+@pytest.mark.parametrize("k, stride, hw", [(1, 1, 1), (3, 1, 1), (3, 2, 2), (1, 2, 2)])
+def test_onednn_conv_adds_the_residual_into_a_1x1_output(k, stride, hw):
+    # torch 2.11's out-of-place binary post-op fails on a 1x1 output with more than one channel
+    # ("could not create a memory"); the kernel must compute it, leaving the residual unchanged.
+    g = torch.Generator().manual_seed(k + stride)
+    w, b = torch.randn(16, 8, k, k, generator=g) / 4, torch.randn(16, generator=g)
+    p, conv = ConvParams(w, b, (stride, stride), (k // 2, k // 2), (1, 1), 1), OneDNNConv()
+    x = torch.randn(2, 8, hw, hw, generator=g).contiguous(memory_format=torch.channels_last)
+    r = torch.randn(2, 16, 1, 1, generator=g).contiguous(memory_format=torch.channels_last)
+    r_before = r.clone()
+    y = conv.bind(x, p, True, True, None)(x, r)
+    expected = F.conv2d(x.double(), w.double(), b.double(), stride, k // 2) + r.double()
+    assert_matches_reference(y, expected.relu(), torch.float32, what=f"{k}x{k}/{stride} conv + add + ReLU to 1x1")
+    assert torch.equal(r, r_before)
+
+
+@needs_onednn
 def test_winograd_conv_packs_per_power_of_two_images_per_pass(monkeypatch):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(8, 8, 3, 3, generator=g)
