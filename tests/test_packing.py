@@ -73,19 +73,31 @@ def test_onednn_conv_packs_per_batch_size_and_stays_correct():
 
 
 @needs_onednn
-@pytest.mark.parametrize("k, stride, hw", [(1, 1, 1), (3, 1, 1), (3, 2, 2), (1, 2, 2)])
-def test_onednn_conv_adds_the_residual_into_a_1x1_output(k, stride, hw):
-    # torch 2.11's out-of-place binary post-op fails on a 1x1 output with more than one channel
-    # ("could not create a memory"); the kernel must compute it, leaving the residual unchanged.
-    g = torch.Generator().manual_seed(k + stride)
-    w, b = torch.randn(16, 8, k, k, generator=g) / 4, torch.randn(16, generator=g)
+@pytest.mark.parametrize(
+    "k, stride, hw, c_out",
+    [
+        (1, 1, (1, 1), 16),
+        (3, 1, (1, 1), 16),
+        (3, 2, (2, 2), 16),
+        (1, 2, (2, 2), 16),
+        (3, 1, (1, 2), 1),
+        (3, 1, (3, 3), 1),
+    ],
+)
+def test_onednn_conv_adds_the_residual_into_an_ambiguous_layout(k, stride, hw, c_out):
+    # torch 2.11's out-of-place binary post-op fails on an output that is both contiguous and
+    # channels_last (1x1 pixels or one channel): "could not create a memory". The kernel must
+    # compute it, leaving the residual unchanged.
+    g = torch.Generator().manual_seed(k + stride + c_out)
+    w, b = torch.randn(c_out, 8, k, k, generator=g) / 4, torch.randn(c_out, generator=g)
     p, conv = ConvParams(w, b, (stride, stride), (k // 2, k // 2), (1, 1), 1), OneDNNConv()
-    x = torch.randn(2, 8, hw, hw, generator=g).contiguous(memory_format=torch.channels_last)
-    r = torch.randn(2, 16, 1, 1, generator=g).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 8, *hw, generator=g).contiguous(memory_format=torch.channels_last)
+    expected = F.conv2d(x.double(), w.double(), b.double(), stride, k // 2)
+    r = torch.randn(expected.shape, generator=g).float().contiguous(memory_format=torch.channels_last)
     r_before = r.clone()
     y = conv.bind(x, p, True, True, None)(x, r)
-    expected = F.conv2d(x.double(), w.double(), b.double(), stride, k // 2) + r.double()
-    assert_matches_reference(y, expected.relu(), torch.float32, what=f"{k}x{k}/{stride} conv + add + ReLU to 1x1")
+    what = f"{k}x{k}/{stride} conv + add + ReLU, {c_out} channel(s) at {tuple(expected.shape[2:])}"
+    assert_matches_reference(y, (expected + r.double()).relu(), torch.float32, what=what)
     assert torch.equal(r, r_before)
 
 

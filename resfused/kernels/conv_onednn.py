@@ -66,10 +66,11 @@ class OneDNNConv(Kernel):
             conv, act = torch.ops.mkldnn._convolution_pointwise, "relu" if relu else "none"
             return lambda x, residual: conv(x, *args, act, [], None)
         act = "relu" if relu else None
-        if p.output_hw(*x.shape[-2:]) == (1, 1):
-            # torch 2.11's out-of-place binary post-op fails ("could not create a memory") on a
-            # 1x1 output with more than one channel (torch 2.14's does not); the in-place sum
-            # post-op works on both, into a copy of the residual (N*C elements at 1x1).
+        if p.weight.shape[0] == 1 or p.output_hw(*x.shape[-2:]) == (1, 1):
+            # torch 2.11's out-of-place binary post-op fails ("could not create a memory") on an
+            # output that is both contiguous and channels_last, one channel or 1x1 pixels (torch
+            # 2.14's does not); the in-place sum post-op works on both, into a copy of the
+            # residual (a small tensor: N*H*W or N*C elements).
             conv_add_ = torch.ops.mkldnn._convolution_pointwise_.binary
             cl = torch.channels_last
             return lambda x, residual: conv_add_(
