@@ -76,6 +76,13 @@ class MeasuredRule(str):
     limit of the kernel: measured selection (tuning on, ops/selection.py) times the kernel anyway."""
 
 
+def measured_rule(reason: str) -> str:
+    """`MeasuredRule(reason)`, or the plain string under torch.compile: torch 2.11's Dynamo cannot
+    construct a str subclass (a graph break, so fullgraph=True fails), and measured selection,
+    the only reader of the type, never applies while compiling (ops/selection.py tuning_applies)."""
+    return reason if torch.compiler.is_compiling() else MeasuredRule(reason)
+
+
 class Kernel:
     """One way to compute a call of an op family. The op layer ranks candidates per backend and runs
     the first one with no reason against it (`resfused/ops/selection.py`).

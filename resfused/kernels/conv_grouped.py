@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from resfused import _native
-from resfused.kernels.base import ConvParams, Kernel, MeasuredRule
+from resfused.kernels.base import ConvParams, Kernel, measured_rule
 
 # (dtype, channels per group, stride) -> the smallest batch from which the CPU kernel's vector
 # path beats oneDNN (module docstring; figures in docs/measurements.md, Grouped 3x3 (CPU)).
@@ -107,7 +107,7 @@ class GroupedConv3x3(Kernel):
                 f"(the vector path needs equal counts, a multiple of {width})"
             )
         elif x.shape[0] < _CPU_WINS.get((x.dtype, cpg, p.stride[0]), float("inf")):
-            yield MeasuredRule(
+            yield measured_rule(
                 f"oneDNN measured faster for {x.dtype}, {cpg} channels per group, "
                 f"stride {p.stride[0]}, batch {x.shape[0]}"
             )

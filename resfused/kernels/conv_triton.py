@@ -36,7 +36,7 @@ import torch
 from torch.library import triton_op, wrap_triton
 
 from resfused import backend
-from resfused.kernels.base import ConvParams, Kernel, MeasuredRule
+from resfused.kernels.base import ConvParams, Kernel, measured_rule
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Below this many input channels per group (a network's stem: 3) the K chunks of the tensor-core
@@ -226,7 +226,7 @@ class TritonConv(Kernel):
         cig = p.weight.shape[1]
         if cig < MIN_CHANNELS_PER_GROUP and backend.get_backend() == "auto":
             # A speed rule (from the tile shapes; not yet timed on a GPU): measured selection may time it.
-            yield MeasuredRule(
+            yield measured_rule(
                 f"{cig} input channels per group (< {MIN_CHANNELS_PER_GROUP}): most of each tensor-core "
                 "K step would be padding; the library conv (cuDNN) with the fused tail is faster"
             )

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from resfused.kernels import winograd_f43
-from resfused.kernels.base import ConvParams, Kernel, MeasuredRule
+from resfused.kernels.base import ConvParams, Kernel, measured_rule
 from resfused.kernels.conv_reference import ReferenceConv
 from resfused.runtime.trace import record_runtime_fallback
 
@@ -53,7 +53,7 @@ class WinogradConv(Kernel):
         if why is not None:
             yield why
         elif not faster_than_direct(x.shape[0], p.in_channels, x.shape[2], x.shape[3]):
-            yield MeasuredRule(
+            yield measured_rule(
                 f"the direct conv measured faster at {p.in_channels} channels, "
                 f"{x.shape[2]}x{x.shape[3]}, batch {x.shape[0]}"
             )
