@@ -16,8 +16,11 @@
 #      TRITON_INTERPRET=1 and RESFUSED_REQUIRE_NATIVE=1. The default subset is where the stacks
 #      differ for the GPU path: every Triton test (interpreter numerics of every variant and every
 #      autotune config, the offline sm_80/sm_90 compile with ptxas), the torch.library op
-#      registration and the backend choice: 173 tests, ~3 min on 2 cores. COMPAT_TESTS=tests runs
-#      the whole non-GPU suite (much longer).
+#      registration and the backend choice: 173 tests, ~3 min on 2 cores.
+#      The whole CPU + Triton-interpreter suite: `make compat COMPAT_TESTS=tests` (1420 tests with
+#      the default mark on this stack; 54 min measured on 2 Emerald Rapids cores shared with other
+#      jobs, run niced, after the build). It found what the subset cannot: oneDNN's binary
+#      post-op and Dynamo's str subclasses differ under torch 2.11 (conv_onednn.py, base.py).
 #
 # Not part of `make test` or CI: it downloads a second torch and builds a second extension.
 set -euo pipefail
@@ -89,7 +92,7 @@ echo "compat: $COMPAT_TREE holds $(git -C "$ROOT" log -1 --format='%h %s' "$rev"
 if [ -f "$keep/.compat-build" ]; then
     cp -p "$keep"/_C*.so "$keep/_build_config.py" "$COMPAT_TREE/resfused/"
     cp -p "$keep/.compat-build" "$COMPAT_TREE/"
-    echo "compat: csrc/ and setup.py unchanged: the previous build of resfused._C is kept"
+    echo "compat: the CPU sources and setup.py unchanged: the previous build of resfused._C is kept"
 else
     echo "compat: building resfused._C (CPU kernels) against the venv's torch (log: $COMPAT_TREE/build.log)"
     (cd "$COMPAT_TREE" && RESFUSED_SKIP_CUDA_BUILD=1 MAX_JOBS=${MAX_JOBS:-2} "$PY" setup.py build_ext --inplace) \
