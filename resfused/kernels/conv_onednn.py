@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from resfused.kernels.base import ConvParams, Kernel
-from resfused.runtime import packing
+from resfused.runtime import packing, trace
 
 
 def _supported_dtypes() -> frozenset[torch.dtype]:
@@ -60,6 +60,9 @@ class OneDNNConv(Kernel):
         return self.bind(x, p, residual is not None, relu, prologue)(x, residual)
 
     def bind(self, x, p: ConvParams, has_residual: bool, relu: bool, prologue):
+        if _bf16_one_column_bug(x, p):
+            trace.annotate_last("conv", "in float32")
+            return lambda x, residual: _in_float32(x, p, residual, relu)
         # The packed weight is looked up for x's shape once: a bound call serves that shape only.
         args = self._args(x, p)
         if not has_residual:
@@ -89,6 +92,40 @@ class OneDNNConv(Kernel):
         instead of reading the residual as a second input of a binary post-op into a new tensor
         (measured: a 64->256 @56x56 1x1 conv + add + ReLU at batch 8, 9.2 ms instead of 11.9;
         docs/measurements.md, In-place residual sum post-op)."""
+        if _bf16_one_column_bug(x, p):
+            return lambda x, residual: residual.copy_(_in_float32(x, p, residual, relu))
         args, act = self._args(x, p), "relu" if relu else None
         conv_add_ = torch.ops.mkldnn._convolution_pointwise_.binary
         return lambda x, residual: conv_add_(residual, x, *args, "add", None, act, [], None)
+
+
+def _bf16_one_column_bug(x: torch.Tensor, p: ConvParams) -> bool:
+    """torch 2.14.1's oneDNN bfloat16 conv returns garbage (it reads memory it never wrote) when a
+    strided, zero-padded conv produces one output column, on an AVX-512 BF16 / AMX Xeon: for a
+    3x3, 5x5 or 7x7 stride-2 conv on a width of 1 or 2, eager F.conv2d too, at any channel count
+    or layout. Such convs run in float32 instead (see _in_float32); they are tiny."""
+    return (
+        x.dtype == torch.bfloat16
+        and max(p.stride) > 1
+        and max(p.padding) > 0
+        and p.output_hw(x.shape[-2], x.shape[-1])[1] == 1
+    )
+
+
+def _in_float32(x, p: ConvParams, residual, relu: bool) -> torch.Tensor:
+    """act(conv(x) + bias [+ residual]) computed in float32 and rounded once to x's dtype, in the
+    channels_last layout this kernel's output always has."""
+    y = torch.nn.functional.conv2d(
+        x.float(),
+        p.weight.float(),
+        None if p.bias is None else p.bias.float(),
+        p.stride,
+        p.padding,
+        p.dilation,
+        p.groups,
+    )
+    if residual is not None:
+        y = y + residual.float()
+    if relu:
+        y = torch.relu(y)
+    return y.to(x.dtype, memory_format=torch.channels_last)
