@@ -8,9 +8,12 @@ whatever the input layout.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from resfused.kernels.base import ConvParams, Kernel
+from resfused.kernels.conv_reference import ReferenceConv
 from resfused.runtime import packing, trace
 
 
@@ -62,7 +65,7 @@ class OneDNNConv(Kernel):
     def bind(self, x, p: ConvParams, has_residual: bool, relu: bool, prologue):
         if _bf16_one_column_bug(x, p):
             trace.annotate_last("conv", "in float32")
-            return lambda x, residual: _in_float32(x, p, residual, relu)
+            return _in_float32(p, relu)
         # The packed weight is looked up for x's shape once: a bound call serves that shape only.
         args = self._args(x, p)
         if not has_residual:
@@ -93,7 +96,8 @@ class OneDNNConv(Kernel):
         (measured: a 64->256 @56x56 1x1 conv + add + ReLU at batch 8, 9.2 ms instead of 11.9;
         docs/measurements.md, In-place residual sum post-op)."""
         if _bf16_one_column_bug(x, p):
-            return lambda x, residual: residual.copy_(_in_float32(x, p, residual, relu))
+            call = _in_float32(p, relu)
+            return lambda x, residual: residual.copy_(call(x, residual))
         args, act = self._args(x, p), "relu" if relu else None
         conv_add_ = torch.ops.mkldnn._convolution_pointwise_.binary
         return lambda x, residual: conv_add_(residual, x, *args, "add", None, act, [], None)
@@ -112,20 +116,16 @@ def _bf16_one_column_bug(x: torch.Tensor, p: ConvParams) -> bool:
     )
 
 
-def _in_float32(x, p: ConvParams, residual, relu: bool) -> torch.Tensor:
-    """act(conv(x) + bias [+ residual]) computed in float32 and rounded once to x's dtype, in the
-    channels_last layout this kernel's output always has."""
-    y = torch.nn.functional.conv2d(
-        x.float(),
-        p.weight.float(),
-        None if p.bias is None else p.bias.float(),
-        p.stride,
-        p.padding,
-        p.dilation,
-        p.groups,
+def _in_float32(p: ConvParams, relu: bool):
+    """A bound call computing the reference conv (bias, residual add, ReLU) in float32 on weights
+    upcast once, rounded once to x's dtype, in the channels_last layout this kernel always writes."""
+    p32 = dataclasses.replace(
+        p, weight=p.weight.float(), bias=None if p.bias is None else p.bias.float(), kernel_state={}
     )
-    if residual is not None:
-        y = y + residual.float()
-    if relu:
-        y = torch.relu(y)
-    return y.to(x.dtype, memory_format=torch.channels_last)
+    reference = ReferenceConv()
+
+    def call(x, residual):
+        y = reference.run(x.float(), p32, None if residual is None else residual.float(), relu, None)
+        return y.to(x.dtype, memory_format=torch.channels_last)
+
+    return call
