@@ -417,7 +417,7 @@ def _plan_kernels_skipped(model: nn.Module, forward):
     plans = [
         plan for m in model.modules() if isinstance(m, FusedModule) and m._derived for plan in m._derived.plans.values()
     ]
-    saved = [list(kernel_calls) for _, kernel_calls in plans]
+    saved = [list(plan.calls) for plan in plans]
     outputs = {}
 
     def recording(call, slot):
@@ -428,16 +428,16 @@ def _plan_kernels_skipped(model: nn.Module, forward):
         return run
 
     try:
-        for p, ((_, kernel_calls), originals) in enumerate(zip(plans, saved)):
-            kernel_calls[:] = [recording(c, (p, i)) for i, c in enumerate(originals)]
+        for p, (plan, originals) in enumerate(zip(plans, saved)):
+            plan.calls[:] = [recording(c, (p, i)) for i, c in enumerate(originals)]
         forward()
-        for p, (_, kernel_calls) in enumerate(plans):
-            if all((p, i) in outputs for i in range(len(kernel_calls))):  # a plan the forward ran
-                kernel_calls[:] = [_returning(outputs[p, i]) for i in range(len(kernel_calls))]
+        for p, plan in enumerate(plans):
+            if all((p, i) in outputs for i in range(len(plan.calls))):  # a plan the forward ran
+                plan.calls[:] = [_returning(outputs[p, i]) for i in range(len(plan.calls))]
         yield len(outputs)
     finally:
-        for (_, kernel_calls), originals in zip(plans, saved):
-            kernel_calls[:] = originals
+        for plan, originals in zip(plans, saved):
+            plan.calls[:] = originals
 
 
 def _returning(out):

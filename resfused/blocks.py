@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from resfused import backend, reference, structure
 from resfused.ops.batchnorm import uses_batch_statistics
-from resfused.runners import FoldedRunner, FoldedWeights, PlanRecorder, PlanRunner, TrainingRunner
+from resfused.runners import FoldedRunner, FoldedWeights, Plan, PlanRecorder, PlanRunner, TrainingRunner
 from resfused.runtime import buffer_cache, finite, module_state, trace, tuning_cache
 
 # Plans kept per block (input signatures), the least recently recorded dropped first. Each holds
@@ -42,7 +42,7 @@ class Derived:
 
     def __init__(self):
         self.folded: dict[torch.dtype, FoldedWeights] = {}
-        self.plans: dict[tuple, tuple[bool, list]] = {}
+        self.plans: dict[tuple, Plan] = {}
         self._lock = threading.Lock()
 
     def folded_for(self, dtype: torch.dtype) -> FoldedWeights:
@@ -52,7 +52,7 @@ class Derived:
                 folded = self.folded.setdefault(dtype, FoldedWeights(dtype))
         return folded
 
-    def remember_plan(self, key: tuple, plan: tuple[bool, list]) -> None:
+    def remember_plan(self, key: tuple, plan: Plan) -> None:
         with self._lock:
             if key not in self.plans and len(self.plans) >= MAX_PLANS:
                 self.plans.pop(next(iter(self.plans)))  # the oldest
@@ -232,10 +232,11 @@ class FusedModule(nn.Module):
         if plan is not None:
             # Recorded by a call with this input signature on the same parameter state, which
             # passed the checks below: only the NaN/Inf check depends on the data.
-            check_finite, calls = plan
-            if check_finite and not finite.is_finite(x):
+            if plan.check_finite and not finite.is_finite(x):
                 return self.reference_forward(x)
-            return self._program(x, PlanRunner(calls), may_overwrite_x)
+            if plan.flow is not None:
+                return plan.replay(x)
+            return self._program(x, PlanRunner(plan.calls), may_overwrite_x)
         self._check_input(x)
         if self.training or self._has_batch_statistics_bn():
             if self._has_synced_bn():
@@ -251,13 +252,14 @@ class FusedModule(nn.Module):
         if check_finite and not finite.is_finite(x):
             return self.reference_forward(x)
         derived = self._current_derived()
-        recorder = PlanRecorder(derived.folded_for(x.dtype), inputs_finite=check_finite)
+        recorder = PlanRecorder(derived.folded_for(x.dtype), check_finite, x)
         y = self._program(x, recorder, may_overwrite_x)
         plan_key = self._plan_key(x, may_overwrite_x, recording=True)
-        if recorder.plan is not None and plan_key is not None:
+        plan = recorder.plan(y)
+        if plan is not None and plan_key is not None:
             # Into the plans of the state the calls were bound on: if a refresh replaced it
             # meanwhile, the plan is dropped with it.
-            derived.remember_plan(plan_key, (check_finite, recorder.plan))
+            derived.remember_plan(plan_key, plan)
         return y
 
     def _plan_key(self, x, may_overwrite_x: bool, recording: bool = False):

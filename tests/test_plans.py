@@ -61,6 +61,26 @@ def test_replayed_plan_matches_the_reference(name, args, layout, choices):
     assert choices["n"] == 0, "the replay chose kernels again"
 
 
+@parametrize_cases(BLOCK_CASES)
+def test_a_plan_with_a_flow_replays_without_the_program(name, args, monkeypatch):
+    """These blocks pass tensors only through their conv / pre-activation calls: the plan records
+    where each call's inputs come from and replays them in one loop (runners.Plan)."""
+    fused, ref = _pair(name, args)
+    x = torch.randn(2, args[0], 9, 7).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        first = fused(x)
+    (plan,) = fused._derived.plans.values()
+    assert plan.flow is not None and len(plan.flow) == len(plan.calls)
+
+    def no_program(*args):
+        raise AssertionError("the replay ran the program")
+
+    monkeypatch.setattr(fused, "_program", no_program)
+    with torch.no_grad():
+        second = compare_modules(fused, ref, x, f"{name}, replayed from the flow")
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+
+
 def test_stage_replays_with_its_blocks_overwriting_dead_inputs(choices):
     ref = torch.nn.Sequential(*(randomize_bn(R.Bottleneck(32, 8)).eval() for _ in range(3)))
     fused = resfused.ResidualStage(*(resfused.Bottleneck.from_reference(b) for b in ref))
@@ -210,8 +230,8 @@ def test_off_the_cpu_a_plan_has_no_nan_check(choices):
     x = torch.empty(2, 32, 8, 8, device="meta")
     with torch.no_grad(), resfused.use_backend("reference"):
         fused(x)
-        ((check_finite, calls),) = fused._derived.plans.values()
-        assert not check_finite and len(calls) == 3
+        (plan,) = fused._derived.plans.values()
+        assert not plan.check_finite and len(plan.calls) == 3
         choices["n"] = 0
         assert fused(x).shape == (2, 32, 8, 8)
     assert choices["n"] == 0

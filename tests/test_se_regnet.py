@@ -135,6 +135,23 @@ def test_regnet_block_matches_in_eval_and_train(args, hw, mode):
         assert ("batch_norm", "native") in [c[:2] for c in ran], ran
 
 
+def _replays_match_the_reference(fused, block, x, what):
+    """Three eval calls (the second and third replay the plan) against the float64 original; the
+    plan replays the program (the gate makes and scales tensors outside the recorded conv calls,
+    so the plan has no flow of its own: runners.Plan)."""
+    expected = _expected64(block, x)
+    with torch.no_grad():
+        for call in ("first", "replayed", "replayed again"):
+            assert_matches_reference(fused(x), expected, torch.float32, what=f"{what}, {call} call")
+    (plan,) = fused._derived.plans.values()
+    assert plan.flow is None
+
+
+def test_regnet_se_block_replays_its_gate():
+    block = _block(16, 48, 2, 24, 0.25).eval()
+    _replays_match_the_reference(resfused.fuse(block), block, torch.randn(2, 16, 9, 9), "RegNetY block")
+
+
 def test_regnet_block_with_a_nan_gives_the_reference_result():
     block = _block(32, 32, 1, 8, 0.25).eval()
     x = torch.randn(2, 32, 9, 9)
@@ -310,6 +327,12 @@ def test_timm_se_block_matches_with_gradients(kind, attn, mode):
     what = f"{kind} {attn} {mode}"
     ran = compare_step(fused, block, x, mode, what)
     assert [c.kernel for c in ran if c.op == "scale_add_relu"] == ["native"], ran
+
+
+@pytest.mark.parametrize("kind, attn", [("bottleneck", "se"), ("basic", "eca")])
+def test_timm_se_block_replays_its_gate(kind, attn):
+    block = _timm_se_block(kind, attn).eval()
+    _replays_match_the_reference(resfused.fuse(block), block, torch.randn(2, 16, 9, 9), f"{kind} {attn}")
 
 
 def test_timm_gates_that_compute_otherwise_are_left_alone():
