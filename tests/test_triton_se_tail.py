@@ -74,6 +74,38 @@ def test_triton_scale_add_relu_matches_the_reference(dtype, shape, y_layout, r_l
     assert out.is_contiguous(memory_format=layout) and out.dtype == dtype
 
 
+def _within_half_a_bf16_step(out: torch.Tensor, exact: torch.Tensor, slack: float = 0.0) -> torch.Tensor:
+    """Where bf16 `out` is `exact` (fp32) rounded to nearest: at most half a bf16 step away (a
+    truncating cast is up to a whole step off), plus `slack` * |exact| for error made before the
+    rounding. Steps are 2^(exponent - 8) for bf16's 8-bit significand (frexp's mantissa in [0.5, 1))."""
+    step = torch.ldexp(torch.ones_like(exact), torch.frexp(exact).exponent - 8)
+    return (out.float() - exact).abs() <= step / 2 + slack * exact.abs()
+
+
+@needs_triton
+@pytest.mark.parametrize("y_layout", ["nchw", "channels_last"])
+def test_triton_se_kernels_round_bf16_to_nearest(y_layout):
+    """bf16 stores round to nearest as the GPU's cvt.rn does, also in the interpreter, whose own
+    cast truncates (resfused/triton/rounding.py): the tail's fp32 value and the channel mean
+    each rounded once. Fails on kernels that cast without rounding first."""
+    g = torch.Generator().manual_seed(5)
+    shape = (2, 40, 6, 7)
+    y, r = (torch.randn(shape, generator=g).to(DEVICE, torch.bfloat16) for _ in range(2))
+    gate = torch.rand(shape[:2], generator=g).to(DEVICE, torch.bfloat16)
+    if y_layout == "channels_last":
+        y, r = (t.contiguous(memory_format=torch.channels_last) for t in (y, r))
+    with resfused.use_backend("triton"):
+        out = resfused.ops.se.scale_add_relu(y, gate, r)
+        mean = resfused.ops.se.channel_mean(y)
+    exact = torch.relu(y.float() * gate.float()[:, :, None, None] + r.float())
+    assert _within_half_a_bf16_step(out, exact).all(), "scale_add_relu: a bf16 store did not round to nearest"
+    # The kernel sums 42 values in fp32 in its own order: allow that float32 error on top.
+    exact_mean = y.double().mean(dim=(2, 3)).float()
+    assert _within_half_a_bf16_step(mean, exact_mean, slack=1e-5).all(), (
+        "channel_mean: a bf16 store did not round to nearest"
+    )
+
+
 @needs_triton
 @pytest.mark.parametrize("y_layout", ["nchw", "channels_last"])
 def test_triton_scale_add_relu_gradients(y_layout):
@@ -256,7 +288,7 @@ for (fn, tile), cc, dt, cl in itertools.product(kernels, (80, 90), ("fp32", "fp1
                  for name, p in zip(fn.arg_names, fn.params)}
     k = triton.compile(
         ASTSource(fn=fn, signature=signature,
-                  constexprs=dict(CHANNELS_LAST=cl, BLOCK_HW=block_hw, BLOCK_C=block_c)),
+                  constexprs=dict(CHANNELS_LAST=cl, BLOCK_HW=block_hw, BLOCK_C=block_c, ROUND_BF16=False)),
         target=GPUTarget("cuda", cc, 32), options=dict(num_warps=se_tail.NUM_WARPS))
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.ptx")

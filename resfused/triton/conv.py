@@ -32,6 +32,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from resfused.triton.rounding import interpreter_rounds_bf16, round_to_bf16
+
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Tensor-core configs (fp16, bf16, fp32 with
 # TF32). Every one compiles for sm_80 and sm_90 without spills and within shared memory in the
 # kernel's register-heaviest variant (tests/test_triton_compile.py). The BLOCK_K = 64 tiles are the
@@ -155,22 +157,6 @@ def _prune_configs(configs, named_args, **kwargs):
     return kept
 
 
-@triton.jit
-def _round_to_bf16(v):
-    """fp32 `v` rounded to the nearest bfloat16 (ties to even), still held in fp32; NaN kept.
-
-    Interpreter only (UPCAST_DOT): its fp32 -> bf16 cast drops the low 16 bits (rounds toward
-    zero), where the GPU's cvt.rn rounds to nearest even; that bias of up to one bf16 ulp per
-    store put an interpreted bf16 PreActBasicBlock at 2.5x the CPU kernels' error (3.6e-2 vs
-    1.4e-2, found by tests/test_fuzz.py). Adding 0x7FFF plus the lowest kept bit and then
-    dropping the low 16 bits is round-to-nearest-even on the bit pattern (a carry into the
-    exponent is the correct rounding up, up to Inf), so the cast after it is exact.
-    """
-    bits = v.to(tl.uint32, bitcast=True)
-    bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-    return tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
-
-
 @triton.jit(do_not_specialize=DO_NOT_SPECIALIZE)
 def conv2d_nhwc_kernel(
     x_ptr,
@@ -286,7 +272,7 @@ def conv2d_nhwc_kernel(
             # Padding (and out-of-range rows/channels) must be 0 after the prologue, not relu(shift).
             a = tl.where(a_mask, a_act, 0.0)
             if UPCAST_DOT:  # the interpreter's bf16 cast truncates: round to nearest first
-                a = _round_to_bf16(a)
+                a = round_to_bf16(a)
             a = a.to(x_ptr.dtype.element_ty)
 
         # Weight HWIO: row (kh*KW + kw)*CIg + ci, column = global output channel.
@@ -329,7 +315,7 @@ def conv2d_nhwc_kernel(
         # NaN stays NaN, as in torch.relu (the default maximum returns the non-NaN operand, 0).
         acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
     if UPCAST_DOT:  # the interpreter's bf16 cast truncates: round to nearest first
-        acc = _round_to_bf16(acc)
+        acc = round_to_bf16(acc)
     tl.store(y_ptr + tile_base + tile_offs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -419,7 +405,7 @@ def arguments(x, w_hwio, bias, residual, scale, shift, y, stride, padding, group
     # tl.dot (its numpy dot does not decode bfloat16); there the tiles are upcast to fp32 first.
     # bf16 x bf16 products are exact in fp32, so this matches a bf16 MMA with fp32 accumulation.
     # Its fp32 -> bf16 casts truncate; under the same flag the kernel rounds to nearest even first.
-    upcast_dot = bool(triton.knobs.runtime.interpret) and str(x.dtype) == "torch.bfloat16"
+    upcast_dot = interpreter_rounds_bf16(x.dtype)
     res_strides = tuple(residual.stride()) if residual is not None else (0, 0, 0, 0)
     res_nhwc = residual is not None and res_strides == dense_nhwc
     # Unused pointer arguments get a real tensor (y) so that the signature is the same for every variant.

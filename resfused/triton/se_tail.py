@@ -21,6 +21,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from resfused.triton.rounding import interpreter_rounds_bf16, round_to_bf16
+
 # Elements per program: 2048 (4 warps x 32 threads x 16 elements, 4 vector loads of 16 bytes in
 # fp32 per tensor per thread). Memory-bound passes need a few KiB in flight per program, no more.
 TILE_ELEMENTS = 2048
@@ -40,6 +42,7 @@ def scale_add_relu_kernel(
     CHANNELS_LAST: tl.constexpr,
     BLOCK_HW: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
 ):
     pid_hw = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -58,6 +61,8 @@ def scale_add_relu_kernel(
     r = tl.load(r_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     v = y * g[None, :] + r
     v = tl.where(v < 0.0, 0.0, v)
+    if ROUND_BF16:  # the interpreter's bf16 cast truncates: round to nearest first (rounding.py)
+        v = round_to_bf16(v)
     tl.store(out_ptr + base + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -100,6 +105,7 @@ def launch(kernel, y, gate, residual, out, channels_last: bool) -> None:
         CHANNELS_LAST=channels_last,
         BLOCK_HW=block_hw,
         BLOCK_C=block_c,
+        ROUND_BF16=interpreter_rounds_bf16(out.dtype),
         num_warps=NUM_WARPS,
     )
 
@@ -122,6 +128,7 @@ def channel_mean_kernel(
     CHANNELS_LAST: tl.constexpr,
     BLOCK_HW: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     n = tl.program_id(1)
@@ -137,8 +144,10 @@ def channel_mean_kernel(
         else:
             offs = c[None, :] * HW + hw[:, None]
         acc += tl.load(y_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    total = tl.sum(acc, axis=0)
-    tl.store(out_ptr + n.to(tl.int64) * C + c, (total / HW).to(out_ptr.dtype.element_ty), mask=c_ok)
+    mean = tl.sum(acc, axis=0) / HW
+    if ROUND_BF16:
+        mean = round_to_bf16(mean)
+    tl.store(out_ptr + n.to(tl.int64) * C + c, mean.to(out_ptr.dtype.element_ty), mask=c_ok)
 
 
 def mean_tile_for(c: int, hw: int, channels_last: bool) -> tuple[int, int]:
@@ -165,5 +174,13 @@ def launch_mean(kernel, y, out, channels_last: bool) -> None:
         raise ValueError(f"channel_mean_triton: batch {n} is above CUDA's grid limit of {MAX_GRID_YZ}")
     block_hw, block_c = mean_tile_for(c, hw, channels_last)
     kernel[(triton.cdiv(c, block_c), n)](
-        y, out, c, hw, CHANNELS_LAST=channels_last, BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=NUM_WARPS
+        y,
+        out,
+        c,
+        hw,
+        CHANNELS_LAST=channels_last,
+        BLOCK_HW=block_hw,
+        BLOCK_C=block_c,
+        ROUND_BF16=interpreter_rounds_bf16(out.dtype),
+        num_warps=NUM_WARPS,
     )
