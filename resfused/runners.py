@@ -85,7 +85,7 @@ class Plan:
     [block input, output of call 0, output of call 1, ...] (None: no residual); None when some
     tensor of the program was made outside these calls (a pooled shortcut, a channel gate): then
     the block's program runs again on a PlanRunner. With `flow` a replay is one loop over the
-    calls, without the program's Python (a ResNet-50 Bottleneck: 1.5 instead of 8 us).
+    calls, without the program's Python (a ResNet-50 Bottleneck: 0.6-0.9 instead of 7.2 us).
     `check_finite`: the input is checked for NaN/Inf before a replay."""
 
     __slots__ = ("calls", "flow", "check_finite", "_dead_after")

@@ -17,7 +17,7 @@ process bumps it. A snapshot walks its module once and keeps the tensors and mod
 `unchanged()` reads only those while the generation is the one it was taken at, and walks again
 only after some registration. The tensors' storage addresses and versions are read in one call
 to the compiled `_C.tensor_state` (a ResNet-50 Bottleneck's 18 tensors: ~1 us; the Python
-fallback reads two attributes per tensor, ~0.2 us each). Not seen, as before: edits through
+fallback reads two attributes per tensor, ~0.2 us per tensor). Not seen, as before: edits through
 `.data` (no version counter) and in-place edits of inference tensors (none either): see
 `resfused.refresh`.
 """
