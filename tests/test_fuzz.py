@@ -312,6 +312,13 @@ def check(cfg: Config) -> None:
     with resfused.use_backend(cfg.backend), torch.set_grad_enabled(cfg.mode != "eval"):
         actual = forward_backward(fused, x, grad)
     assert_matches_reference(actual[0], expected[0], cfg.dtype, eager, f"{cfg}: output")
+    if cfg.mode == "eval":
+        # The second call of a signature replays the plan the first recorded (blocks.py, runners.Plan):
+        # the same bound kernels on the same tensors, so the same output bit for bit.
+        with resfused.use_backend(cfg.backend), torch.no_grad():
+            again = fused(x)
+        assert fused._derived is not None and fused._derived.plans, f"{cfg}: no plan was recorded"
+        torch.testing.assert_close(again, actual[0], rtol=0, atol=0, equal_nan=True, msg=f"{cfg}: replayed output")
     # Gradients (float32 only, see the draw). The two rules only ever widen the harness's float32
     # limit, so a gradient within it passes as before; the rest go to _judge_gradient, with the
     # kinks, their float64 range and eager float32's gradients computed only then.
