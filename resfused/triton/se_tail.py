@@ -173,14 +173,5 @@ def launch_mean(kernel, y, out, channels_last: bool) -> None:
     if n > MAX_GRID_YZ:
         raise ValueError(f"channel_mean_triton: batch {n} is above CUDA's grid limit of {MAX_GRID_YZ}")
     block_hw, block_c = mean_tile_for(c, hw, channels_last)
-    kernel[(triton.cdiv(c, block_c), n)](
-        y,
-        out,
-        c,
-        hw,
-        CHANNELS_LAST=channels_last,
-        BLOCK_HW=block_hw,
-        BLOCK_C=block_c,
-        ROUND_BF16=interpreter_rounds_bf16(out.dtype),
-        num_warps=NUM_WARPS,
-    )
+    constexprs = dict(BLOCK_HW=block_hw, BLOCK_C=block_c, ROUND_BF16=interpreter_rounds_bf16(out.dtype))
+    kernel[(triton.cdiv(c, block_c), n)](y, out, c, hw, CHANNELS_LAST=channels_last, num_warps=NUM_WARPS, **constexprs)
