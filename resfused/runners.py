@@ -95,12 +95,9 @@ class Plan:
         # The values each call reads for the last time, dropped after it as the program's own
         # variables would be: an intermediate kept alive to the block's end would hold its buffer
         # away from the next allocation.
-        last_read = {}
-        for i, reads in enumerate(flow or ()):
-            for v in reads:
-                if v is not None:
-                    last_read[v] = i
-        self._dead_after = [tuple(v for v, last in last_read.items() if last == i) for i in range(len(flow or ()))]
+        steps = flow or []
+        last_read = {v: i for i, reads in enumerate(steps) for v in reads if v is not None}  # later i wins
+        self._dead_after = [tuple(v for v, last in last_read.items() if last == i) for i in range(len(steps))]
 
     def replay(self, x: torch.Tensor) -> torch.Tensor:
         values = [x]

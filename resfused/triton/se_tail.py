@@ -95,13 +95,13 @@ def launch(kernel, y, gate, residual, out, channels_last: bool) -> None:
     grid = (triton.cdiv(hw, block_hw), triton.cdiv(c, block_c), n)
     if grid[1] > MAX_GRID_YZ or grid[2] > MAX_GRID_YZ:
         raise ValueError(f"scale_add_relu_triton: 'y' of shape {tuple(y.shape)} needs a grid {grid} beyond CUDA's")
-    kernel[grid](
-        y,
-        gate,
-        residual,
-        out,
-        c,
-        hw,
+    kernel[grid](y, gate, residual, out, c, hw, **_constexprs(channels_last, block_hw, block_c, out))
+
+
+def _constexprs(channels_last: bool, block_hw: int, block_c: int, out) -> dict:
+    """The compile-time arguments both kernels take: layout, tile, rounding for the interpreter
+    (rounding.py) and the warps."""
+    return dict(
         CHANNELS_LAST=channels_last,
         BLOCK_HW=block_hw,
         BLOCK_C=block_c,
@@ -173,5 +173,4 @@ def launch_mean(kernel, y, out, channels_last: bool) -> None:
     if n > MAX_GRID_YZ:
         raise ValueError(f"channel_mean_triton: batch {n} is above CUDA's grid limit of {MAX_GRID_YZ}")
     block_hw, block_c = mean_tile_for(c, hw, channels_last)
-    constexprs = dict(BLOCK_HW=block_hw, BLOCK_C=block_c, ROUND_BF16=interpreter_rounds_bf16(out.dtype))
-    kernel[(triton.cdiv(c, block_c), n)](y, out, c, hw, CHANNELS_LAST=channels_last, num_warps=NUM_WARPS, **constexprs)
+    kernel[(triton.cdiv(c, block_c), n)](y, out, c, hw, **_constexprs(channels_last, block_hw, block_c, out))
